@@ -1,0 +1,1 @@
+"""The ``grace`` command line."""

@@ -1,0 +1,65 @@
+"""Entry point of the ``grace`` command.
+
+Each command group lives in its own module exposing ``register(subparsers)``, which adds
+its sub-commands; each sub-command sets ``func(args) -> int``. Bad input
+(:class:`GraceInputError`) is reported as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from megatron_grace import __version__
+from megatron_grace.errors import GraceInputError
+
+COMMAND_MODULES = (
+    "megatron_grace.cli.cmd_data",
+    "megatron_grace.cli.cmd_plan",
+    "megatron_grace.cli.cmd_simulate",
+    "megatron_grace.cli.cmd_demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``grace`` parser with every available command registered."""
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="grace",
+        description="GRACE-MoE for Megatron-Core and DeepSpeed: routing statistics, expert placement, "
+        "replication and locality-aware routing.",
+    )
+    parser.add_argument("--version", action="version", version=f"megatron-grace {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # command group not present in this build
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``grace``; returns the exit code (0 ok, 2 bad input or usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except GraceInputError as exc:
+        print(f"grace {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"grace {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
