@@ -119,9 +119,11 @@ class RoutingTrace:
                 raise GraceInputError(f"gate_weights shape {gw.shape} does not match expert_ids shape {ids.shape}", src)
             if not np.issubdtype(gw.dtype, np.floating):
                 raise GraceInputError(f"gate_weights must be floats, got dtype {gw.dtype}", src)
-            if not np.isfinite(gw).all() or (gw < 0).any():
-                raise GraceInputError("gate_weights contain NaN, infinite or negative values", src)
-            object.__setattr__(self, "gate_weights", gw.astype(np.float32, copy=False))
+            gw_present = gw[present]
+            if not np.isfinite(gw_present).all() or (gw_present < 0).any():
+                raise GraceInputError("gate_weights contain NaN, infinite or negative values for chosen experts", src)
+            # Missing records carry no weight: normalise them to 0 whatever the source wrote.
+            object.__setattr__(self, "gate_weights", np.where(present, gw, 0).astype(np.float32))
         req = np.asarray(self.request_ids)
         if req.shape != (n,) or not np.issubdtype(req.dtype, np.integer):
             raise GraceInputError(f"request_ids must be integers of shape ({n},), got {req.dtype} {req.shape}", src)

@@ -1,0 +1,144 @@
+"""``grace import``, ``grace stats`` and ``grace synthesize``: routing data in, statistics out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from megatron_grace._files import save_json_atomic
+from megatron_grace.errors import GraceInputError
+from megatron_grace.statistics.expert_stats import ExpertStats
+from megatron_grace.trace.routing_trace import RoutingTrace
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the data commands to the ``grace`` parser."""
+    from megatron_grace.trace.importers import IMPORT_FORMATS
+
+    formats = ["auto", *IMPORT_FORMATS]
+    p = subparsers.add_parser(
+        "import", help="convert routing data (vLLM/SGLang/EPLB dumps, Qwen3/Switch statistics) to a .npz trace or stats",
+        description="Convert routing data to a grace .npz: a per-token trace when the source has per-token ids, "
+        "statistics otherwise (or with --stats).",
+    )
+    p.add_argument("sources", nargs="+", type=Path, help="input file(s); several JSONL record files form one trace")
+    p.add_argument("--format", choices=formats, default="auto", help="input format (default: detected)")
+    p.add_argument("--out", type=Path, required=True, help="output .npz")
+    p.add_argument("--stats", action="store_true", help="write statistics (load, co-activation, transitions) even from a trace")
+    p.add_argument("--num-experts", type=int, default=None, help="experts per layer, when the source does not say")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token, for a plain load matrix")
+    p.set_defaults(func=run_import)
+
+    p = subparsers.add_parser(
+        "stats", help="summary table of routing statistics; --plot writes PNG heatmaps and load bars",
+        description="Per-layer summary: load skew (max/mean), zero-load experts, share of the top 10%% of experts, "
+        "co-activation lift, mutual information between consecutive layers. Default input: the bundled "
+        "Qwen3-30B-A3B statistics.",
+    )
+    p.add_argument("source", nargs="?", type=Path, default=None, help="trace or statistics (any importable format); default: bundled Qwen3-30B-A3B")
+    p.add_argument("--format", choices=formats, default="auto", help="input format (default: detected)")
+    p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write load and co-activation PNGs into DIR")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the per-layer summary as JSON")
+    p.set_defaults(func=run_stats)
+
+    p = subparsers.add_parser(
+        "synthesize", help="generate a per-token trace that reproduces load and co-activation statistics",
+        description="Synthesize a seeded per-token trace from statistics (e.g. Qwen3-30B-A3B load and pairs) and "
+        "report how well it reproduces them.",
+    )
+    p.add_argument("source", nargs="?", type=Path, default=None, help="statistics (any importable format); default: bundled Qwen3-30B-A3B")
+    p.add_argument("--format", choices=formats, default="auto")
+    p.add_argument("--tokens", type=int, default=100_000, help="tokens to generate (default 100000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="output trace .npz")
+    p.set_defaults(func=run_synthesize)
+
+
+def read_source(path: Path | None, fmt: str = "auto", **kwargs) -> RoutingTrace | ExpertStats:
+    """Any importable input, or the bundled statistics when ``path`` is None."""
+    if path is None:
+        from megatron_grace.data import load_bundled_stats
+
+        return load_bundled_stats()
+    from megatron_grace.trace.importers import import_any
+
+    return import_any(path, fmt, **kwargs)
+
+
+def read_stats(path: Path | None, fmt: str = "auto") -> tuple[ExpertStats, RoutingTrace | None]:
+    """Statistics of an input (computed when it is a trace) and the trace itself if any."""
+    data = read_source(path, fmt)
+    if isinstance(data, RoutingTrace):
+        return ExpertStats.from_trace(data), data
+    return data, None
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from megatron_grace.trace.importers import import_any
+
+    kwargs = {k: v for k, v in (("num_experts", args.num_experts), ("top_k", args.top_k)) if v is not None}
+    sources = args.sources
+    data = import_any(sources if len(sources) > 1 else sources[0], args.format, **kwargs)
+    if args.stats and isinstance(data, RoutingTrace):
+        data = ExpertStats.from_trace(data)
+    data.save(args.out)
+    print(f"wrote {args.out}: {data!r}")
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from megatron_grace.statistics.summary import format_table, summarize
+
+    stats, trace = read_stats(args.source, args.format)
+    summary = summarize(stats, trace)
+    print(f"{stats.model}: {stats.num_layers} MoE layers x {stats.num_experts} experts, top-{stats.top_k}, "
+          f"{stats.tokens.max():.0f} tokens ({stats.source})")
+    if stats.missing:
+        print(f"not in this source: {', '.join(stats.missing)}")
+    print(format_table(stats, summary))
+    if args.json is not None:
+        layers = {name: [None if v != v else float(v) for v in getattr(summary, name)] for name in
+                  ("skew", "zero_load", "top_share", "max_lift", "median_lift", "mutual_info_bits")}
+        save_json_atomic(args.json, {"model": stats.model, "per_layer": layers, "overall": summary.overall()})
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        from megatron_grace.statistics.plots import plot_stats
+
+        for path in plot_stats(stats, args.plot):
+            print(f"wrote {path}")
+    return 0
+
+
+def run_synthesize(args: argparse.Namespace) -> int:
+    from megatron_grace.trace.synthesis import synthesis_fidelity, synthesize_trace
+
+    data = read_source(args.source, args.format)
+    if isinstance(data, RoutingTrace):
+        raise GraceInputError("synthesize needs statistics, got a per-token trace (use it directly)", args.source)
+    if args.tokens <= 0:
+        raise GraceInputError(f"--tokens must be positive, got {args.tokens}")
+    trace = synthesize_trace(data, args.tokens, seed=args.seed, progress=True)
+    trace.save(args.out)
+    print(f"wrote {args.out}: {trace!r}")
+    print(json.dumps(_jsonable(synthesis_fidelity(data, trace)), indent=1)[:4000])
+    return 0
+
+
+def _jsonable(obj):
+    """Best-effort conversion of a fidelity report (dataclass or dict of arrays) to JSON types."""
+    import dataclasses
+
+    import numpy as np
+
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items() if not (isinstance(v, np.ndarray) and v.ndim > 0 and v.size > 64)}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

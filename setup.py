@@ -1,0 +1,103 @@
+"""Build and install megatron-grace.
+
+The C++/CUDA extension ``megatron_grace._C`` (sources in ``csrc/``) is optional:
+- the C++ CPU ops are built when torch is importable at build time and a C++ compiler exists;
+- the CUDA ops are added when torch has CUDA and ``nvcc`` is found;
+- otherwise (or if the build fails) the package installs without them and uses its
+  pure-torch fallback. ``GRACE_BUILD_EXT=0`` skips the extension, ``=1`` makes a failed build an error.
+
+Build without isolation so the installed torch (pinned, CPU or CUDA) is used:
+``pip install --no-build-isolation -e .``
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_EXT = os.environ.get("GRACE_BUILD_EXT", "auto")
+
+
+def _extensions() -> tuple[list, dict]:
+    """The extension modules this machine can build, and the build_ext command to use."""
+    if BUILD_EXT == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("megatron-grace: torch not importable at build time; skipping the C++/CUDA extension", file=sys.stderr)
+        return [], {}
+    if shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None:
+        print("megatron-grace: no C++ compiler; skipping the extension (pure-torch fallback)", file=sys.stderr)
+        return [], {}
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    include = [os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    with_cuda = bool(cu_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "megatron_grace._C", cpp_sources + cu_sources, include_dirs=include,
+            define_macros=[("GRACE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "megatron_grace._C", cpp_sources, include_dirs=include,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+        )
+    print(f"megatron-grace: building extension with {'CUDA + C++' if with_cuda else 'C++ only'}", file=sys.stderr)
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        """Build the extension, but fall back to pure torch if the build fails (unless forced)."""
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any compiler failure
+                if BUILD_EXT == "1":
+                    raise
+                print(f"megatron-grace: extension build failed ({exc}); using the pure-torch fallback", file=sys.stderr)
+
+    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="megatron-grace",
+    version="0.1.0",
+    description="GRACE-MoE expert grouping, replication and locality-aware routing for Megatron-Core and DeepSpeed MoE inference",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_grace", "megatron_grace.*"]),
+    package_data={"megatron_grace": ["data/*/*.npz", "data/*/LICENSE", "data/*/*.md"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "megatron": [
+            "megatron-core>=0.16,<0.17; python_version < '3.12'",
+            "megatron-core>=0.19,<0.20; python_version >= '3.12'",
+        ],
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
+        "dev": ["pytest>=8", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["grace=megatron_grace.cli.main:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
