@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,12 +69,15 @@ def load_npz(path: PathLike) -> dict[str, np.ndarray]:
         raise GraceInputError("file not found", path)
     if path.is_dir():
         raise GraceInputError("is a directory, expected an .npz file", path)
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            raise GraceInputError("not an .npz file (no zip signature; empty, truncated or a different format)", path)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
     except ValueError as exc:  # object arrays need pickle
         raise GraceInputError(f"not a pickle-free .npz file ({exc})", path) from None
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
         raise GraceInputError(f"not a readable .npz file (truncated or corrupt: {exc})", path) from None
 
 
