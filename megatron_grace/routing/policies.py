@@ -1,0 +1,226 @@
+"""Replica-choice policies: map a rank's router output to one copy per (token, expert) pair.
+
+Every policy is one vectorized pass over all pairs (no Python loop over tokens)::
+
+    copy = choose_copies(policy, topk_ids [T, k], src_gpu [T], table, ...)   # int64 [T, k]
+    gpu  = table.hosts[topk_ids, copy]                                          # via copy_destinations
+
+``copy`` is the index into the expert's row of :class:`ReplicaTable` (``-1`` exactly where
+``topk_ids`` is ``-1``, a dropped pair). Policies only pick *which copy*: the set of experts a
+token reaches never changes, so the model output is unchanged.
+
+Policies (:data:`POLICY_NAMES`):
+
+- ``primary``: always copy 0 (no replication benefit; a reference).
+- ``random``: a uniform random copy per pair (SGLang ``dynamic``); seeded by ``(seed, step)``.
+- ``position``: token position mod copy count (vLLM).
+- ``static-local``: the copy on the token's GPU, else one on its node, else a fixed spread;
+  the choice depends only on (source GPU, expert), as SGLang's ``static`` per-rank map.
+- ``grace``: tiers as ``static-local`` (own GPU, else own node, else remote); inside a tier the
+  pairs of one (expert, source GPU) group are spread over the candidate copies in proportion
+  to the *spare capacity* of their GPUs under the load predictor,
+  ``spare_g = (1 + headroom) * max(pred) - pred_g``, deterministically: pair ``r`` of the group
+  (in token order) takes the candidate whose share of the cumulative quotas contains
+  ``u_r = frac(offset + (r + 1/2) * phi)`` (a golden-ratio low-discrepancy sequence; ``offset``
+  depends on expert, source GPU and step only), so a batch's load lands where the predictor
+  says there is room, with no randomness. Beyond the paper: the local copy is given up for
+  the node tier when the local GPU is predicted to be the bottleneck
+  (``pred[src] > offload_threshold * mean(pred)``) and a same-node copy sits below the mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_grace.errors import GraceInputError
+from megatron_grace.routing.replica_table import ReplicaTable
+
+POLICY_NAMES = ("primary", "random", "position", "static-local", "grace")
+
+_PHI = 0.6180339887498949  # golden ratio conjugate
+_R2_A, _R2_B = 0.7548776662466927, 0.5698402909980532  # plastic-number (R2) sequence constants
+
+
+@dataclass(frozen=True)
+class GraceOptions:
+    """Knobs of the ``grace`` policy.
+
+    Attributes:
+        headroom: spare capacity is measured up to ``(1 + headroom) * max(predicted load)``;
+            larger values spread more evenly, smaller ones fill the emptiest GPUs first.
+            Default 0.25.
+        offload_threshold: leave the local copy for the node tier when the local GPU's predicted
+            load exceeds this multiple of the mean and a same-node copy is below the mean;
+            ``inf`` disables (the paper's behaviour). Default 1.3.
+    """
+
+    headroom: float = 0.25
+    offload_threshold: float = 1.3
+
+
+def _check_inputs(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, table: ReplicaTable) -> tuple[torch.Tensor, torch.Tensor]:
+    if topk_ids.dim() != 2:
+        raise GraceInputError(f"topk_ids must be [tokens, k], got shape {tuple(topk_ids.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64, torch.int16):
+        raise GraceInputError(f"topk_ids must be integers, got {topk_ids.dtype}")
+    ids = topk_ids.long()
+    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= table.num_experts):
+        raise GraceInputError(f"topk_ids out of range [-1, {table.num_experts})")
+    T = ids.shape[0]
+    src = torch.as_tensor(src_gpu, dtype=torch.int64, device=ids.device)
+    src = src.expand(T) if src.dim() == 0 else src
+    if src.shape != (T,):
+        raise GraceInputError(f"src_gpu must be a scalar or [tokens]={T}, got shape {tuple(src.shape)}")
+    if T and (int(src.min()) < 0 or int(src.max()) >= table.num_gpus):
+        raise GraceInputError(f"src_gpu out of range [0, {table.num_gpus})")
+    return ids, src
+
+
+def _group_rank(keys: torch.Tensor) -> torch.Tensor:
+    """int64 ``[n]``: rank of each entry among equal keys, in array order (one stable sort)."""
+    n = keys.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=keys.device)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    new_group = torch.ones(n, dtype=torch.bool, device=keys.device)
+    new_group[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    idx = torch.arange(n, device=keys.device)
+    start = torch.cummax(torch.where(new_group, idx, torch.zeros_like(idx)), dim=0).values
+    rank = torch.empty_like(idx)
+    rank[order] = idx - start
+    return rank
+
+
+def _pick_by_quota(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Column whose cumulative-weight interval contains ``u * total``; weights ``[P, R]`` >= 0, some > 0."""
+    cw = torch.cumsum(weights, dim=1)
+    total = cw[:, -1:]
+    target = torch.minimum(u[:, None] * total, total * (1 - 1e-9))
+    return (cw <= target).sum(dim=1).clamp(max=weights.shape[1] - 1)
+
+
+def tier_masks(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidate copies per pair by locality.
+
+    Returns ``(cand [T, k, R] hosting GPUs, present, on_gpu, on_node)`` where the masks are bool
+    ``[T, k, R]``: copy exists; copy is on the token's GPU; copy is on the token's node.
+    """
+    safe = ids.clamp(min=0)
+    cand = table.hosts[safe]  # [T, k, R]
+    present = (cand >= 0) & (ids >= 0)[..., None]
+    on_gpu = present & (cand == src[:, None, None])
+    gpn = table.gpus_per_node
+    on_node = present & (torch.div(cand, gpn, rounding_mode="floor") == torch.div(src, gpn, rounding_mode="floor")[:, None, None])
+    return cand, present, on_gpu, on_node
+
+
+def choose_copies(
+    policy: str,
+    topk_ids: torch.Tensor,
+    src_gpu: torch.Tensor | int,
+    table: ReplicaTable,
+    predicted_load: torch.Tensor | None = None,
+    step: int = 0,
+    seed: int = 0,
+    positions: torch.Tensor | None = None,
+    options: GraceOptions | None = None,
+) -> torch.Tensor:
+    """Pick a copy for every (token, expert) pair.
+
+    Args:
+        policy: one of :data:`POLICY_NAMES`.
+        topk_ids: int ``[T, k]`` router choices, -1 = dropped.
+        src_gpu: int scalar or ``[T]``: the GPU (global rank) each token is on.
+        table: the layer's :class:`ReplicaTable`.
+        predicted_load: float ``[G]`` predicted pairs per GPU (``grace``); None = equal.
+        step: forward-pass counter (varies ``random`` and ``grace``'s offsets between steps).
+        seed: seed of ``random``.
+        positions: int ``[T]`` token positions for ``position`` (default ``arange(T)``).
+        options: :class:`GraceOptions` for ``grace``.
+
+    Returns:
+        int64 ``[T, k]`` copy index into ``table.hosts[expert]``; -1 where ``topk_ids`` is -1.
+    """
+    ids, src = _check_inputs(topk_ids, src_gpu, table)
+    T, k = ids.shape
+    valid = ids >= 0
+    copies = table.copies[ids.clamp(min=0)]  # [T, k]
+    if policy == "primary" or table.max_copies == 1:
+        out = torch.zeros_like(ids)
+    elif policy == "random":
+        gen = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + int(step))
+        u = torch.rand((T, k), generator=gen, dtype=torch.float64).to(ids.device)
+        out = torch.minimum((u * copies).long(), copies - 1)
+    elif policy == "position":
+        pos = torch.arange(T, device=ids.device) if positions is None else torch.as_tensor(positions, device=ids.device).long()
+        if pos.shape != (T,):
+            raise GraceInputError(f"positions must be [tokens]={T}, got {tuple(pos.shape)}")
+        out = torch.remainder(pos[:, None], copies)
+    elif policy == "static-local":
+        out = _static_local(ids, src, table)
+    elif policy == "grace":
+        out = _grace(ids, src, table, predicted_load, step, options or GraceOptions())
+    else:
+        raise GraceInputError(f"unknown replica-choice policy {policy!r}; known: {', '.join(POLICY_NAMES)}")
+    return torch.where(valid, out, torch.full_like(out, -1))
+
+
+def copy_destinations(topk_ids: torch.Tensor, copy: torch.Tensor, table: ReplicaTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gpu, slot)`` int64 ``[T, k]`` of the chosen copies; -1 for dropped pairs."""
+    ids = topk_ids.long()
+    safe_e, safe_c = ids.clamp(min=0), copy.clamp(min=0)
+    gpu = table.hosts[safe_e, safe_c]
+    slot = table.slots[safe_e, safe_c]
+    dropped = ids < 0
+    return gpu.masked_fill(dropped, -1), slot.masked_fill(dropped, -1)
+
+
+def _hash_uniform(key: torch.Tensor) -> torch.Tensor:
+    """A fixed pseudo-uniform value in [0, 1) per integer key (R2 sequence), float64."""
+    return torch.frac(key.double() * _R2_A + 0.5)
+
+
+def _static_local(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable) -> torch.Tensor:
+    cand, present, on_gpu, on_node = tier_masks(ids, src, table)
+    mask = torch.where(on_gpu.any(-1, keepdim=True), on_gpu, torch.where(on_node.any(-1, keepdim=True), on_node, present))
+    key = src[:, None] * table.num_experts + ids.clamp(min=0)  # fixed per (source GPU, expert)
+    u = _hash_uniform(key).reshape(-1)
+    w = mask.reshape(-1, mask.shape[-1]).double()
+    w[w.sum(1) == 0, 0] = 1.0  # dropped pairs: any column, masked later
+    return _pick_by_quota(w, u).reshape(ids.shape)
+
+
+def _grace(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable, predicted_load: torch.Tensor | None, step: int,
+           options: GraceOptions) -> torch.Tensor:
+    G = table.num_gpus
+    if predicted_load is None:
+        pred = torch.ones(G, dtype=torch.float64, device=ids.device)
+    else:
+        pred = torch.as_tensor(predicted_load, dtype=torch.float64, device=ids.device)
+        if pred.shape != (G,):
+            raise GraceInputError(f"predicted_load must have one entry per GPU ({G}), got shape {tuple(pred.shape)}")
+        if not torch.isfinite(pred).all() or (pred < 0).any():
+            raise GraceInputError("predicted_load contains NaN, infinite or negative values")
+    mean = pred.mean()
+    top = pred.max()
+    spare = ((1.0 + options.headroom) * top - pred).clamp(min=0) + 1e-9 * (top + 1.0)  # [G], > 0
+    cand, present, on_gpu, on_node = tier_masks(ids, src, table)
+    has_gpu = on_gpu.any(-1, keepdim=True)
+    has_node = on_node.any(-1, keepdim=True)
+    mask = torch.where(has_gpu, on_gpu, torch.where(has_node, on_node, present))
+    if options.offload_threshold != float("inf") and table.max_copies > 1:
+        safe_cand = cand.clamp(min=0)
+        local_hot = pred[src] > options.offload_threshold * mean  # [T]
+        roomy_peer = (on_node & ~on_gpu & (pred[safe_cand] < mean)).any(-1, keepdim=True)  # [T, k, 1]
+        offload = has_gpu & roomy_peer & local_hot[:, None, None]
+        mask = torch.where(offload, on_node, mask)
+    weights = torch.where(mask, spare[cand.clamp(min=0)], torch.zeros((), dtype=torch.float64, device=ids.device))
+    flat_w = weights.reshape(-1, weights.shape[-1])
+    flat_w[flat_w.sum(1) == 0, 0] = 1.0  # dropped pairs
+    key = (src[:, None] * table.num_experts + ids.clamp(min=0)).reshape(-1)  # group = (source GPU, expert)
+    rank = _group_rank(key)
+    offset = torch.frac(key.double() * _R2_A + float(step) * _R2_B)
+    u = torch.frac(offset + (rank.double() + 0.5) * _PHI)
+    return _pick_by_quota(flat_w, u).reshape(ids.shape)
