@@ -108,3 +108,16 @@ def test_help_of_every_command_is_consistent():
     for command in ("import", "stats", "synthesize", "demo"):
         proc = subprocess.run([sys.executable, "-m", "megatron_grace", command, "--help"], capture_output=True, text=True, cwd=REPO_ROOT)
         assert proc.returncode == 0 and proc.stdout.startswith(f"usage: grace {command}")
+
+
+def test_synthesize_and_demo_commands(tmp_path, capsys):
+    out = tmp_path / "synth.npz"
+    assert main(["synthesize", "--tokens", "3000", "--seed", "3", "--out", str(out)]) == 0
+    trace = RoutingTrace.read(out)
+    assert (trace.num_tokens, trace.num_layers, trace.top_k, trace.num_experts) == (3000, 48, 8, 128)
+    assert main(["synthesize", "--tokens", "0", "--out", str(out)]) == 2
+    assert main(["demo", "--tokens", "3000", "--out", str(tmp_path / "demo")]) == 0
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["statistics"]["skew"]["median"] == pytest.approx(5.686, abs=1e-3)
+    assert report["synthesis"]["overall"]["layers"] == 48
+    assert (tmp_path / "demo" / "plots" / "coactivation.png").exists()

@@ -1,0 +1,181 @@
+"""Trace synthesis from statistics: determinism, validity, fidelity (planted and real), bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megatron_grace.errors import GraceInputError
+from megatron_grace.statistics.expert_stats import ExpertStats
+from megatron_grace.trace.routing_trace import RoutingTrace
+from megatron_grace.trace.synthesis import SynthesisConfig, synthesis_fidelity, synthesize_trace
+from tests.conftest import shared_trace
+
+
+def planted_trace(rng: np.random.Generator, tokens: int, layers: int, experts: int, k: int,
+                  cliques: int = 4, clique_size: int = 5, p_clique: float = 0.7) -> RoutingTrace:
+    """Ground truth with planted co-activation: Gumbel top-k of a skewed popularity, where a token
+    that belongs to a clique (probability ``p_clique``) strongly prefers that clique's members.
+    The last expert of every layer is never chosen (zero load)."""
+    ids = np.empty((tokens, layers, k), dtype=np.int32)
+    for layer in range(layers):
+        pop = rng.dirichlet(np.full(experts - 1, 1.0))
+        logits = np.log(np.append(pop, 0.0) + 1e-300)
+        groups = rng.permutation(experts - 1)[: cliques * clique_size].reshape(cliques, clique_size)
+        keys = logits[None, :] + rng.gumbel(size=(tokens, experts))
+        member = rng.integers(0, cliques, tokens)
+        in_clique = rng.random(tokens) < p_clique
+        rows = np.flatnonzero(in_clique)
+        keys[rows[:, None], groups[member[rows]]] += 4.0
+        ids[:, layer] = np.argsort(-keys, axis=1)[:, :k]
+    return RoutingTrace(ids, experts, model="planted", source="planted")
+
+
+def thresholded(stats: ExpertStats, min_count: float = 5, min_lift: float = 1.5) -> ExpertStats:
+    """The same statistics with only the pairs a Qwen-style source would list (count and lift thresholds)."""
+    lift = stats.lift()
+    keep = (stats.coactivation >= min_count) & (np.nan_to_num(lift) >= min_lift)
+    return ExpertStats(load=stats.load, tokens=stats.tokens, top_k=stats.top_k,
+                       coactivation=np.where(keep, stats.coactivation, 0.0), coactivation_observed=keep,
+                       model=stats.model, source="planted, thresholded")
+
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[RoutingTrace, ExpertStats]:
+    truth = planted_trace(np.random.default_rng(7), tokens=20_000, layers=2, experts=24, k=4)
+    return truth, ExpertStats.from_trace(truth)
+
+
+# ------------------------------------------------------------------ determinism and validity
+def test_same_seed_identical_different_seed_differs(planted):
+    _, stats = planted
+    a = synthesize_trace(stats, 3000, seed=3)
+    b = synthesize_trace(stats, 3000, seed=3, workers=1)
+    c = synthesize_trace(stats, 3000, seed=4)
+    assert np.array_equal(a.expert_ids, b.expert_ids)  # also independent of the thread count
+    assert not np.array_equal(a.expert_ids, c.expert_ids)
+
+
+def test_trace_is_valid(planted):
+    _, stats = planted
+    trace = synthesize_trace(stats, 2500, seed=0)
+    ids = trace.expert_ids
+    assert ids.shape == (2500, 2, 4) and ids.dtype == np.int32
+    assert ids.min() >= 0 and ids.max() < 24
+    srt = np.sort(ids, axis=2)
+    assert not (srt[:, :, 1:] == srt[:, :, :-1]).any()
+    assert trace.gate_weights is None and trace.model == "planted"
+    assert trace.source.startswith("synthesized from")
+    assert trace.extra["synthesis"]["ignored"] == ["transitions"]  # from_trace stats carry transitions
+    assert not (ids == 23).any()  # the never-chosen expert stays unchosen
+
+
+# ------------------------------------------------------------------ fidelity
+def test_fidelity_of_the_truth_itself_is_perfect(planted):
+    truth, stats = planted
+    fid = synthesis_fidelity(stats, truth).overall
+    assert fid["load_max_rel_err"] == pytest.approx(0, abs=1e-12)
+    assert fid["load_max_abs_err_over_mean"] == pytest.approx(0, abs=1e-12)
+    assert fid["pair_weighted_rel_err"] == 0 and fid["pair_within_10pct_big"] == 1
+
+
+def test_fidelity_on_planted_full_coactivation(planted):
+    _, stats = planted
+    trace = synthesize_trace(stats, 20_000, seed=1)
+    fid = synthesis_fidelity(stats, trace)
+    o = fid.overall
+    assert o["load_max_rel_err"] <= 0.02  # exact quotas: only rounding is left
+    assert o["load_max_abs_err_over_mean"] <= 0.01
+    assert o["load_zero_target_chosen"] == 0
+    assert o["pair_weighted_rel_err"] <= 0.06
+    assert o["pair_within_10pct_big"] >= 0.9
+    assert len(fid.layers) == 2 and set(fid.definitions) >= {"pair_weighted_rel_err", "load_max_rel_err"}
+
+
+def test_fidelity_on_planted_thresholded_pairs(planted):
+    _, full = planted
+    stats = thresholded(full)
+    assert 0 < stats.coactivation_observed.mean() < 0.5  # a real mix of listed and unlisted pairs
+    trace = synthesize_trace(stats, 20_000, seed=2)
+    o = synthesis_fidelity(stats, trace).overall
+    assert o["load_max_rel_err"] <= 0.02
+    assert o["pair_weighted_rel_err"] <= 0.06
+    assert o["unlisted_listable_share"] <= 0.05  # unlisted pairs stay (mostly) below the threshold
+    # the planted truth's unlisted pairs are also reproduced in aggregate (none were given)
+    got = ExpertStats.from_trace(trace, transitions=False)
+    unlisted = ~stats.coactivation_observed & (full.load[:, :, None] > 0) & (full.load[:, None, :] > 0)
+    for layer in range(2):
+        eye = np.eye(24, dtype=bool)
+        sel = unlisted[layer] & ~eye
+        assert got.coactivation[layer][sel].sum() == pytest.approx(full.coactivation[layer][sel].sum(), rel=0.1)
+
+
+def test_load_only_statistics_and_top1():
+    load = np.array([[50.0, 30, 10, 10, 0, 0], [20, 20, 20, 20, 10, 10]])
+    for k in (1, 2):
+        stats = ExpertStats(load=load * k, tokens=np.array([100.0, 100.0]), top_k=k, model="load-only")
+        trace = synthesize_trace(stats, 1000, seed=0)
+        got = ExpertStats.from_trace(trace, transitions=False)
+        assert np.array_equal(got.load, load * 10 * k)  # shares are exact multiples here
+        assert "pair_weighted_rel_err" not in synthesis_fidelity(stats, trace).overall
+
+
+def test_real_qwen3_subset_of_layers():
+    from megatron_grace.trace.importers import import_qwen_coactivation
+
+    stats = import_qwen_coactivation(shared_trace("qwen3-30b-a3b/qwen3_30b_a3b_load_and_pairs.npz"))
+    sub = stats.select_layers([0, 16, 31, 47])
+    trace = synthesize_trace(sub, 100_000, seed=0)
+    o = synthesis_fidelity(sub, trace).overall
+    assert o["load_max_rel_err"] <= 0.02  # the issue's target: load within 2% per expert
+    assert o["load_max_abs_err_over_mean"] <= 0.001
+    assert o["pair_weighted_rel_err"] <= 0.10  # the issue's target: listed co-activation within 10%
+    assert o["pair_within_10pct_big"] >= 0.85
+    assert o["unlisted_listable_share"] <= 0.01
+
+
+def test_progress_bar(planted, capsys):
+    _, stats = planted
+    synthesize_trace(stats, 500, seed=0, progress=True, config=SynthesisConfig(sweeps=2))
+    assert "synthesizing layers" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ bad input
+def test_too_few_experts_with_load_names_the_layer():
+    load = np.array([[4.0, 4, 4, 4, 4, 0], [4, 4, 0, 0, 0, 0]])
+    stats = ExpertStats(load=load, tokens=np.array([7.0, 4.0]), top_k=3)
+    with pytest.raises(GraceInputError, match="layer 1.*fewer than top_k=3"):
+        synthesize_trace(stats, 100)
+
+
+def test_expert_above_one_over_k_names_the_layer():
+    stats = ExpertStats(load=np.array([[10.0, 1, 1, 1, 1, 0]]), tokens=np.array([7.0]), top_k=2)
+    with pytest.raises(GraceInputError, match="layer 0: expert 0"):
+        synthesize_trace(stats, 100)
+
+
+def test_layer_without_tokens():
+    stats = ExpertStats(load=np.array([[3.0, 3, 3], [0, 0, 0]]), tokens=np.array([3.0, 0.0]), top_k=3)
+    with pytest.raises(GraceInputError, match="layer 1 has no routed tokens"):
+        synthesize_trace(stats, 10)
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "100"])
+def test_bad_token_count(planted, bad):
+    _, stats = planted
+    with pytest.raises(GraceInputError, match="num_tokens"):
+        synthesize_trace(stats, bad)
+
+
+@pytest.mark.parametrize("bad", [{"sweeps": -1}, {"candidates": 0}, {"global_share": 1.5}, {"tolerance": float("nan")}])
+def test_bad_config(bad):
+    with pytest.raises(GraceInputError, match="SynthesisConfig"):
+        SynthesisConfig(**bad)
+
+
+def test_bad_seed_and_mismatched_fidelity(planted):
+    truth, stats = planted
+    with pytest.raises(GraceInputError, match="seed"):
+        synthesize_trace(stats, 10, seed=-1)
+    with pytest.raises(GraceInputError, match="does not match"):
+        synthesis_fidelity(stats.select_layers([0]), truth)
