@@ -1,0 +1,859 @@
+"""Expert placement planners behind one interface, selectable by name.
+
+    from megatron_grace.plan.planners import plan_placement, PLANNERS
+    plan = plan_placement(stats, topology, "grace", replicas="auto", interlayer_weight=0.5)
+
+Every planner is a pure function of the statistics (numpy arrays) and the topology; its knobs
+are a frozen options dataclass whose fields all have documented defaults. The planners:
+
+``vanilla``
+    Megatron-Core / DeepSpeed default: GPU g hosts a contiguous block of expert ids (sizes
+    differ by at most one when the experts do not divide evenly), no replicas.
+``eplb``
+    DeepSeek EPLB's hierarchical load-balancing policy (:mod:`megatron_grace.plan.eplb`) with
+    the same slot budget (every slot of every GPU used), fixed so that two copies of one
+    expert never share a GPU. Load only. By default one contiguous expert group per GPU
+    (finer than one per node, so the node packing can balance); ``policy="global"`` is what
+    vLLM/SGLang run for models without expert groups.
+``affinity``
+    Co-activation grouping only, equal group sizes, no replicas (Occult / ExFlow style):
+    spectral clustering into one group per node, then one per GPU, with local improvement.
+``grace``
+    GRACE-MoE, per layer:
+
+    1. *Grouping* (:mod:`megatron_grace.plan.grouping`): one group per node sized freely
+       within the bounds, then one group per GPU of size ``[Ē - d, Ē + d]``: spectral
+       clustering, GRACE-MoE's repair pass, then moves/swaps that raise kept affinity minus a
+       load-imbalance penalty, never making the heaviest group heavier beyond a slack.
+       Load-aware, so balance is not left to the replicas: the grouping balances the loads
+       expected *after* replication (hot experts weigh ``load / planned copies``), and groups
+       by co-activation in excess of independence (raw counts would pull hot experts together).
+    2. *Replication* (:mod:`megatron_grace.plan.replication`) into the free slots
+       (``capacity - hosted`` per GPU): copy counts by load per copy, copies packed largest
+       first onto the least-loaded GPU, preferring nodes where the expert's co-activated
+       partners live (a copy there serves their tokens without crossing nodes).
+    3. *Repack*: each node's experts and copies are rearranged among its GPUs for balance and
+       GPU-level affinity (node membership, hence cross-node traffic, unchanged).
+
+    Beyond the paper: the memory budget (``Topology.capacity``) bounds every GPU, an optional
+    between-layer affinity term (``interlayer_weight``), and ``replicas="auto"`` which stops
+    copying once a layer is predicted balanced. See :class:`GraceOptions`.
+
+Capacity: a topology without a budget (``capacity() is None``) is planned with
+``ceil(E / G) + UNBOUNDED_EXTRA_SLOTS`` slots per GPU; the plan's metadata says so.
+
+Statistics without co-activation (load-only sources such as switch-base-128): ``affinity``
+and ``grace`` fall back to load-only grouping (balanced packing plus local improvement of the
+balance) and emit a :class:`UserWarning` that is also recorded in ``metadata["warnings"]``;
+``on_missing_coactivation="error"`` raises :class:`GraceInputError` instead.
+
+Every plan's ``metadata`` records the planner, its options, the capacity used, and the
+predicted per-GPU load, max/mean GPU and node load, extra copies and kept affinity per layer
+(see :func:`evaluate_plan`); ``grace`` adds its group-size bounds and the per-GPU group sizes
+of every layer before replication.
+
+Planning runs with single-threaded BLAS (:mod:`megatron_grace.plan._blas`): the matrices are
+small and BLAS threads only contend for the cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from megatron_grace._progress import progress as _progress
+from megatron_grace.errors import GraceInputError
+from megatron_grace.plan._blas import blas_threads
+from megatron_grace.plan.eplb import eplb_layer, replicate_by_load
+from megatron_grace.plan.grouping import equal_sizes, partition, refine, size_bounds
+from megatron_grace.plan.placement import PlacementPlan
+from megatron_grace.plan.replication import add_planned_replicas, add_replicas
+from megatron_grace.plan.topology import Topology
+from megatron_grace.statistics.expert_stats import ExpertStats
+
+UNBOUNDED_EXTRA_SLOTS = 1
+"""Extra slots per GPU assumed when the topology has no budget (``capacity() is None``)."""
+
+
+# ============================================================================ options
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise GraceInputError(f"option {name}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _nonneg(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise GraceInputError(f"option {name}={value!r}: expected a finite number >= 0")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise GraceInputError(f"option {name}={value!r}: expected true or false")
+
+
+def _integer(name: str, value: Any, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (minimum is not None and value < minimum):
+        raise GraceInputError(f"option {name}={value!r}: expected an integer" + ("" if minimum is None else f" >= {minimum}"))
+
+
+@dataclass(frozen=True)
+class VanillaOptions:
+    """Knobs of the ``vanilla`` planner.
+
+    Attributes:
+        progress: show a progress bar over layers (default False).
+    """
+
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        _boolean("progress", self.progress)
+
+
+@dataclass(frozen=True)
+class EplbOptions:
+    """Knobs of the ``eplb`` planner.
+
+    Attributes:
+        policy: ``"hierarchical"`` (default: groups to nodes, replicas and packing inside each
+            node) or ``"global"`` (the whole cluster as one node, as vLLM/SGLang run EPLB for
+            models without expert groups).
+        num_groups: contiguous expert groups of the hierarchical policy; must divide the expert
+            count and be a multiple of the node count. Default None: one group per GPU when the
+            GPU count divides the experts (finer groups balance the nodes better), else one
+            per node, else the global policy.
+        allow_colocated_copies: allow two copies of one expert on one GPU as DeepSeek's code
+            does (default False, our fix). A plan cannot hold such copies, so they are merged
+            and the wasted slots reported in ``metadata["colocated_copies_merged"]``.
+        progress: progress bar over layers (default False).
+    """
+
+    policy: str = "hierarchical"
+    num_groups: int | None = None
+    allow_colocated_copies: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("policy", self.policy, ("hierarchical", "global"))
+        if self.num_groups is not None:
+            _integer("num_groups", self.num_groups, 1)
+        _boolean("allow_colocated_copies", self.allow_colocated_copies)
+        _boolean("progress", self.progress)
+
+
+@dataclass(frozen=True)
+class AffinityOptions:
+    """Knobs of the ``affinity`` planner (co-activation grouping, equal sizes, no replicas).
+
+    Attributes:
+        init: initial grouping, ``"spectral"`` (default: spectral clustering) or ``"greedy"``.
+        local_search: improve the grouping with moves/swaps after the repair (default True).
+        on_missing_coactivation: ``"fallback"`` (default: warn and group by load only) or
+            ``"error"`` (raise GraceInputError) for statistics without co-activation.
+        seed: seed of the k-means++ initialization (default 0; layer l uses ``seed + l``).
+        progress: progress bar over layers (default False).
+    """
+
+    init: str = "spectral"
+    local_search: bool = True
+    on_missing_coactivation: str = "fallback"
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("init", self.init, ("spectral", "greedy"))
+        _boolean("local_search", self.local_search)
+        _choice("on_missing_coactivation", self.on_missing_coactivation, ("fallback", "error"))
+        _integer("seed", self.seed, 0)
+        _boolean("progress", self.progress)
+
+
+@dataclass(frozen=True)
+class GraceOptions:
+    """Knobs of the ``grace`` planner.
+
+    Grouping (per layer: one group per node, then one group per GPU inside each node):
+
+    Attributes:
+        ratio: r of GRACE-MoE's GPU group-size bounds ``[Ē - d, Ē + d]``, ``Ē`` = experts per
+            GPU, ``d = max(1, round(Ē r))`` (default 0.15, the paper's value); the upper bound
+            is also capped by the GPU's slots and the lower bound by 0. A node's bounds are the
+            sums over its GPUs, so nodes are sized freely by affinity inside them.
+        balance_weight: weight of the load-imbalance penalty of the grouping objective: kept
+            affinity (a fraction of the layer's pair mass) minus ``balance_weight`` times the
+            mean squared deviation of group load from the mean, in units of the mean (default
+            3.0; 0 groups by affinity alone, which concentrates hot experts).
+        node_balance_weight: the same at node level (default None: ``balance_weight``).
+        load_slack: hard balance rule of the local improvement (default 0.05): no move or swap
+            leaves a group heavier than ``max(mean + load_slack, current heaviest)`` in units
+            of the mean group load, so the heaviest group never gets heavier. None disables it.
+        affinity_baseline: ``"independence"`` (default): group by co-activation in excess of
+            the independence estimate ``tokens * P(i) * P(j)``. Raw counts are dominated by
+            popularity (two hot experts co-occur often just because both are hot), so grouping
+            by them packs hot experts together; once group loads are balanced the independence
+            part of the kept raw count is nearly fixed, so the excess is what grouping can win.
+            ``"none"``: raw counts (the paper). The kept-affinity metrics always count raw
+            co-activation.
+        anticipate: balance the grouping for the loads expected after replication (default
+            True): the copies that the budget allows are planned by load (EPLB's rule), each
+            expert weighs ``load / planned copies`` and every free slot is expected to receive
+            an average copy; so hot experts can stay with their partners and the copies spread
+            their load. False balances the raw expert loads.
+        init: initial grouping, ``"spectral"`` (default: spectral clustering of the affinity,
+            seeded k-means++) or ``"greedy"`` (heaviest first to the lightest group); the
+            greedy start is used anyway when there is no affinity or under 4 experts per group.
+        local_search: run the move/swap improvement pass after the repair (default True).
+        interlayer_weight: weight of between-layer affinity (default 0, the paper's objective).
+            Layers are planned in order; when ``stats.transitions`` is present, expert j of
+            layer l gains ``interlayer_weight * sum_i T[l-1][i, j] * share(i, g)`` for GPU g
+            (summed over a node's GPUs at node level), where ``share(i, g)`` is the fraction of
+            layer-(l-1) expert i's tokens that its copy on g serves: tokens whose consecutive
+            experts sit on one GPU (ExFlow's inter-layer affinity), in the same token units as
+            the co-activation counts (divided by the layer's pair mass like them).
+
+    Replication (per layer, into the free slots ``capacity - experts hosted`` of every GPU):
+
+    Attributes:
+        replicas: ``"fill"`` (default: use every free slot where a copy helps, the budget of
+            ``eplb``), ``"auto"`` (copy only while the layer's predicted max/mean GPU load is
+            above ``balance_target``; balanced layers keep slots empty, which saves memory where
+            the runtime allocates expert slots per layer, e.g. with a memory budget), ``"none"``
+            or an integer cap of copies per layer.
+        balance_target: the max/mean stopping point of ``replicas="auto"`` (default 1.05).
+        replica_strategy: ``"planned"`` (default for ``fill`` and integer caps: copy counts by
+            EPLB's load-per-copy rule, copies packed largest first onto the GPU with the lowest
+            predicted load, with a locality preference) or ``"greedy"`` (one copy at a time, each
+            lowering the heaviest GPU; always used by ``"auto"``); see
+            :mod:`megatron_grace.plan.replication`.
+        replica_locality_weight: weight of co-activation locality (share of the expert's
+            co-activation mass the copy serves on its node) against predicted load, in units of
+            the mean GPU load, when choosing the GPU of a copy (default 0.3; 0 = load only).
+        repack: after replication, rearrange each node's experts and copies among its GPUs
+            (moves/swaps with the grouping objective and ``load_slack``; never two copies of
+            an expert on one GPU, at most ``capacity`` and at least ``Ē - d`` experts per GPU).
+            Node membership, hence cross-node traffic, is unchanged (default True).
+
+    Other:
+
+    Attributes:
+        on_missing_coactivation: ``"fallback"`` (default: warn, group by load only) or
+            ``"error"`` (GraceInputError) for statistics without co-activation.
+        seed: seed of the k-means++ initialization (default 0; layer l uses ``seed + l``).
+        progress: progress bar over layers (default False).
+    """
+
+    ratio: float = 0.15
+    balance_weight: float = 3.0
+    node_balance_weight: float | None = None
+    load_slack: float | None = 0.05
+    affinity_baseline: str = "independence"
+    anticipate: bool = True
+    init: str = "spectral"
+    local_search: bool = True
+    interlayer_weight: float = 0.0
+    replicas: str | int = "fill"
+    balance_target: float = 1.05
+    replica_strategy: str = "planned"
+    replica_locality_weight: float = 0.3
+    repack: bool = True
+    on_missing_coactivation: str = "fallback"
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        _nonneg("ratio", self.ratio)
+        _nonneg("balance_weight", self.balance_weight)
+        if self.node_balance_weight is not None:
+            _nonneg("node_balance_weight", self.node_balance_weight)
+        if self.load_slack is not None:
+            _nonneg("load_slack", self.load_slack)
+        _choice("affinity_baseline", self.affinity_baseline, ("independence", "none"))
+        _boolean("anticipate", self.anticipate)
+        _choice("init", self.init, ("spectral", "greedy"))
+        _boolean("local_search", self.local_search)
+        _nonneg("interlayer_weight", self.interlayer_weight)
+        if isinstance(self.replicas, str) and self.replicas.isdigit():
+            object.__setattr__(self, "replicas", int(self.replicas))
+        if isinstance(self.replicas, str):
+            _choice("replicas", self.replicas, ("fill", "auto", "none"))
+        else:
+            _integer("replicas", self.replicas, 0)
+        _nonneg("balance_target", self.balance_target)
+        if self.balance_target < 1:
+            raise GraceInputError(f"option balance_target={self.balance_target!r}: max/mean is never below 1; expected >= 1")
+        _choice("replica_strategy", self.replica_strategy, ("planned", "greedy"))
+        _nonneg("replica_locality_weight", self.replica_locality_weight)
+        _boolean("repack", self.repack)
+        _choice("on_missing_coactivation", self.on_missing_coactivation, ("fallback", "error"))
+        _integer("seed", self.seed, 0)
+        _boolean("progress", self.progress)
+
+
+# ============================================================================ context and metrics
+@dataclass
+class _Context:
+    """What a planner function gets: the statistics as arrays and the cluster.
+
+    Attributes:
+        load: float64 ``[L, E]``; affinity: float64 ``[L, E, E]`` (zero diagonal) or None;
+        num_nodes, gpus_per_node, capacity (effective slots per GPU); notes: planner-specific
+        metadata to record; warnings: messages also issued as ``UserWarning``.
+    """
+
+    stats: ExpertStats
+    topology: Topology
+    capacity: int
+    load: np.ndarray
+    affinity: np.ndarray | None
+    notes: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.load.shape[0])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.load.shape[1])
+
+    @property
+    def num_nodes(self) -> int:
+        return self.topology.num_nodes
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.topology.gpus_per_node
+
+    @property
+    def num_gpus(self) -> int:
+        return self.topology.num_gpus
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+    def layers(self, desc: str, enabled: bool):
+        return _progress(range(self.num_layers), desc=desc, total=self.num_layers, enabled=enabled)
+
+
+@dataclass(frozen=True)
+class PlanMetrics:
+    """Static predictions for a plan on some statistics (equal split of load over copies).
+
+    Attributes:
+        gpu_load: float64 ``[L, G]`` predicted tokens per GPU.
+        max_over_mean: float64 ``[L]`` max / mean GPU load (1 = perfect balance).
+        node_max_over_mean: float64 ``[L]`` the same over nodes.
+        extra_copies: int64 ``[L]`` copies beyond one per expert.
+        slots_used: int64 ``[L]`` occupied slots over all GPUs.
+        kept_affinity_gpu: float64 ``[L]`` or None: share of co-activation mass (pairs i != j)
+            whose two experts share at least one GPU (raw counts from ``stats.affinity()``:
+            with thresholded sources, unobserved pairs count at their independence estimate).
+        kept_affinity_node: float64 ``[L]`` or None: the same for nodes.
+        kept_interlayer_gpu: float64 ``[L-1]`` or None: share of between-layer transitions
+            (i at l, j at l+1) that stay on one GPU when i's tokens split equally over its
+            copies (needs ``stats.transitions``).
+    """
+
+    gpu_load: np.ndarray
+    max_over_mean: np.ndarray
+    node_max_over_mean: np.ndarray
+    extra_copies: np.ndarray
+    slots_used: np.ndarray
+    kept_affinity_gpu: np.ndarray | None
+    kept_affinity_node: np.ndarray | None
+    kept_interlayer_gpu: np.ndarray | None
+
+    def summary(self) -> dict[str, float | None]:
+        """Means over layers (and the worst layer's max/mean)."""
+        def mean(x: np.ndarray | None) -> float | None:
+            return None if x is None or x.size == 0 else float(np.mean(x))
+
+        return {
+            "max_over_mean": mean(self.max_over_mean),
+            "worst_max_over_mean": float(np.max(self.max_over_mean)),
+            "node_max_over_mean": mean(self.node_max_over_mean),
+            "extra_copies": mean(self.extra_copies.astype(np.float64)),
+            "kept_affinity_gpu": mean(self.kept_affinity_gpu),
+            "kept_affinity_node": mean(self.kept_affinity_node),
+            "kept_interlayer_gpu": mean(self.kept_interlayer_gpu),
+        }
+
+
+def _hosts(plan_layer: tuple[tuple[int, ...], ...] | list[list[int]], num_experts: int) -> np.ndarray:
+    """bool ``[G, E]`` hosting matrix of one layer's GPU lists."""
+    H = np.zeros((len(plan_layer), num_experts), dtype=bool)
+    for g, experts in enumerate(plan_layer):
+        H[g, list(experts)] = True
+    return H
+
+
+def evaluate_plan(plan: PlacementPlan, stats: ExpertStats, affinity: np.ndarray | None = None) -> PlanMetrics:
+    """Predicted balance and kept affinity of ``plan`` on ``stats`` (see :class:`PlanMetrics`).
+
+    Args:
+        affinity: optional precomputed ``stats.affinity()`` (``[L, E, E]``), to avoid recomputing it.
+    """
+    if plan.num_experts != stats.num_experts or plan.num_layers != stats.num_layers:
+        raise GraceInputError(
+            f"plan is for {plan.num_layers} layers x {plan.num_experts} experts, statistics have "
+            f"{stats.num_layers} x {stats.num_experts}"
+        )
+    return _evaluate(plan.gpu_experts, plan.topology, stats, affinity)
+
+
+def _evaluate(gpu_experts: Any, topology: Topology, stats: ExpertStats, affinity: np.ndarray | None) -> PlanMetrics:
+    """:func:`evaluate_plan` on ``[layer][gpu] -> expert ids`` lists."""
+    L, E, G = len(gpu_experts), stats.num_experts, topology.num_gpus
+    gpn, N = topology.gpus_per_node, topology.num_nodes
+    if affinity is None and stats.coactivation is not None:
+        affinity = stats.affinity()
+    gpu_load = np.zeros((L, G))
+    mom = np.zeros(L)
+    node_mom = np.zeros(L)
+    kept_gpu = np.zeros(L) if affinity is not None else None
+    kept_node = np.zeros(L) if affinity is not None else None
+    kept_inter = np.zeros(max(L - 1, 0)) if stats.transitions is not None else None
+    hosts_all = [_hosts(layer, E) for layer in gpu_experts]
+    for l, H in enumerate(hosts_all):
+        w = stats.load[l]
+        copies = H.sum(axis=0)
+        share = H / copies[None, :]  # [G, E] fraction of expert e's tokens served by GPU g
+        gl = share @ w
+        gpu_load[l] = gl
+        mean = gl.mean()
+        mom[l] = gl.max() / mean if mean > 0 else 1.0
+        nl = gl.reshape(N, gpn).sum(axis=1)
+        node_mom[l] = nl.max() / nl.mean() if mean > 0 else 1.0
+        if affinity is not None:
+            A = affinity[l]
+            total = A.sum()
+            Hf = H.astype(np.float64)
+            co_gpu = (Hf.T @ Hf) > 0
+            Hn = Hf.reshape(N, gpn, E).sum(axis=1)
+            co_node = (Hn.T @ Hn) > 0
+            kept_gpu[l] = (A * co_gpu).sum() / total if total > 0 else 0.0
+            kept_node[l] = (A * co_node).sum() / total if total > 0 else 0.0
+        if kept_inter is not None and l > 0:
+            T = stats.transitions[l - 1]
+            prev = hosts_all[l - 1]
+            prev_share = prev / prev.sum(axis=0)[None, :]
+            total = T.sum()
+            kept_inter[l - 1] = float((prev_share.T @ H.astype(np.float64) * T).sum() / total) if total > 0 else 0.0
+    return PlanMetrics(
+        gpu_load=gpu_load, max_over_mean=mom, node_max_over_mean=node_mom,
+        extra_copies=np.array([int(H.sum()) - E for H in hosts_all], dtype=np.int64),
+        slots_used=np.array([int(H.sum()) for H in hosts_all], dtype=np.int64),
+        kept_affinity_gpu=kept_gpu, kept_affinity_node=kept_node, kept_interlayer_gpu=kept_inter,
+    )
+
+
+# ============================================================================ planners
+def _plan_vanilla(ctx: _Context, opts: VanillaOptions) -> list[list[list[int]]]:
+    """Contiguous blocks of expert ids per GPU, the same for every layer."""
+    sizes = equal_sizes(ctx.num_experts, ctx.num_gpus)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    layer = [list(range(int(bounds[g]), int(bounds[g + 1]))) for g in range(ctx.num_gpus)]
+    return [[list(g) for g in layer] for _ in ctx.layers("plan vanilla", opts.progress)]
+
+
+def _plan_eplb(ctx: _Context, opts: EplbOptions) -> list[list[list[int]]]:
+    """DeepSeek EPLB (see :mod:`megatron_grace.plan.eplb`) with no colocated copies by default."""
+    E, N, G = ctx.num_experts, ctx.num_nodes, ctx.num_gpus
+    num_groups: int | None
+    if opts.policy == "global":
+        num_groups = None
+    elif opts.num_groups is not None:
+        num_groups = opts.num_groups
+        if E % num_groups:
+            raise GraceInputError(f"eplb: num_groups={num_groups} does not divide the {E} experts")
+        if num_groups % N:
+            raise GraceInputError(f"eplb: num_groups={num_groups} is not a multiple of the {N} nodes (use policy='global')")
+    elif E % G == 0:
+        num_groups = G
+    elif E % N == 0:
+        num_groups = N
+    else:
+        num_groups = None
+        ctx.notes["eplb_fallback"] = f"{E} experts do not split over {N} nodes: global policy"
+    ctx.notes["eplb_policy"] = "global" if num_groups is None else "hierarchical"
+    ctx.notes["eplb_num_groups"] = num_groups
+    out, merged = [], 0
+    for l in ctx.layers("plan eplb", opts.progress):
+        layer = eplb_layer(ctx.load[l], N, ctx.gpus_per_node, ctx.capacity, num_groups, opts.allow_colocated_copies)
+        deduped = [sorted(set(g)) for g in layer]
+        merged += sum(len(a) - len(b) for a, b in zip(layer, deduped))
+        out.append(deduped)
+    if opts.allow_colocated_copies:
+        ctx.notes["colocated_copies_merged"] = merged
+    return out
+
+
+def _affinity_or_fallback(ctx: _Context, planner: str, mode: str) -> np.ndarray | None:
+    """The layer affinities, or None after a warning (``fallback``) / GraceInputError (``error``)."""
+    if ctx.affinity is not None:
+        return ctx.affinity
+    message = (f"{planner}: the statistics ({ctx.stats.source or ctx.stats.model}) have no co-activation data; "
+               "grouping by load only (no affinity kept)")
+    if mode == "error":
+        raise GraceInputError(f"{planner}: the statistics have no co-activation data (on_missing_coactivation='error')",
+                              ctx.stats.source or None)
+    ctx.warn(message)
+    ctx.notes["fallback"] = "load-only grouping (no co-activation data)"
+    return None
+
+
+def _normalized(A: np.ndarray | None, E: int) -> tuple[np.ndarray, float]:
+    """Affinity divided by its total pair mass (so kept affinity is a fraction); and that mass."""
+    if A is None:
+        return np.zeros((E, E)), 0.0
+    mass = float(A.sum()) / 2.0
+    return (A / mass if mass > 0 else np.zeros_like(A)), mass
+
+
+def _hierarchical_groups(a: np.ndarray, w: np.ndarray, ctx: _Context, gpu_lo: np.ndarray, gpu_hi: np.ndarray,
+                         balance_weight: float, node_balance_weight: float, anchor: np.ndarray | None, init: str,
+                         local_search: bool, rng: np.random.Generator, total: float | None = None,
+                         load_slack: float | None = None) -> np.ndarray:
+    """Group experts into nodes, then each node's experts into its GPUs.
+
+    Args:
+        a: float64 ``[E, E]`` normalized affinity; w: float64 ``[E]`` load.
+        gpu_lo, gpu_hi: int64 ``[G]`` size bounds per GPU (a node's bounds are the sums).
+        anchor: float64 ``[E, G]`` per-GPU attraction or None.
+
+    Returns:
+        int64 ``[E]``: GPU of each expert.
+    """
+    E, N, gpn, G = a.shape[0], ctx.num_nodes, ctx.gpus_per_node, ctx.num_gpus
+    total = float(w.sum()) if total is None else total
+    w_node = w / (total / N) if total > 0 else np.zeros(E)
+    w_gpu = w / (total / G) if total > 0 else np.zeros(E)
+    node_lo = gpu_lo.reshape(N, gpn).sum(axis=1)
+    node_hi = gpu_hi.reshape(N, gpn).sum(axis=1)
+    anchor_node = None if anchor is None else anchor.reshape(E, N, gpn).sum(axis=2)
+    node_of = partition(a, w_node, node_lo, node_hi, balance_weight=node_balance_weight, anchor=anchor_node,
+                        init=init, local_search=local_search, load_slack=load_slack, rng=rng)
+    gpu_of = np.empty(E, dtype=np.int64)
+    for n in range(N):
+        members = np.flatnonzero(node_of == n)
+        gpus = np.arange(n * gpn, (n + 1) * gpn)
+        sub = partition(a[np.ix_(members, members)], w_gpu[members], gpu_lo[gpus], gpu_hi[gpus],
+                        balance_weight=balance_weight, anchor=None if anchor is None else anchor[np.ix_(members, gpus)],
+                        init=init, local_search=local_search, load_slack=load_slack, rng=rng)
+        gpu_of[members] = gpus[sub]
+    return gpu_of
+
+
+_APART = -1e6
+"""Affinity that keeps two copies of one expert off one GPU during the repack."""
+
+
+def _repack_nodes(hosts: np.ndarray, w: np.ndarray, a: np.ndarray, ctx: _Context, lo: int,
+                  balance_weight: float, anchor: np.ndarray | None = None,
+                  load_slack: float | None = None) -> np.ndarray:
+    """Rebalance the physical experts (primaries and copies) among the GPUs of each node.
+
+    Moves and swaps inside a node (:func:`~megatron_grace.plan.grouping.refine`) never change
+    which node serves which expert, so the cross-node traffic the grouping and replication
+    planned is untouched; they trade GPU-level affinity ``a`` (``[E, E]``, normalized) against
+    the predicted GPU balance (each copy weighs ``w / copies``), keep at most ``capacity`` and at
+    least ``lo`` experts per GPU, and never put two copies of one expert on one GPU. ``anchor``
+    (``[E, G]``, optional) is the between-layer attraction of the grouping.
+
+    Returns:
+        bool ``[G, E]`` new placement with the same copies per node.
+    """
+    G, E = hosts.shape
+    gpn = ctx.gpus_per_node
+    total = float(w.sum())
+    if total <= 0:
+        return hosts
+    share = w / hosts.sum(axis=0) / (total / G)
+    out = np.zeros_like(hosts)
+    for n in range(ctx.num_nodes):
+        gpus = np.arange(n * gpn, (n + 1) * gpn)
+        local_gpu, expert = np.nonzero(hosts[gpus])
+        if expert.size == 0:
+            continue
+        aff = a[np.ix_(expert, expert)]
+        aff = np.where(expert[:, None] == expert[None, :], _APART, aff)
+        counts = np.bincount(local_gpu, minlength=gpn)
+        lo_n = np.minimum(np.full(gpn, lo), counts)
+        labels = refine(aff, share[expert], local_gpu, lo_n, np.full(gpn, ctx.capacity), balance_weight=balance_weight,
+                        anchor=None if anchor is None else anchor[np.ix_(expert, gpus)], load_slack=load_slack)
+        out[gpus[labels], expert] = True
+    return out
+
+
+def _lists(hosts: np.ndarray) -> list[list[int]]:
+    """GPU lists (ascending expert ids) of a bool ``[G, E]`` hosting matrix."""
+    return [np.flatnonzero(row).tolist() for row in hosts]
+
+
+def _plan_affinity(ctx: _Context, opts: AffinityOptions) -> list[list[list[int]]]:
+    """Equal-size affinity grouping, hierarchical (nodes, then GPUs), no replicas."""
+    E, G = ctx.num_experts, ctx.num_gpus
+    affinity = _affinity_or_fallback(ctx, "affinity", opts.on_missing_coactivation)
+    sizes = equal_sizes(E, G)
+    ctx.notes["equal_group_sizes"] = sorted({int(s) for s in sizes})
+    out = []
+    for l in ctx.layers("plan affinity", opts.progress):
+        a, _ = _normalized(None if affinity is None else affinity[l], E)
+        rng = np.random.default_rng(opts.seed + l)
+        # with no affinity the only objective left is balance (load-only fallback)
+        bw = 1.0 if affinity is None else 0.0
+        gpu_of = _hierarchical_groups(a, ctx.load[l], ctx, sizes, sizes, bw, bw, None, opts.init, opts.local_search, rng)
+        hosts = np.zeros((G, E), dtype=bool)
+        hosts[gpu_of, np.arange(E)] = True
+        out.append(_lists(hosts))
+    return out
+
+
+def _plan_grace(ctx: _Context, opts: GraceOptions) -> list[list[list[int]]]:
+    """GRACE-MoE: load-aware hierarchical affinity grouping, then replication into free slots."""
+    E, G, L = ctx.num_experts, ctx.num_gpus, ctx.num_layers
+    affinity = _affinity_or_fallback(ctx, "grace", opts.on_missing_coactivation)
+    lo, hi, d = size_bounds(E, G, ctx.capacity, opts.ratio)
+    ctx.notes["group_size_bounds"] = [lo, hi]
+    ctx.notes["group_size_d"] = d
+    ctx.notes["replica_strategy"] = "greedy" if opts.replicas == "auto" else opts.replica_strategy
+    gpu_lo, gpu_hi = np.full(G, lo, dtype=np.int64), np.full(G, hi, dtype=np.int64)
+    transitions = ctx.stats.transitions
+    use_inter = opts.interlayer_weight > 0 and transitions is not None and L > 1
+    if opts.interlayer_weight > 0 and not use_inter:
+        ctx.warn("grace: interlayer_weight > 0 ignored: the statistics have no between-layer transitions")
+    max_new: int | None
+    target: float | None = None
+    if opts.replicas == "fill":
+        max_new = None
+    elif opts.replicas == "auto":
+        max_new, target = None, opts.balance_target
+    elif opts.replicas == "none":
+        max_new = 0
+    else:
+        max_new = int(opts.replicas)
+    free_slots = G * ctx.capacity - E
+    planned = free_slots if max_new is None else min(max_new, free_slots)
+    out: list[list[list[int]]] = []
+    group_sizes: list[np.ndarray] = []
+    prev_hosts: np.ndarray | None = None
+    for l in ctx.layers("plan grace", opts.progress):
+        A = None if affinity is None else affinity[l]
+        a, mass = _normalized(A, E)
+        w = ctx.load[l]
+        if A is not None and opts.affinity_baseline == "independence" and mass > 0:
+            p = w / max(float(ctx.stats.tokens[l]), 1.0)
+            indep = np.outer(p, p) * float(ctx.stats.tokens[l])
+            np.fill_diagonal(indep, 0.0)
+            a = (A - indep) / mass
+        anchor = None
+        if use_inter and l > 0 and prev_hosts is not None:
+            T = transitions[l - 1]  # [E, E]: i at l-1 -> j at l
+            share = prev_hosts / prev_hosts.sum(axis=0)[None, :]  # [G, E_prev]
+            unit = mass if mass > 0 else max(float(T.sum()), 1.0)
+            anchor = opts.interlayer_weight * (share @ T).T / unit  # [E, G]
+        rng = np.random.default_rng(opts.seed + l)
+        w_bal = w
+        if opts.anticipate and planned > 0 and w.sum() > 0:
+            c = replicate_by_load(w, E + planned, G)
+            psi = float(((c - 1) * w / c).sum()) / max(int((c - 1).sum()), 1)
+            w_bal = w / c - psi
+        nbw = opts.balance_weight if opts.node_balance_weight is None else opts.node_balance_weight
+        gpu_of = _hierarchical_groups(a, w_bal, ctx, gpu_lo, gpu_hi, opts.balance_weight, nbw, anchor, opts.init,
+                                      opts.local_search, rng, total=float(w.sum()), load_slack=opts.load_slack)
+        hosts = np.zeros((G, E), dtype=bool)
+        hosts[gpu_of, np.arange(E)] = True
+        group_sizes.append(np.bincount(gpu_of, minlength=G))
+        if max_new != 0:
+            if opts.replica_strategy == "planned" and target is None:
+                hosts, added = add_planned_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A, max_new=max_new,
+                                                    locality_weight=opts.replica_locality_weight)
+            else:
+                hosts, added = add_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A, max_new=max_new,
+                                            balance_target=target, locality_weight=opts.replica_locality_weight)
+            if added and opts.repack:
+                hosts = _repack_nodes(hosts, w, a, ctx, lo, opts.balance_weight, anchor, opts.load_slack)
+        prev_hosts = hosts
+        out.append(_lists(hosts))
+    ctx.notes["group_sizes"] = np.array(group_sizes)  # [L, G] experts per GPU after grouping, before copies
+    return out
+
+
+# ============================================================================ registry
+@dataclass(frozen=True)
+class Planner:
+    """A named planner: its options dataclass and the function that plans every layer.
+
+    Attributes:
+        name: registry name.
+        options_type: frozen dataclass of the knobs (every field has a default).
+        run: ``(context, options) -> [layer][gpu] -> expert ids``.
+        summary: one line for help texts.
+    """
+
+    name: str
+    options_type: type
+    run: Callable[[_Context, Any], list[list[list[int]]]]
+    summary: str
+
+    def knobs(self) -> dict[str, Any]:
+        """Option name -> default value."""
+        return {f.name: f.default for f in dataclasses.fields(self.options_type)}
+
+    def make_options(self, options: Any = None, **overrides: Any) -> Any:
+        """Options instance from an instance/mapping plus keyword overrides; unknown knobs raise GraceInputError."""
+        if isinstance(options, self.options_type):
+            base = dataclasses.asdict(options)
+        elif options is None:
+            base = {}
+        elif isinstance(options, Mapping):
+            base = dict(options)
+        else:
+            raise GraceInputError(f"planner {self.name!r}: options must be a {self.options_type.__name__} or a mapping")
+        base.update(overrides)
+        unknown = sorted(set(base) - set(self.knobs()))
+        if unknown:
+            raise GraceInputError(
+                f"planner {self.name!r} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(self.knobs())}"
+            )
+        return self.options_type(**base)
+
+    def parse_option(self, name: str, text: str) -> Any:
+        """Convert a command-line string to the type of knob ``name`` (for ``--set name=value``)."""
+        fields = {f.name: f for f in dataclasses.fields(self.options_type)}
+        if name not in fields:
+            raise GraceInputError(f"planner {self.name!r} has no option {name!r}; its options: {', '.join(fields)}")
+        kind = str(fields[name].type)
+        t = text.strip()
+        if kind.endswith(" | None"):
+            if t.lower() in ("none", ""):
+                return None
+            kind = kind[: -len(" | None")]
+        if kind == "bool":
+            if t.lower() in ("1", "true", "yes", "on"):
+                return True
+            if t.lower() in ("0", "false", "no", "off"):
+                return False
+            raise GraceInputError(f"option {name}={text!r}: expected true or false")
+        try:
+            if kind == "int":
+                return int(t)
+            if kind == "float":
+                return float(t)
+            if kind == "str | int":
+                return int(t) if t.lstrip("-").isdigit() else t
+        except ValueError:
+            raise GraceInputError(f"option {name}={text!r}: expected {kind}") from None
+        return t
+
+    def __call__(self, stats: ExpertStats, topology: Topology, options: Any = None, **overrides: Any) -> PlacementPlan:
+        return plan_placement(stats, topology, self.name, options, **overrides)
+
+
+PLANNERS: dict[str, Planner] = {
+    "vanilla": Planner("vanilla", VanillaOptions, _plan_vanilla,
+                       "contiguous experts per GPU, no replicas (Megatron-Core / DeepSpeed default)"),
+    "eplb": Planner("eplb", EplbOptions, _plan_eplb,
+                    "DeepSeek EPLB: load-only hierarchical replication and packing, every slot used, no colocated copies"),
+    "affinity": Planner("affinity", AffinityOptions, _plan_affinity,
+                        "co-activation grouping, equal group sizes, no replicas (Occult / ExFlow style)"),
+    "grace": Planner("grace", GraceOptions, _plan_grace,
+                     "GRACE-MoE: load-aware hierarchical affinity grouping + locality-aware replication into the budget"),
+}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def effective_capacity(topology: Topology, num_experts: int) -> int:
+    """Slots per GPU a planner uses: the topology's budget, or ``ceil(E/G) + UNBOUNDED_EXTRA_SLOTS``."""
+    cap = topology.capacity()
+    return cap if cap is not None else math.ceil(num_experts / topology.num_gpus) + UNBOUNDED_EXTRA_SLOTS
+
+
+def plan_placement(stats: ExpertStats, topology: Topology, planner: str = "grace", options: Any = None,
+                   **overrides: Any) -> PlacementPlan:
+    """Plan the expert placement of every layer with the named planner.
+
+    Args:
+        stats: routing statistics (load ``[L, E]``; co-activation ``[L, E, E]`` for the affinity
+            planners; transitions ``[L-1, E, E]`` for ``interlayer_weight``).
+        topology: the cluster and its per-GPU budget.
+        planner: a name in :data:`PLANNERS` (``vanilla``, ``eplb``, ``affinity``, ``grace``).
+        options: an options instance of that planner or a mapping of knobs (optional).
+        **overrides: knobs by name (e.g. ``replicas="auto"``); unknown names raise.
+
+    Returns:
+        A validated :class:`PlacementPlan`; ``metadata`` holds the options, capacity,
+        predicted loads and kept affinity (see :class:`PlanMetrics`).
+
+    Raises:
+        GraceInputError: unknown planner or knob, bad knob value, statistics that are not an
+            :class:`ExpertStats` or fail validation, a budget that cannot hold every expert.
+    """
+    if planner not in PLANNERS:
+        raise GraceInputError(f"unknown planner {planner!r}; known: {', '.join(PLANNERS)}")
+    spec = PLANNERS[planner]
+    opts = spec.make_options(options, **overrides)
+    if not isinstance(stats, ExpertStats):
+        raise GraceInputError(f"planner {planner!r} needs ExpertStats, got {type(stats).__name__}")
+    if not isinstance(topology, Topology):
+        raise GraceInputError(f"planner {planner!r} needs a Topology, got {type(topology).__name__}")
+    stats.validate()
+    E = stats.num_experts
+    topology.check_fits(E)
+    cap = effective_capacity(topology, E)
+    with blas_threads(1):
+        affinity = stats.affinity() if stats.coactivation is not None else None
+        ctx = _Context(stats=stats, topology=topology, capacity=cap, load=stats.load, affinity=affinity)
+        layers = spec.run(ctx, opts)
+        metrics = _evaluate(layers, topology, stats, affinity)
+    predicted: dict[str, Any] = {
+        "gpu_load": metrics.gpu_load,
+        "max_over_mean": metrics.max_over_mean,
+        "node_max_over_mean": metrics.node_max_over_mean,
+        "extra_copies": metrics.extra_copies,
+        "kept_affinity_gpu": metrics.kept_affinity_gpu,
+        "kept_affinity_node": metrics.kept_affinity_node,
+    }
+    if metrics.kept_interlayer_gpu is not None:
+        predicted["kept_interlayer_gpu"] = metrics.kept_interlayer_gpu
+    metadata = {
+        "planner": planner,
+        "options": dataclasses.asdict(opts),
+        "capacity": cap,
+        "capacity_assumed": topology.capacity() is None,
+        "stats": {"model": stats.model, "source": stats.source, "missing": stats.missing,
+                  "layers": stats.num_layers, "experts": E, "top_k": int(stats.top_k)},
+        "load_model": "static: each copy takes an equal share of its expert's load",
+        "summary": metrics.summary(),
+        "predicted": predicted,
+        **ctx.notes,
+        "warnings": ctx.warnings,
+    }
+    return PlacementPlan(topology=topology, num_experts=E, gpu_experts=layers, planner=planner,
+                         metadata=_jsonable(metadata))
+
+
+__all__ = [
+    "PLANNERS", "Planner", "PlanMetrics", "VanillaOptions", "EplbOptions", "AffinityOptions", "GraceOptions",
+    "UNBOUNDED_EXTRA_SLOTS", "effective_capacity", "evaluate_plan", "plan_placement",
+]

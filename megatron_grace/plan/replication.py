@@ -1,0 +1,298 @@
+"""Replication of hot experts into free slots, balance first and locality second.
+
+Load prediction is static, as in GRACE-MoE and DeepSeek EPLB: an expert with ``c`` copies is
+predicted to send ``load / c`` tokens to each copy, and a GPU's predicted load is the sum of
+the shares of the experts it hosts. A copy always goes to a GPU with a free slot and no copy
+of that expert yet. Both strategies below score GPUs partly by **locality**: the share of the
+expert's co-activation mass that the new copy serves locally, i.e. its partners hosted on the
+GPU's node (counted only when that node has no copy of the expert yet, and only for partners
+that share no node with it yet), plus ``gpu_share`` times its partners on the GPU itself that
+share no GPU with it yet. A copy placed where the expert's co-activated partners live lets
+tokens that need both stay on that node (locality-aware routing then picks it).
+
+:func:`add_planned_replicas` (the ``grace`` planner's default): copy counts by DeepSeek EPLB's
+rule (one copy at a time to the expert with the highest load per copy), then the copies are
+packed largest share first, each onto the GPU with the lowest
+``load_after / mean - locality_weight * locality``. A longest-processing-time packing: the
+big pieces go first, so the small ones can even out what is left.
+
+:func:`add_replicas` (incremental; used for ``replicas="auto"``) adds one copy at a time,
+scoring every candidate (expert e, GPU g) by
+
+    cost(e, g) = balance(e, g) / mean + fill_weight * load_after(e, g) / mean
+                 - locality_weight * locality(e, g)
+
+where ``load_after`` is g's own new load (among equals, the lighter GPU) and ``balance``:
+
+1. **Reduce the maximum.** The candidates are the experts on the heaviest GPU h (only their
+   copies can lower the maximum), ``balance`` is the larger of h's and g's new loads, and only
+   targets that stay below h's current load qualify, so h gets lighter and no GPU reaches its
+   old load (the sorted load vector improves even when another GPU ties for the maximum).
+2. **Fill** (when no copy lowers the maximum any more, and no ``balance_target`` is set):
+   ``balance`` is the predicted maximum GPU load after the copy; the expert with the highest
+   load per copy (EPLB's rule: it spreads the hottest experts, the most exposed to load drift)
+   goes to its best GPU among those where the copy does not raise the predicted maximum; when
+   no expert has such a GPU, the remaining slots stay empty (a copy there could only hurt).
+3. **Stop** when no slot can take a useful copy, after ``max_new`` copies, or, with
+   ``balance_target``, as soon as the predicted max/mean GPU load is at or below it.
+
+Experts with zero load are never copied.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_FILL_CHUNK = 16
+
+
+def predicted_gpu_load(hosts: np.ndarray, load: np.ndarray) -> np.ndarray:
+    """float64 ``[G]``: static predicted load of every GPU (equal split of each expert over its copies).
+
+    Args:
+        hosts: bool ``[G, E]``; GPU g hosts expert e.
+        load: float64 ``[E]``.
+    """
+    copies = hosts.sum(axis=0)
+    share = np.divide(load, copies, out=np.zeros_like(load, dtype=np.float64), where=copies > 0)
+    return hosts.astype(np.float64) @ share
+
+
+def add_replicas(
+    hosts: np.ndarray,
+    load: np.ndarray,
+    capacity: int,
+    gpus_per_node: int,
+    *,
+    affinity: np.ndarray | None = None,
+    max_new: int | None = None,
+    balance_target: float | None = None,
+    locality_weight: float = 0.1,
+    fill_weight: float = 0.1,
+    gpu_share: float = 0.25,
+) -> tuple[np.ndarray, int]:
+    """Add replicas of hot experts into the free slots (see the module doc for the rules).
+
+    Args:
+        hosts: bool ``[G, E]``; current placement (every expert on at least one GPU).
+        load: float64 ``[E]``; expert load of the layer.
+        capacity: slots per GPU.
+        gpus_per_node: GPUs per node (GPUs are node-major).
+        affinity: float64 ``[E, E]`` co-activation (zero diagonal) or None (balance only).
+        max_new: at most this many copies (None: as many as are useful).
+        balance_target: stop once predicted max/mean GPU load <= this, and never add copies
+            that do not lower the maximum (None: reduce the maximum, then fill).
+        locality_weight: weight of the locality term in the cost.
+        fill_weight: weight of the target GPU's own new load in the cost.
+        gpu_share: weight of same-GPU partners relative to same-node partners in ``locality``.
+
+    Returns:
+        ``(hosts, added)``: the new bool ``[G, E]`` placement and the number of copies added.
+    """
+    hosts = hosts.copy()
+    G, E = hosts.shape
+    w = np.asarray(load, dtype=np.float64)
+    total = float(w.sum())
+    if total <= 0:
+        return hosts, 0
+    mean = total / G
+    copies = hosts.sum(axis=0).astype(np.int64)
+    free = capacity - hosts.sum(axis=1)
+    gpu_load = predicted_gpu_load(hosts, w)
+    node = np.arange(G) // gpus_per_node
+    # incremental tables for the locality term: node hosting and each GPU's expert ids
+    on_node = (hosts.reshape(-1, gpus_per_node, E).any(axis=1)).astype(np.float64)  # [N, E]
+    slots = np.full((G, max(capacity, 1)), E, dtype=np.int64)  # [G, capacity], padded with E
+    count = hosts.sum(axis=1)
+    for g in range(G):
+        slots[g, : count[g]] = np.flatnonzero(hosts[g])
+    use_locality = affinity is not None and locality_weight > 0
+    added = 0
+    filling = False
+    tol = 1e-9 * mean
+    while (free > 0).any() and (max_new is None or added < max_new):
+        peak = float(gpu_load.max())
+        if balance_target is not None and peak <= balance_target * mean * (1 + 1e-12):
+            break
+        copyable = (w > 0) & (copies < G)
+        choice = None
+        if not filling:
+            h = int(np.argmax(gpu_load))
+            cand = np.flatnonzero(hosts[h] & copyable)
+            if cand.size:
+                _, after, new_h = _outcomes(cand, hosts, gpu_load, w, copies, h)
+                # lower the heaviest GPU h as far as possible while its partner stays lighter:
+                # the larger of the two new loads is the balance cost
+                cost = np.maximum(new_h[:, None], after) / mean + fill_weight * after / mean
+                cost[(after >= peak - tol) | (free[None, :] <= 0) | hosts[:, cand].T] = np.inf
+                if use_locality:
+                    cost -= locality_weight * _locality(cand, hosts, slots, on_node, node, affinity, gpu_share)
+                if np.isfinite(cost).any():
+                    i, g = divmod(int(np.argmin(cost)), G)
+                    choice = (int(cand[i]), g)
+            if choice is None:
+                if balance_target is not None:
+                    break
+                filling = True
+        if choice is None:
+            order = np.flatnonzero(copyable)
+            order = order[np.lexsort((order, -(w[order] / copies[order])))]
+            for lo in range(0, order.size, _FILL_CHUNK):  # hottest per copy first, in vectorized chunks
+                chunk = order[lo: lo + _FILL_CHUNK]
+                max_after, after, _ = _outcomes(chunk, hosts, gpu_load, w, copies, None)
+                cost = max_after / mean + fill_weight * after / mean
+                # a fill copy must not raise the predicted maximum
+                cost[(max_after > peak + tol) | (free[None, :] <= 0) | hosts[:, chunk].T] = np.inf
+                ok = np.flatnonzero(np.isfinite(cost).any(axis=1))
+                if ok.size:
+                    i = int(ok[0])
+                    row = cost[i]
+                    if use_locality:
+                        row = row - locality_weight * _locality(chunk[i:i + 1], hosts, slots, on_node, node, affinity, gpu_share)[0]
+                    choice = (int(chunk[i]), int(np.argmin(row)))
+                    break
+            if choice is None:
+                break
+        e, g = choice
+        drop = w[e] / copies[e] - w[e] / (copies[e] + 1)
+        gpu_load = gpu_load - hosts[:, e] * drop
+        hosts[g, e] = True
+        slots[g, count[g]] = e
+        count[g] += 1
+        on_node[node[g], e] = 1.0
+        copies[e] += 1
+        gpu_load[g] += w[e] / copies[e]
+        free[g] -= 1
+        added += 1
+    return hosts, added
+
+
+def add_planned_replicas(
+    hosts: np.ndarray,
+    load: np.ndarray,
+    capacity: int,
+    gpus_per_node: int,
+    *,
+    affinity: np.ndarray | None = None,
+    max_new: int | None = None,
+    locality_weight: float = 0.1,
+    gpu_share: float = 0.0,
+) -> tuple[np.ndarray, int]:
+    """Replicate by planned copy counts, then pack the copies largest first (EPLB-like, locality-aware).
+
+    The copy counts come from DeepSeek EPLB's rule (one copy at a time to the expert with the
+    highest load per copy, at most one copy per GPU) for ``min(max_new, free slots)`` copies;
+    every GPU's load is then predicted with those final shares, and the copies are placed
+    largest share first, each on the GPU (free slot, no copy of it yet) with the lowest
+
+        load_after(g) / mean - locality_weight * locality(e, g)
+
+    (longest-processing-time packing with a locality preference; the locality of an expert is
+    computed once for all its copies, which are placed one after another). A copy with no
+    admissible GPU is dropped. ``gpu_share`` defaults to 0 here: the grace planner rearranges
+    each node's experts among its GPUs afterwards, so only the node of a copy matters for
+    locality. Arguments and return value as :func:`add_replicas`.
+    """
+    from megatron_grace.plan.eplb import replicate_by_load
+
+    hosts = hosts.copy()
+    G, E = hosts.shape
+    w = np.asarray(load, dtype=np.float64)
+    total = float(w.sum())
+    free = capacity - hosts.sum(axis=1)
+    budget = int(free.sum()) if max_new is None else min(int(max_new), int(free.sum()))
+    if total <= 0 or budget <= 0:
+        return hosts, 0
+    mean = total / G
+    have = hosts.sum(axis=0)
+    target = replicate_by_load(np.where(have > 0, w, 0.0), E + budget, G)
+    target = np.where(w > 0, np.maximum(target, have), have)
+    share = w / target
+    gpu_load = hosts.astype(np.float64) @ share
+    node = np.arange(G) // gpus_per_node
+    on_node = hosts.reshape(-1, gpus_per_node, E).any(axis=1).astype(np.float64)
+    slots = np.full((G, max(capacity, 1)), E, dtype=np.int64)
+    count = hosts.sum(axis=1)
+    for g in range(G):
+        slots[g, : count[g]] = np.flatnonzero(hosts[g])
+    use_locality = affinity is not None and locality_weight > 0
+    items = np.repeat(np.arange(E), np.maximum(target - have, 0))
+    items = items[np.lexsort((items, -share[items]))]
+    added = 0
+    loc_expert, loc_row = -1, np.zeros(G)
+    for e in items:
+        cost = (gpu_load + share[e]) / mean
+        cost[(free <= 0) | hosts[:, e]] = np.inf
+        if not np.isfinite(cost).any():
+            continue
+        if use_locality:
+            if e != loc_expert:  # the copies of one expert are consecutive: one locality row for all
+                loc_expert = int(e)
+                loc_row = locality_weight * _locality(np.array([e]), hosts, slots, on_node, node, affinity, gpu_share)[0]
+            cost = cost - loc_row
+        g = int(np.argmin(cost))
+        hosts[g, e] = True
+        slots[g, count[g]] = e
+        count[g] += 1
+        on_node[node[g], e] = 1.0
+        gpu_load[g] += share[e]
+        free[g] -= 1
+        added += 1
+        if use_locality:
+            loc_row[node == node[g]] = 0.0  # e now has a copy on that node
+    return hosts, added
+
+
+def _outcomes(cand: np.ndarray, hosts: np.ndarray, gpu_load: np.ndarray, w: np.ndarray, copies: np.ndarray,
+              h: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Predicted loads after copying each candidate expert to each GPU.
+
+    Args:
+        cand: int ``[C]`` candidate experts; h: a GPU whose new load to report, or None.
+
+    Returns:
+        ``(max_after, after, new_h)``: float64 ``[C, G]`` maximum GPU load and target GPU load
+        after the copy, and float64 ``[C]`` GPU h's new load (None without h).
+    """
+    G = hosts.shape[0]
+    c = copies[cand]
+    new_share = w[cand] / (c + 1)
+    drop = w[cand] / c - new_share
+    reduced = gpu_load[None, :] - hosts[:, cand].T * drop[:, None]  # [C, G]
+    rows = np.arange(cand.size)
+    top = np.argmax(reduced, axis=1)
+    first = reduced[rows, top]
+    masked = reduced.copy()
+    masked[rows, top] = -np.inf
+    second = masked.max(axis=1) if G > 1 else np.full(cand.size, -np.inf)
+    rest_max = np.where(np.arange(G)[None, :] == top[:, None], second[:, None], first[:, None])
+    after = reduced + new_share[:, None]
+    return np.maximum(rest_max, after), after, (None if h is None else reduced[:, h])
+
+
+def _locality(cand: np.ndarray, hosts: np.ndarray, slots: np.ndarray, on_node: np.ndarray, node: np.ndarray,
+              affinity: np.ndarray, gpu_share: float) -> np.ndarray:
+    """float64 ``[C, G]``: share of each candidate's co-activation mass a new copy on each GPU serves locally.
+
+    Args:
+        cand: int ``[C]`` candidate experts; hosts: bool ``[G, E]``; slots: int ``[G, S]`` expert
+        ids per GPU padded with E; on_node: float 0/1 ``[N, E]`` node hosting; node: int ``[G]``
+        node of each GPU; affinity: ``[E, E]``.
+    """
+    E = hosts.shape[1]
+    a = np.zeros((cand.size, E + 1))
+    a[:, :E] = affinity[cand]
+    total = a.sum(axis=1)
+    cand_node = on_node[:, cand].T > 0  # [C, N]
+    node_open = a[:, :E].copy()  # partners that share no node with the candidate yet
+    for i in range(cand.size):
+        node_open[i][on_node[cand_node[i]].any(axis=0)] = 0.0
+    node_gain = node_open @ on_node.T  # [C, N]
+    node_gain[cand_node] = 0.0
+    out = node_gain[:, node]
+    if gpu_share:
+        gpu_open = a.copy()  # partners that share no GPU with the candidate yet
+        for i, e in enumerate(cand):
+            gpu_open[i, slots[hosts[:, e]].ravel()] = 0.0
+        out = out + gpu_share * gpu_open[:, slots].sum(axis=2)  # [C, G]
+    return np.divide(out, total[:, None], out=np.zeros_like(out), where=total[:, None] > 0)

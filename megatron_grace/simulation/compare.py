@@ -1,0 +1,304 @@
+"""Compare planners on one trace: plan each on the first part, simulate each on the rest.
+
+    from megatron_grace.simulation.compare import compare_planners, split_source
+    plan_stats, measure = split_source(trace_or_stats, num_tokens=100_000, seed=0)
+    cmp = compare_planners(plan_stats, measure, Topology.preset("a100-2x4"), extra_slots=1)
+    print(cmp.format_table())
+
+Planning uses ``megatron_grace.plan.planners.plan_placement(stats, topology, planner)``
+(or any ``planner_fn`` with that signature); statistics-only inputs are turned into a trace with
+``megatron_grace.trace.synthesis.synthesize_trace(stats, num_tokens, seed)``. The planning
+statistics' expert load is also the replica-choice policy's load prediction.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_grace._files import PathLike, save_json_atomic
+from megatron_grace._progress import progress as _progress
+from megatron_grace.errors import GraceInputError
+from megatron_grace.plan.placement import PlacementPlan
+from megatron_grace.plan.topology import ModelShape, Topology
+from megatron_grace.simulation.simulator import SimulationResult, resolve_model_shape, simulate
+from megatron_grace.statistics.expert_stats import ExpertStats
+from megatron_grace.trace.routing_trace import RoutingTrace
+
+DEFAULT_PLANNERS: tuple[str, ...] = ("vanilla", "eplb", "affinity", "grace")
+PlannerFn = Callable[..., PlacementPlan]
+
+
+def default_planner_fn() -> PlannerFn:
+    """``megatron_grace.plan.planners.plan_placement``, or a clear error when it is not in this build."""
+    try:
+        module = importlib.import_module("megatron_grace.plan.planners")
+    except ModuleNotFoundError as exc:
+        if exc.name == "megatron_grace.plan.planners":
+            raise GraceInputError("the planners (megatron_grace.plan.planners) are not available in this build") from None
+        raise
+    return module.plan_placement
+
+
+def known_planners() -> list[str]:
+    """Names in ``megatron_grace.plan.planners.PLANNERS`` (empty if the module is absent)."""
+    try:
+        return list(importlib.import_module("megatron_grace.plan.planners").PLANNERS)
+    except ModuleNotFoundError:
+        return []
+
+
+def split_source(source: RoutingTrace | ExpertStats, num_tokens: int | None = None, seed: int = 0,
+                 fraction: float = 0.5) -> tuple[ExpertStats, RoutingTrace]:
+    """Planning statistics and the measurement trace from a trace or from statistics.
+
+    A trace is split in token order: the first ``fraction`` of its tokens give the planning
+    statistics, the rest is measured (``num_tokens`` > 0 keeps only its first ``num_tokens``
+    tokens first). Statistics are first synthesized into a ``num_tokens``-token trace
+    (``synthesize_trace(stats, num_tokens, seed)``), then split the same way.
+    """
+    if not 0 < fraction < 1:
+        raise GraceInputError(f"the planning fraction must be in (0, 1), got {fraction}")
+    if isinstance(source, ExpertStats):
+        if not num_tokens or num_tokens < 2:
+            raise GraceInputError("statistics input needs --tokens >= 2 to synthesize a trace")
+        try:
+            synthesis = importlib.import_module("megatron_grace.trace.synthesis")
+        except ModuleNotFoundError as exc:
+            if exc.name == "megatron_grace.trace.synthesis":
+                raise GraceInputError("trace synthesis (megatron_grace.trace.synthesis) is not available in this build") from None
+            raise
+        trace = synthesis.synthesize_trace(source, num_tokens, seed=seed)
+    elif isinstance(source, RoutingTrace):
+        trace = source if not num_tokens else source.select_tokens(slice(0, num_tokens))
+    else:
+        raise GraceInputError(f"expected a routing trace or statistics, got {type(source).__name__}")
+    first, rest = trace.split(fraction)
+    if first.num_tokens == 0 or rest.num_tokens == 0:
+        raise GraceInputError(f"a trace of {trace.num_tokens} tokens is too short to plan on one part and measure on the other")
+    return ExpertStats.from_trace(first), rest
+
+
+@dataclass(eq=False)
+class Comparison:
+    """Plans and simulations of several planners on one trace.
+
+    Attributes:
+        topology: the cluster with the slot budget the plans were made for.
+        extra_slots: extra slots per GPU above an even split.
+        model_shape: sizes for bytes and FLOPs.
+        planners: planner names, in order.
+        plans: planner -> plan.
+        results: planner -> simulation (every dispatch mode).
+        plan_seconds: planner -> wall time of planning.
+        policy: replica-choice policy used.
+    """
+
+    topology: Topology
+    extra_slots: int
+    model_shape: ModelShape
+    planners: list[str]
+    plans: dict[str, PlacementPlan]
+    results: dict[str, SimulationResult]
+    plan_seconds: dict[str, float] = field(default_factory=dict)
+    policy: str = "local-first"
+
+    @property
+    def baseline(self) -> tuple[str, str]:
+        """``(planner, mode)`` the speedups are relative to: vanilla per-pair, else the first planner per-pair."""
+        return ("vanilla" if "vanilla" in self.results else self.planners[0]), "per-pair"
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per planner x dispatch mode: messages, bytes, load, modelled time, speedup."""
+        base_planner, base_mode = self.baseline
+        base = self.results[base_planner].modes[base_mode].layer_s.sum()
+        out = []
+        for planner in self.planners:
+            r = self.results[planner]
+            for mode, cost in r.modes.items():
+                t = float(cost.layer_s.sum())
+                out.append({
+                    "planner": planner,
+                    "dispatch": mode,
+                    "msgs_node": int(r.msgs_node.sum()),
+                    "msgs_gpu": int(r.msgs_gpu.sum()),
+                    "pairs_inter_node": int(r.pairs_inter_node.sum()),
+                    "pairs_remote": int(r.pairs_intra_node.sum() + r.pairs_inter_node.sum()),
+                    "intra_bytes": int(cost.intra_bytes.sum()),
+                    "inter_bytes": int(cost.inter_bytes.sum()),
+                    "load_max_over_mean": float(r.load_imbalance.mean()),
+                    "dispatch_s": float(cost.dispatch_s.sum()),
+                    "compute_s": float(r.compute_s.sum()),
+                    "layer_s": t,
+                    "mean_layer_s": t / max(r.num_layers, 1),
+                    "speedup": float(base / t) if t > 0 else float("inf"),
+                    "copies": int(self.plans[planner].copy_count.sum() - self.plans[planner].num_experts * self.plans[planner].num_layers),
+                })
+        return out
+
+    def row(self, planner: str, mode: str) -> dict[str, Any]:
+        """The row of ``planner`` with dispatch ``mode``."""
+        for r in self.rows():
+            if r["planner"] == planner and r["dispatch"] == mode:
+                return r
+        raise KeyError((planner, mode))
+
+    def format_table(self) -> str:
+        """One row per planner x dispatch mode."""
+        r0 = next(iter(self.results.values()))
+        base_planner, base_mode = self.baseline
+        head = (f"{self.topology.name} ({self.topology.num_nodes}x{self.topology.gpus_per_node} GPUs, "
+                f"{self.topology.capacity()} slots/GPU = even split + {self.extra_slots}), {self.model_shape.name}, "
+                f"{r0.num_tokens} measured tokens x {r0.num_layers} layers, policy {self.policy}")
+        cols = (f"{'planner':<10}{'dispatch':<13}{'copies':>7}{'x-node msgs':>13}{'x-GPU msgs':>13}{'NVLink MB':>11}"
+                f"{'inter MB':>10}{'max/mean':>9}{'ms/layer':>10}{'speedup':>9}")
+        lines = [head, cols, "-" * len(cols)]
+        for r in self.rows():
+            lines.append(f"{r['planner']:<10}{r['dispatch']:<13}{r['copies']:>7}{r['msgs_node']:>13}{r['msgs_gpu']:>13}"
+                         f"{r['intra_bytes'] / 1e6:>11.1f}{r['inter_bytes'] / 1e6:>10.1f}{r['load_max_over_mean']:>9.3f}"
+                         f"{r['mean_layer_s'] * 1e3:>10.3f}{r['speedup']:>8.2f}x")
+        lines.append(f"(messages deduplicated, summed over layers; bytes per direction of the dispatch, the combine "
+                     f"moves the same; speedup vs {base_planner} {base_mode})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Rows, per-planner simulation summaries and plan metadata as JSON types."""
+        base_planner, base_mode = self.baseline
+        return {
+            "format": "grace-compare/1",
+            "topology": self.topology.to_dict(),
+            "extra_slots": self.extra_slots,
+            "model_shape": self.model_shape.name,
+            "policy": self.policy,
+            "baseline": {"planner": base_planner, "dispatch": base_mode},
+            "rows": self.rows(),
+            "plan_seconds": self.plan_seconds,
+            "simulations": {p: self.results[p].summary() for p in self.planners},
+            "per_layer_load_max_over_mean": {p: self.results[p].load_imbalance.tolist() for p in self.planners},
+        }
+
+    def save_json(self, path: PathLike) -> None:
+        save_json_atomic(path, self.to_dict())
+
+    def plot(self, directory: PathLike) -> list[Path]:
+        """Write ``load.png`` (per-GPU load and per-layer max/mean per planner) and ``traffic.png``
+        (messages, bytes per link and modelled time per planner and dispatch mode); returns the paths."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out_dir = Path(directory)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        G = self.topology.num_gpus
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, G * 0.35), 8))
+        width = 0.8 / len(self.planners)
+        for i, planner in enumerate(self.planners):
+            r = self.results[planner]
+            load = r.gpu_load.sum(axis=0).astype(float)
+            ax1.bar(np.arange(G) + i * width, load / max(load.mean(), 1e-12), width, label=planner)
+            ax2.plot(np.arange(r.num_layers), r.load_imbalance, marker=".", label=planner)
+        for node in range(1, self.topology.num_nodes):
+            ax1.axvline(node * self.topology.gpus_per_node - 0.5 + 0.4, color="grey", lw=0.8, ls="--")
+        ax1.set_xlabel("GPU (dashed lines: node boundaries)")
+        ax1.set_ylabel("pairs processed / mean (all layers)")
+        ax1.set_title(f"Expert load per GPU, {self.topology.name}, +{self.extra_slots} slots")
+        ax1.legend()
+        ax2.set_xlabel("MoE layer")
+        ax2.set_ylabel("max / mean GPU load")
+        ax2.set_title("Load imbalance per layer")
+        ax2.legend()
+        fig.tight_layout()
+        paths.append(out_dir / "load.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+
+        rows = self.rows()
+        labels = [f"{r['planner']}\n{'pp' if r['dispatch'] == 'per-pair' else 'hier'}" for r in rows]
+        fig, axes = plt.subplots(1, 3, figsize=(max(12, len(rows) * 1.2), 4.5))
+        x = np.arange(len(rows))
+        axes[0].bar(x - 0.2, [r["msgs_node"] for r in rows], 0.4, label="token->node (cross-node)")
+        axes[0].bar(x + 0.2, [r["msgs_gpu"] for r in rows], 0.4, label="token->GPU (cross-GPU)")
+        axes[0].set_title("Deduplicated messages")
+        axes[1].bar(x - 0.2, [r["inter_bytes"] / 1e6 for r in rows], 0.4, label="inter-node")
+        axes[1].bar(x + 0.2, [r["intra_bytes"] / 1e6 for r in rows], 0.4, label="NVLink")
+        axes[1].set_title("Dispatch MB per link type")
+        axes[2].bar(x, [r["mean_layer_s"] * 1e3 for r in rows], 0.6, color="tab:green")
+        axes[2].set_title("Modelled MoE-layer time (ms; pp = per-pair, hier = hierarchical)", fontsize=9)
+        for ax in axes:
+            ax.set_xticks(x)
+            ax.set_xticklabels(labels, fontsize=7)
+        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out_dir / "traffic.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+        return paths
+
+
+def compare_planners(
+    plan_stats: ExpertStats,
+    trace: RoutingTrace,
+    topology: Topology,
+    *,
+    extra_slots: int = 0,
+    planners: Sequence[str] = DEFAULT_PLANNERS,
+    model_shape: ModelShape | str | None = None,
+    policy: str = "local-first",
+    token_placement: str = "round-robin",
+    dispatch: str | Sequence[str] = "both",
+    planner_fn: PlannerFn | None = None,
+    planner_options: dict[str, dict[str, Any]] | None = None,
+    progress: bool = False,
+) -> Comparison:
+    """Plan with every planner on ``plan_stats`` and simulate each plan on ``trace``.
+
+    Args:
+        plan_stats: planning statistics (load ``[L, E]``, co-activation ...).
+        trace: measurement trace ``[T, L, k]`` with the same layers and experts.
+        topology: the cluster; its budget is replaced by ``ceil(E / G) + extra_slots`` slots.
+        extra_slots: slots per GPU above an even split (the replication budget).
+        planners: planner names.
+        model_shape: sizes (default: from the trace's model name).
+        policy, token_placement, dispatch: as in :func:`~megatron_grace.simulation.simulate`.
+        planner_fn: ``(stats, topology, planner, **options) -> PlacementPlan``; default
+            ``megatron_grace.plan.planners.plan_placement``.
+        planner_options: planner -> knobs passed to ``planner_fn``.
+        progress: progress bar over planners.
+    """
+    if not planners:
+        raise GraceInputError("no planners to compare")
+    if plan_stats.num_experts != trace.num_experts or plan_stats.num_layers != trace.num_layers:
+        raise GraceInputError(
+            f"planning statistics ({plan_stats.num_layers} layers x {plan_stats.num_experts} experts) do not match the trace "
+            f"({trace.num_layers} x {trace.num_experts})"
+        )
+    fn = planner_fn or default_planner_fn()
+    shape = resolve_model_shape(model_shape, trace.model or plan_stats.model)
+    budget = topology.with_extra_slots(trace.num_experts, extra_slots)
+    plans: dict[str, PlacementPlan] = {}
+    results: dict[str, SimulationResult] = {}
+    seconds: dict[str, float] = {}
+    for planner in _progress(list(planners), desc="plan + simulate", total=len(planners), enabled=progress):
+        t0 = time.perf_counter()
+        plan = fn(plan_stats, budget, planner, **(planner_options or {}).get(planner, {}))
+        seconds[planner] = time.perf_counter() - t0
+        if not plan.planner:
+            plan = PlacementPlan(plan.topology, plan.num_experts, plan.gpu_experts, planner=planner, metadata=plan.metadata)
+        plans[planner] = plan
+        results[planner] = simulate(plan, trace, shape, policy=policy, dispatch=dispatch, token_placement=token_placement,
+                                    expert_load=plan_stats.load)
+    return Comparison(topology=budget, extra_slots=extra_slots, model_shape=shape, planners=list(planners), plans=plans,
+                      results=results, plan_seconds=seconds, policy=policy if isinstance(policy, str) else "custom")
+
+
+__all__ = ["DEFAULT_PLANNERS", "Comparison", "compare_planners", "default_planner_fn", "known_planners",
+           "split_source"]

@@ -1,0 +1,119 @@
+"""Property tests: plan invariants over random statistics and topologies (hypothesis)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from megatron_grace.plan.grouping import partition, refine
+from megatron_grace.plan.placement import PlacementPlan
+from megatron_grace.plan.planners import PLANNERS, plan_placement
+from megatron_grace.plan.topology import LinkModel, Topology
+from megatron_grace.statistics.expert_stats import ExpertStats
+from megatron_grace.trace.routing_trace import RoutingTrace
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def cases(draw):
+    """(stats, topology): 1-3 nodes x 1-4 GPUs, 1-40 experts, 1-2 layers, budget from 0 to 3 spare
+    slots (or a memory budget), skewed loads with some never-chosen experts, co-activation from a
+    random trace (or none)."""
+    nodes = draw(st.integers(1, 3))
+    gpn = draw(st.integers(1, 4))
+    G = nodes * gpn
+    E = draw(st.integers(1, 40))
+    L = draw(st.integers(1, 2))
+    k = draw(st.integers(1, min(4, E)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    tokens = draw(st.integers(0, 60))
+    popularity = rng.lognormal(0, draw(st.floats(0, 2)), E) * (rng.random(E) > draw(st.floats(0, 0.4)))
+    popularity = popularity + 1e-9
+    keys = np.log(popularity)[None, None, :] + rng.gumbel(size=(tokens, L, E))
+    ids = np.argsort(-keys, axis=2)[:, :, :k].astype(np.int32)
+    stats = ExpertStats.from_trace(RoutingTrace(expert_ids=ids, num_experts=E))
+    if draw(st.booleans()):
+        stats = ExpertStats(load=stats.load, tokens=stats.tokens, top_k=k)  # load only
+    topology = Topology("random", nodes, gpn, LinkModel(1e11, 1e-6), LinkModel(1e10, 1e-5), 1e14)
+    budget = draw(st.sampled_from(["extra", "extra", "memory", "none"]))
+    if budget == "extra":
+        topology = topology.with_extra_slots(E, draw(st.integers(0, 3)))
+    elif budget == "memory":
+        topology = topology.with_memory((-(-E // G) + draw(st.integers(0, 2))) * 1000.0, 1000.0)
+    return stats, topology
+
+
+def check_invariants(plan: PlacementPlan, stats: ExpertStats, topology: Topology) -> None:
+    cap = plan.metadata["capacity"]
+    assert topology.capacity() in (None, cap)
+    for layer in range(plan.num_layers):
+        seen = np.zeros(stats.num_experts, dtype=int)
+        for experts in plan.gpu_experts[layer]:
+            assert len(experts) <= cap  # within the budget
+            assert len(set(experts)) == len(experts)  # never two copies on one GPU
+            assert list(experts) == sorted(experts)
+            seen[list(experts)] += 1
+        assert (seen >= 1).all()  # every expert has a copy
+    load = np.array(plan.metadata["predicted"]["gpu_load"])
+    np.testing.assert_allclose(load.sum(axis=1), stats.load.sum(axis=1), rtol=1e-4, atol=1e-6)
+
+
+@SETTINGS
+@given(cases(), st.sampled_from(list(PLANNERS)))
+def test_plan_invariants(case, planner):
+    stats, topology = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # load-only fallback warnings
+        plan = plan_placement(stats, topology, planner)
+        again = plan_placement(stats, topology, planner)
+    check_invariants(plan, stats, topology)
+    assert plan.gpu_experts == again.gpu_experts  # deterministic for the same input
+    if planner in ("vanilla", "affinity"):
+        assert plan.max_copies == 1
+    if planner == "eplb" and topology.capacity() is not None:
+        used = plan.slots_used
+        assert (used <= topology.capacity()).all()
+
+
+@SETTINGS
+@given(cases(), st.sampled_from(["auto", "none", 1, "fill"]), st.floats(0, 10), st.sampled_from([None, 0.0, 0.2]))
+def test_grace_invariants_over_knobs(case, replicas, balance_weight, load_slack):
+    stats, topology = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = plan_placement(stats, topology, "grace", replicas=replicas, balance_weight=balance_weight,
+                              load_slack=load_slack, interlayer_weight=1.0)
+    check_invariants(plan, stats, topology)
+    lo, hi = plan.metadata["group_size_bounds"]
+    sizes = np.array(plan.metadata["group_sizes"])
+    assert (sizes >= lo).all() and (sizes <= hi).all() and (sizes.sum(axis=1) == stats.num_experts).all()
+    copies = np.array(plan.metadata["predicted"]["extra_copies"])
+    if replicas == "none":
+        assert (copies == 0).all()
+    elif replicas == 1:
+        assert (copies <= 1).all()
+
+
+@SETTINGS
+@given(st.integers(1, 30), st.integers(1, 6), st.integers(0, 2**31 - 1), st.floats(0, 5))
+def test_partition_and_refine_keep_bounds(n, K, seed, balance_weight):
+    rng = np.random.default_rng(seed)
+    A = rng.random((n, n)) - 0.3
+    A = (A + A.T) / 2
+    w = rng.lognormal(0, 1, n)
+    lo = rng.integers(0, 3, K)
+    hi = lo + rng.integers(0, 4, K)
+    if not (lo.sum() <= n <= hi.sum()):
+        hi = hi + (n - hi.sum() if n > hi.sum() else 0)
+        lo = np.minimum(lo, n // K)
+    labels = partition(A, w, lo, hi, balance_weight=balance_weight, load_slack=0.1, rng=rng)
+    sizes = np.bincount(labels, minlength=K)
+    assert labels.shape == (n,) and (sizes >= lo).all() and (sizes <= hi).all()
+    better = refine(A, w, labels, lo, hi, balance_weight=balance_weight)
+    sizes = np.bincount(better, minlength=K)
+    assert (sizes >= lo).all() and (sizes <= hi).all()

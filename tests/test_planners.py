@@ -1,0 +1,366 @@
+"""Planners: vanilla, eplb, affinity, grace behind ``plan_placement``; the ``grace plan`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_grace.errors import GraceInputError
+from megatron_grace.plan.grouping import partition, size_bounds
+from megatron_grace.plan.placement import PlacementPlan
+from megatron_grace.plan.planners import (
+    PLANNERS,
+    UNBOUNDED_EXTRA_SLOTS,
+    EplbOptions,
+    GraceOptions,
+    evaluate_plan,
+    plan_placement,
+)
+from megatron_grace.plan.topology import LinkModel, Topology
+from megatron_grace.statistics.expert_stats import ExpertStats
+from megatron_grace.trace.routing_trace import RoutingTrace
+
+SHARED_QWEN = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "qwen3-30b-a3b" / "qwen3_30b_a3b_load_and_pairs.npz"
+A100 = Topology.preset("a100-2x4")
+
+
+# ---------------------------------------------------------------------------- data
+def qwen3_stats() -> ExpertStats:
+    """The real Qwen3-30B-A3B statistics from ../shared/traces (skip when absent)."""
+    if not SHARED_QWEN.exists():
+        pytest.skip(f"real routing data not available: {SHARED_QWEN}")
+    with np.load(SHARED_QWEN) as data:
+        heat, pairs = data["heat"].astype(np.float64), data["pairs_layer_i_j_count_lift"]
+    L, E = heat.shape
+    co = np.zeros((L, E, E))
+    observed = np.zeros((L, E, E), dtype=bool)
+    l, i, j = (pairs[:, c].astype(np.int64) for c in range(3))
+    co[l, i, j] = co[l, j, i] = pairs[:, 3]
+    observed[l, i, j] = observed[l, j, i] = True
+    return ExpertStats(load=heat, tokens=np.full(L, 75773.0), top_k=8, coactivation=co, coactivation_observed=observed,
+                       model="qwen3-30b-a3b", source="shared qwen3 load and pairs")
+
+
+def clustered_trace(rng: np.random.Generator, tokens: int, layers: int, experts: int, k: int, clusters: int,
+                    skew: float = 0.8, persist: float = 0.8) -> RoutingTrace:
+    """Tokens with a topic that prefers one cluster of experts per layer (planted co-activation,
+    between-layer persistence) and log-normal expert popularity (skewed load)."""
+    ids = np.empty((tokens, layers, k), dtype=np.int32)
+    topic = rng.integers(clusters, size=tokens)
+    for layer in range(layers):
+        topic = np.where(rng.random(tokens) < persist, topic, rng.integers(clusters, size=tokens))
+        member = rng.permutation(experts) % clusters
+        score = rng.normal(0, skew, experts)[None, :] + 2.0 * (member[None, :] == topic[:, None]) + rng.gumbel(size=(tokens, experts))
+        ids[:, layer] = np.argsort(-score, axis=1)[:, :k]
+    return RoutingTrace(expert_ids=ids, num_experts=experts, model="clustered")
+
+
+@pytest.fixture(scope="module")
+def small_stats() -> ExpertStats:
+    """4 layers x 32 experts, top-4, planted clusters, with transitions."""
+    return ExpertStats.from_trace(clustered_trace(np.random.default_rng(7), 3000, 4, 32, 4, clusters=8))
+
+
+@pytest.fixture(scope="module")
+def qwen() -> ExpertStats:
+    return qwen3_stats()
+
+
+_PLAN_CACHE: dict[tuple[str, int], PlacementPlan] = {}
+
+
+def qwen_plan(stats: ExpertStats, planner: str, extra: int) -> PlacementPlan:
+    """Plans on the real Qwen3 statistics, cached across tests (a100-2x4)."""
+    key = (planner, extra)
+    if key not in _PLAN_CACHE:
+        _PLAN_CACHE[key] = plan_placement(stats, A100.with_extra_slots(stats.num_experts, extra), planner)
+    return _PLAN_CACHE[key]
+
+
+def hosts_of(plan: PlacementPlan, layer: int) -> np.ndarray:
+    H = np.zeros((plan.num_gpus, plan.num_experts), dtype=bool)
+    for g, experts in enumerate(plan.gpu_experts[layer]):
+        H[g, list(experts)] = True
+    return H
+
+
+# ---------------------------------------------------------------------------- interface
+def test_registry_and_options_have_documented_defaults():
+    assert set(PLANNERS) == {"vanilla", "eplb", "affinity", "grace"}
+    for name, spec in PLANNERS.items():
+        knobs = spec.knobs()
+        assert "progress" in knobs and knobs["progress"] is False
+        opts = spec.make_options()
+        assert isinstance(opts, spec.options_type)
+        for knob in knobs:  # every knob is documented in its dataclass docstring
+            assert f"{knob}:" in spec.options_type.__doc__, (name, knob)
+    assert GraceOptions().ratio == 0.15 and GraceOptions().interlayer_weight == 0.0
+    assert EplbOptions().allow_colocated_copies is False
+
+
+@pytest.mark.parametrize("planner", list(PLANNERS))
+@pytest.mark.parametrize("extra", [0, 1, 2])
+def test_every_planner_gives_valid_plans_on_small_stats(small_stats, planner, extra):
+    topology = A100.with_extra_slots(small_stats.num_experts, extra)
+    plan = plan_placement(small_stats, topology, planner)
+    assert plan.planner == planner and plan.num_layers == 4 and plan.num_experts == 32
+    cap = topology.capacity()
+    assert (plan.slots_used <= cap).all() and (plan.copy_count >= 1).all()
+    again = PlacementPlan.from_dict(json.loads(json.dumps(plan.to_dict())))  # JSON round trip re-validates
+    assert again.gpu_experts == plan.gpu_experts and again.metadata == plan.metadata
+    meta = plan.metadata
+    assert meta["capacity"] == cap and meta["options"] == PLANNERS[planner].knobs()
+    gpu_load = np.array(meta["predicted"]["gpu_load"])
+    np.testing.assert_allclose(gpu_load.sum(axis=1), small_stats.load.sum(axis=1), rtol=1e-4)
+    assert len(meta["predicted"]["max_over_mean"]) == 4
+
+
+def test_plan_on_other_topologies_and_budgets(small_stats):
+    h200 = Topology.preset("h200-4x8")  # 32 GPUs: one expert per GPU
+    for planner in PLANNERS:
+        plan = plan_placement(small_stats, h200.with_extra_slots(32, 1), planner)
+        assert (plan.slots_used <= 2).all()
+    by_memory = A100.with_memory(5 * 9.0e6, 9.0e6)  # 5 slots per GPU = 8 spare
+    plan = plan_placement(small_stats, by_memory, "grace")
+    assert plan.metadata["capacity"] == 5 and (plan.slots_used <= 5).all()
+    unbounded = plan_placement(small_stats, A100, "eplb")
+    assert unbounded.metadata["capacity_assumed"] is True
+    assert unbounded.metadata["capacity"] == math.ceil(32 / 8) + UNBOUNDED_EXTRA_SLOTS
+
+
+# ---------------------------------------------------------------------------- vanilla
+def test_vanilla_is_contiguous():
+    stats = ExpertStats(load=np.ones((2, 30)), tokens=np.full(2, 10.0), top_k=3)
+    plan = plan_placement(stats, A100.with_extra_slots(30, 0), "vanilla")
+    for layer in plan.gpu_experts:
+        flat = [e for gpu in layer for e in gpu]
+        assert flat == list(range(30))
+        sizes = [len(g) for g in layer]
+        assert max(sizes) - min(sizes) <= 1
+    assert plan.gpu_experts[0] == plan.gpu_experts[1] and plan.max_copies == 1
+
+
+# ---------------------------------------------------------------------------- eplb
+@pytest.mark.parametrize("extra", [1, 2])
+def test_eplb_fills_every_slot_without_colocated_copies(small_stats, extra):
+    topology = A100.with_extra_slots(32, extra)
+    for policy in ("hierarchical", "global"):
+        plan = plan_placement(small_stats, topology, "eplb", policy=policy)
+        assert (plan.slots_used == topology.capacity()).all()  # equal slot counts, all used
+        for layer in range(plan.num_layers):  # hottest expert gets the most copies
+            assert plan.copy_count[layer, np.argmax(small_stats.load[layer])] == plan.copy_count[layer].max()
+
+
+def test_eplb_colocated_option_and_group_errors(small_stats):
+    # 2 experts, 4 slots each on 1 node x 2 GPUs: DeepSeek's policy wants 3+ copies of the hot one
+    topo = Topology("t", 1, 2, LinkModel(1e11, 0), LinkModel(1e10, 0), 1e14, slots_per_gpu=4)
+    stats = ExpertStats(load=np.array([[90.0, 10.0]]), tokens=np.array([100.0]), top_k=1)
+    fixed = plan_placement(stats, topo, "eplb")
+    assert fixed.copy_count[0].tolist() == [2, 2]  # at most one copy per GPU
+    merged = plan_placement(stats, topo, "eplb", allow_colocated_copies=True)
+    assert merged.metadata["colocated_copies_merged"] > 0
+    with pytest.raises(GraceInputError, match="num_groups"):
+        plan_placement(small_stats, A100.with_extra_slots(32, 1), "eplb", num_groups=5)
+    with pytest.raises(GraceInputError, match="multiple of the 2 nodes"):
+        plan_placement(small_stats, A100.with_extra_slots(32, 1), "eplb", num_groups=1)
+
+
+# ---------------------------------------------------------------------------- grouping engine
+def test_partition_respects_bounds_and_keeps_planted_clusters():
+    rng = np.random.default_rng(3)
+    n, K = 24, 4
+    member = np.repeat(np.arange(K), n // K)
+    A = rng.random((n, n)) * 0.1 + 5.0 * (member[:, None] == member[None, :])
+    A = (A + A.T) / 2
+    perm = rng.permutation(n)
+    labels = partition(A[np.ix_(perm, perm)], np.ones(n), np.full(K, 5), np.full(K, 7), rng=rng)
+    assert (np.bincount(labels, minlength=K) >= 5).all() and (np.bincount(labels, minlength=K) <= 7).all()
+    truth = member[perm]
+    for c in range(K):  # each planted cluster lands in one group
+        assert len(set(labels[truth == c].tolist())) == 1
+    assert size_bounds(128, 8, 17, 0.15) == (14, 17, 2)
+    assert size_bounds(128, 8, 20, 0.15) == (14, 18, 2)
+    assert size_bounds(256, 256, 2, 0.15) == (0, 2, 1)
+
+
+def test_grace_group_sizes_within_bounds(small_stats):
+    for extra in (0, 1, 3):
+        topology = A100.with_extra_slots(32, extra)
+        plan = plan_placement(small_stats, topology, "grace")
+        lo, hi = plan.metadata["group_size_bounds"]
+        assert (lo, hi) == size_bounds(32, 8, topology.capacity(), 0.15)[:2]
+        sizes = np.array(plan.metadata["group_sizes"])
+        assert sizes.shape == (4, 8) and (sizes >= lo).all() and (sizes <= hi).all()
+        assert (plan.slots_used >= lo).all()
+
+
+# ---------------------------------------------------------------------------- real Qwen3 statistics
+@pytest.mark.parametrize("extra", [1, 2])
+def test_grace_beats_baselines_on_qwen3(qwen, extra):
+    grace, eplb, vanilla = (qwen_plan(qwen, p, extra).metadata["summary"] for p in ("grace", "eplb", "vanilla"))
+    assert grace["kept_affinity_gpu"] > eplb["kept_affinity_gpu"] + 0.02
+    assert grace["kept_affinity_gpu"] > vanilla["kept_affinity_gpu"] + 0.05
+    assert grace["kept_affinity_node"] > max(eplb["kept_affinity_node"], vanilla["kept_affinity_node"]) + 0.1
+    assert grace["max_over_mean"] <= eplb["max_over_mean"] + 0.03
+    assert grace["max_over_mean"] <= 1.2 and grace["worst_max_over_mean"] <= 1.2
+    assert vanilla["max_over_mean"] > 1.3  # contiguous placement of skewed experts is unbalanced
+
+
+def test_qwen3_plans_and_group_sizes(qwen):
+    plan = qwen_plan(qwen, "grace", 1)
+    assert plan.metadata["group_size_bounds"] == [14, 17]
+    sizes = np.array(plan.metadata["group_sizes"])
+    assert (sizes >= 14).all() and (sizes <= 17).all() and (sizes.sum(axis=1) == 128).all()
+    eplb = qwen_plan(qwen, "eplb", 1)
+    assert (eplb.slots_used == 17).all() and (eplb.copy_count.sum(axis=1) == 136).all()
+    affinity = qwen_plan(qwen, "affinity", 1)
+    assert (affinity.slots_used == 16).all() and affinity.max_copies == 1
+    vanilla = qwen_plan(qwen, "vanilla", 1)
+    assert affinity.metadata["summary"]["kept_affinity_gpu"] > vanilla.metadata["summary"]["kept_affinity_gpu"] + 0.1
+    metrics = evaluate_plan(plan, qwen)  # the recorded prediction is the evaluation
+    np.testing.assert_allclose(metrics.max_over_mean, plan.metadata["predicted"]["max_over_mean"], rtol=1e-5)
+
+
+def test_qwen3_no_spare_slots(qwen):
+    stats = qwen.select_layers(slice(0, 6))
+    plan = plan_placement(stats, A100.with_extra_slots(128, 0), "grace")
+    assert (plan.slots_used == 16).all() and plan.max_copies == 1
+    eplb = plan_placement(stats, A100.with_extra_slots(128, 0), "eplb")
+    assert plan.metadata["summary"]["max_over_mean"] <= eplb.metadata["summary"]["max_over_mean"] + 0.06
+    assert plan.metadata["summary"]["kept_affinity_node"] > eplb.metadata["summary"]["kept_affinity_node"] + 0.05
+
+
+# ---------------------------------------------------------------------------- grace knobs
+def test_grace_replica_modes(small_stats):
+    topology = A100.with_extra_slots(32, 2)  # 16 spare slots per layer
+    none = plan_placement(small_stats, topology, "grace", replicas="none")
+    assert none.max_copies == 1
+    capped = plan_placement(small_stats, topology, "grace", replicas=3)
+    assert (capped.copy_count.sum(axis=1) - 32 <= 3).all()
+    fill = plan_placement(small_stats, topology, "grace")
+    auto = plan_placement(small_stats, topology, "grace", replicas="auto", balance_target=1.1)
+    copies_auto = np.array(auto.metadata["predicted"]["extra_copies"])
+    copies_fill = np.array(fill.metadata["predicted"]["extra_copies"])
+    assert copies_auto.sum() < copies_fill.sum()
+    assert auto.metadata["replica_strategy"] == "greedy"
+    mom = np.array(auto.metadata["predicted"]["max_over_mean"])
+    assert ((mom <= 1.1 + 1e-6) | (copies_auto == 16)).mean() >= 0.75  # balanced, or out of useful copies
+    assert plan_placement(small_stats, topology, "grace", replicas="2").copy_count.sum(axis=1).max() <= 34
+
+
+def test_interlayer_weight_keeps_more_transitions(small_stats):
+    topology = A100.with_extra_slots(32, 1)
+    base = plan_placement(small_stats, topology, "grace")
+    inter = plan_placement(small_stats, topology, "grace", interlayer_weight=2.0)
+    assert inter.metadata["summary"]["kept_interlayer_gpu"] > base.metadata["summary"]["kept_interlayer_gpu"]
+    no_transitions = ExpertStats(load=small_stats.load, tokens=small_stats.tokens, top_k=4,
+                                 coactivation=small_stats.coactivation)
+    with pytest.warns(UserWarning, match="no between-layer transitions"):
+        plan = plan_placement(no_transitions, topology, "grace", interlayer_weight=1.0)
+    assert plan.metadata["warnings"]
+
+
+def test_load_only_statistics_fall_back_or_raise(small_stats):
+    load_only = ExpertStats(load=small_stats.load, tokens=small_stats.tokens, top_k=4, source="load only")
+    topology = A100.with_extra_slots(32, 1)
+    for planner in ("affinity", "grace"):
+        with pytest.warns(UserWarning, match="no co-activation data"):
+            plan = plan_placement(load_only, topology, planner)
+        assert plan.metadata["fallback"].startswith("load-only")
+        assert plan.metadata["summary"]["kept_affinity_gpu"] is None
+        with pytest.raises(GraceInputError, match="no co-activation"):
+            plan_placement(load_only, topology, planner, on_missing_coactivation="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        grace = plan_placement(load_only, topology, "grace")
+    eplb = plan_placement(load_only, topology, "eplb")
+    assert grace.metadata["summary"]["max_over_mean"] <= eplb.metadata["summary"]["max_over_mean"] + 0.05
+    top1 = ExpertStats(load=np.array([[50.0, 30, 10, 10, 0, 0, 0, 0]]), tokens=np.array([100.0]), top_k=1,
+                       coactivation=np.zeros((1, 8, 8)))  # top-1: co-activation exists but is empty
+    plan = plan_placement(top1, A100.with_extra_slots(8, 1), "grace")
+    assert plan.metadata["summary"]["max_over_mean"] < 2.0
+
+
+def test_grace_is_deterministic_and_seeded(small_stats):
+    topology = A100.with_extra_slots(32, 1)
+    a = plan_placement(small_stats, topology, "grace", seed=3)
+    b = plan_placement(small_stats, topology, "grace", seed=3)
+    assert a.gpu_experts == b.gpu_experts and a.metadata == b.metadata
+    plan = plan_placement(small_stats, topology, "grace", progress=True, init="greedy", local_search=False, repack=False)
+    assert plan.metadata["options"]["init"] == "greedy"
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_bad_input_raises_grace_input_error(small_stats):
+    topology = A100.with_extra_slots(32, 1)
+    with pytest.raises(GraceInputError, match="unknown planner 'magic'"):
+        plan_placement(small_stats, topology, "magic")
+    with pytest.raises(GraceInputError, match="budget too small"):
+        plan_placement(small_stats, A100.with_slots(3), "grace")  # 8 x 3 < 32
+    with pytest.raises(GraceInputError, match="has no option 'replica'"):
+        plan_placement(small_stats, topology, "grace", replica="fill")
+    for bad in ({"ratio": -0.1}, {"replicas": "lots"}, {"balance_target": 0.5}, {"seed": 1.5}, {"progress": "yes"},
+                {"init": "random"}, {"load_slack": float("nan")}):
+        with pytest.raises(GraceInputError):
+            plan_placement(small_stats, topology, "grace", **bad)
+    with pytest.raises(GraceInputError, match="needs ExpertStats"):
+        plan_placement({"load": small_stats.load}, topology, "grace")  # type: ignore[arg-type]
+    with pytest.raises(GraceInputError, match="needs a Topology"):
+        plan_placement(small_stats, "a100-2x4", "grace")  # type: ignore[arg-type]
+    with pytest.raises(GraceInputError, match="coactivation must have shape"):
+        ExpertStats(load=np.ones((2, 8)), tokens=np.full(2, 4.0), top_k=2, coactivation=np.zeros((2, 8, 7)))
+    bad = ExpertStats(load=np.ones((2, 8)), tokens=np.full(2, 4.0), top_k=2)
+    object.__setattr__(bad, "tokens", np.ones(3))  # corrupted after construction
+    with pytest.raises(GraceInputError, match="tokens must have one entry per layer"):
+        plan_placement(bad, topology, "vanilla")
+    plan = plan_placement(small_stats, topology, "vanilla")
+    with pytest.raises(GraceInputError, match="statistics have"):
+        evaluate_plan(plan, small_stats.select_layers([0, 1]))
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_plan_writes_plan_and_summary(small_stats, tmp_path, capsys):
+    from megatron_grace.cli.main import main
+
+    stats_file = tmp_path / "stats.npz"
+    small_stats.save(stats_file)
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--stats", str(stats_file), "--topology", "a100-2x4", "--extra-slots", "2", "--planner", "grace",
+               "--replicas", "auto", "--set", "load_slack=0.1", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "max/mean" in text and "kept affinity" in text and f"wrote {out}" in text
+    plan = PlacementPlan.read(out)
+    assert plan.planner == "grace" and plan.metadata["options"]["replicas"] == "auto"
+    assert plan.metadata["options"]["load_slack"] == 0.1 and plan.topology.capacity() == 6
+
+    trace_file = tmp_path / "trace.npz"
+    clustered_trace(np.random.default_rng(1), 200, 2, 16, 2, 4).save(trace_file)
+    assert main(["plan", "--trace", str(trace_file), "--planner", "eplb", "--slots", "3", "--no-per-layer"]) == 0
+    assert "planner eplb" in capsys.readouterr().out
+    assert main(["plan", "--stats", str(stats_file), "--memory-gb", "0.05", "--expert-bytes", "1e7", "--no-per-layer"]) == 0
+    assert "5 slots per GPU" in capsys.readouterr().out
+    assert main(["plan", "--list"]) == 0
+    assert "interlayer_weight = 0.0" in capsys.readouterr().out
+
+
+def test_cli_plan_bad_input_exit_2(small_stats, tmp_path, capsys):
+    from megatron_grace.cli.main import main
+
+    stats_file = tmp_path / "stats.npz"
+    small_stats.save(stats_file)
+    assert main(["plan", "--stats", str(stats_file), "--planner", "vanilla", "--ratio", "0.2"]) == 2
+    assert "does not apply to the vanilla planner" in capsys.readouterr().err
+    assert main(["plan", "--stats", str(stats_file), "--slots", "2"]) == 2
+    assert "budget too small" in capsys.readouterr().err
+    assert main(["plan", "--stats", str(stats_file), "--set", "ratio"]) == 2
+    assert main(["plan", "--stats", str(stats_file), "--memory-gb", "1"]) == 2
+    assert "--expert-bytes or --model-shape" in capsys.readouterr().err
+    assert main(["plan", "--stats", str(stats_file), "--memory-gb", "1", "--model-shape", "qwen3-30b-a3b"]) == 2
+    assert "128 experts" in capsys.readouterr().err
+    assert main(["plan", "--stats", str(tmp_path / "missing.npz")]) == 2
