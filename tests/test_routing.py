@@ -197,3 +197,34 @@ def test_lp_optimum_is_a_lower_bound_of_every_integer_assignment():
         assert lp.layer_s <= best * (1 + 1e-9)
         assert lp.layer_s >= 0.5 * best  # the relaxation is not vacuous on such small cases
         assert lp.gpu_load.sum() == pytest.approx((ids >= 0).sum())
+
+
+def test_simulator_runs_every_routing_policy_on_every_plan(tmp_path, capsys):
+    from megatron_grace.cli.main import main
+    from megatron_grace.simulation import simulate
+    from megatron_grace.trace.routing_trace import RoutingTrace
+
+    rng = np.random.default_rng(3)
+    plan = random_plan(rng, nodes=2, gpn=2, experts=12, layers=2)
+    ids = np.argsort(rng.random((300, 2, 12)), axis=2)[:, :, :3].astype(np.int32)
+    trace = RoutingTrace(ids, 12, model="qwen3-30b-a3b")
+    shares = {}
+    for policy in POLICY_NAMES:
+        res = simulate(plan, trace, "qwen3-30b-a3b", policy=policy, keep_decisions=True)
+        hosted = plan.expert_gpus[np.arange(2)[None, :, None], ids]  # [T, L, k, R]
+        assert (hosted == res.decisions[..., None]).any(-1).all()  # every decision hosts its expert
+        shares[policy] = res.summary()["share_inter_node"]
+    assert shares["grace"] <= shares["random"]
+    trace.save(tmp_path / "t.npz")
+    ExpertStats_path = tmp_path / "s.npz"
+    from megatron_grace.statistics.expert_stats import ExpertStats
+
+    ExpertStats.from_trace(trace).save(ExpertStats_path)
+    assert main(["compare", "--trace", str(tmp_path / "t.npz"), "--topology", "a100-2x4", "--extra-slots", "1",
+                 "--planners", "vanilla,grace", "--policy", "primary,grace", "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "policy primary" in out and "policy grace" in out
+    import json
+
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert set(report["policies"]) == {"primary", "grace"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from megatron_grace._files import save_json_atomic
 from megatron_grace.errors import GraceInputError
 from megatron_grace.statistics.expert_stats import ExpertStats
 from megatron_grace.trace.routing_trace import RoutingTrace
@@ -56,8 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--planners", default=",".join(DEFAULT_PLANNERS), help=f"comma-separated planners (default {','.join(DEFAULT_PLANNERS)})")
     p.add_argument("--dispatch", choices=("per-pair", "hierarchical", "both"), default="both", help="dispatch mode(s) (default both)")
     p.add_argument("--model-shape", choices=shapes, default=None, help="sizes for bytes and FLOPs (default: from the model name)")
-    p.add_argument("--policy", default="local-first", help="replica-choice policy: local-first (default), or one of the routing module's "
-                   "(primary, random, position, static-local, grace)")
+    p.add_argument("--policy", default="local-first", help="replica-choice policy, a comma-separated list of them, or 'all' (every "
+                   "policy on every plan): local-first (default), primary, random, position, static-local, grace")
     p.add_argument("--token-placement", choices=TOKEN_PLACEMENTS, default="round-robin")
     p.add_argument("--plan-fraction", type=float, default=0.5, help="share of the tokens planned on (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="synthesis seed (default 0)")
@@ -168,15 +169,28 @@ def run_compare(args: argparse.Namespace) -> int:
     else:
         source = read_stats(args.stats)
         tokens = args.tokens or 100_000
+    from megatron_grace.simulation.policies import policy_names
+
+    policies = policy_names() if args.policy == "all" else [p.strip() for p in args.policy.split(",") if p.strip()]
+    if not policies:
+        raise GraceInputError("--policy lists no policy")
     plan_stats, measure = split_source(source, tokens, seed=args.seed, fraction=args.plan_fraction)
-    comparison = compare_planners(plan_stats, measure, Topology.preset(args.topology), extra_slots=args.extra_slots,
-                                  planners=planners, model_shape=args.model_shape, policy=args.policy,
-                                  token_placement=args.token_placement, dispatch=args.dispatch, progress=True)
-    print(comparison.format_table())
-    if args.plot is not None:
-        for path in comparison.plot(args.plot):
-            print(f"wrote {path}")
+    plans = None
+    reports = {}
+    for policy in policies:
+        comparison = compare_planners(plan_stats, measure, Topology.preset(args.topology), extra_slots=args.extra_slots,
+                                      planners=planners, model_shape=args.model_shape, policy=policy,
+                                      token_placement=args.token_placement, dispatch=args.dispatch, progress=True, plans=plans)
+        plans = comparison.plans  # every policy runs on the same plans
+        print(comparison.format_table())
+        print()
+        if args.plot is not None:
+            directory = args.plot if len(policies) == 1 else args.plot / policy
+            for path in comparison.plot(directory):
+                print(f"wrote {path}")
+        reports[policy] = comparison.to_dict()
     if args.json is not None:
-        comparison.save_json(args.json)
+        save_json_atomic(args.json, reports[policies[0]] if len(policies) == 1 else {"format": "grace-compare-policies/1",
+                                                                                      "policies": reports})
         print(f"wrote {args.json}")
     return 0

@@ -144,11 +144,25 @@ def choose_copies(
         int64 ``[T, k]`` copy index into ``table.hosts[expert]``; -1 where ``topk_ids`` is -1.
     """
     ids, src = _check_inputs(topk_ids, src_gpu, table)
+    if policy == "grace":
+        predicted_load = _check_predicted_load(predicted_load, table.num_gpus, ids.device)
     T, k = ids.shape
     valid = ids >= 0
     copies = table.copies[ids.clamp(min=0)]  # [T, k]
     if policy == "primary" or table.max_copies == 1:
         out = torch.zeros_like(ids)
+    elif policy in ("static-local", "grace"):
+        # Only pairs whose expert has several copies need a choice; work on those alone.
+        out = torch.zeros_like(ids)
+        multi = (copies > 1) & valid
+        if bool(multi.any()):
+            t_idx, j_idx = torch.nonzero(multi, as_tuple=True)
+            sub_ids, sub_src = ids[t_idx, j_idx][:, None], src[t_idx]
+            if policy == "static-local":
+                chosen = _static_local(sub_ids, sub_src, table)
+            else:
+                chosen = _grace(sub_ids, sub_src, table, predicted_load, step, options or GraceOptions())
+            out[t_idx, j_idx] = chosen[:, 0]
     elif policy == "random":
         gen = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + int(step))
         u = torch.rand((T, k), generator=gen, dtype=torch.float64).to(ids.device)
@@ -158,10 +172,6 @@ def choose_copies(
         if pos.shape != (T,):
             raise GraceInputError(f"positions must be [tokens]={T}, got {tuple(pos.shape)}")
         out = torch.remainder(pos[:, None], copies)
-    elif policy == "static-local":
-        out = _static_local(ids, src, table)
-    elif policy == "grace":
-        out = _grace(ids, src, table, predicted_load, step, options or GraceOptions())
     else:
         raise GraceInputError(f"unknown replica-choice policy {policy!r}; known: {', '.join(POLICY_NAMES)}")
     return torch.where(valid, out, torch.full_like(out, -1))
@@ -182,6 +192,18 @@ def _hash_uniform(key: torch.Tensor) -> torch.Tensor:
     return torch.frac(key.double() * _R2_A + 0.5)
 
 
+def _check_predicted_load(predicted_load: torch.Tensor | None, num_gpus: int, device: torch.device) -> torch.Tensor:
+    """float64 ``[G]`` predicted load (ones when None); NaN, negative or mis-shaped input raises."""
+    if predicted_load is None:
+        return torch.ones(num_gpus, dtype=torch.float64, device=device)
+    pred = torch.as_tensor(predicted_load, dtype=torch.float64, device=device)
+    if pred.shape != (num_gpus,):
+        raise GraceInputError(f"predicted_load must have one entry per GPU ({num_gpus}), got shape {tuple(pred.shape)} (a plan for another topology?)")
+    if not torch.isfinite(pred).all() or (pred < 0).any():
+        raise GraceInputError("predicted_load contains NaN, infinite or negative values")
+    return pred
+
+
 def _static_local(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable) -> torch.Tensor:
     cand, present, on_gpu, on_node = tier_masks(ids, src, table)
     mask = torch.where(on_gpu.any(-1, keepdim=True), on_gpu, torch.where(on_node.any(-1, keepdim=True), on_node, present))
@@ -194,15 +216,7 @@ def _static_local(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable) -> 
 
 def _grace(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable, predicted_load: torch.Tensor | None, step: int,
            options: GraceOptions) -> torch.Tensor:
-    G = table.num_gpus
-    if predicted_load is None:
-        pred = torch.ones(G, dtype=torch.float64, device=ids.device)
-    else:
-        pred = torch.as_tensor(predicted_load, dtype=torch.float64, device=ids.device)
-        if pred.shape != (G,):
-            raise GraceInputError(f"predicted_load must have one entry per GPU ({G}), got shape {tuple(pred.shape)}")
-        if not torch.isfinite(pred).all() or (pred < 0).any():
-            raise GraceInputError("predicted_load contains NaN, infinite or negative values")
+    pred = _check_predicted_load(predicted_load, table.num_gpus, ids.device)
     mean = pred.mean()
     top = pred.max()
     spare = ((1.0 + options.headroom) * top - pred).clamp(min=0) + 1e-9 * (top + 1.0)  # [G], > 0

@@ -112,7 +112,9 @@ class Comparison:
     @property
     def baseline(self) -> tuple[str, str]:
         """``(planner, mode)`` the speedups are relative to: vanilla per-pair, else the first planner per-pair."""
-        return ("vanilla" if "vanilla" in self.results else self.planners[0]), "per-pair"
+        planner = "vanilla" if "vanilla" in self.results else self.planners[0]
+        modes = self.results[planner].modes
+        return planner, ("per-pair" if "per-pair" in modes else next(iter(modes)))
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per planner x dispatch mode: messages, bytes, load, modelled time, speedup."""
@@ -258,6 +260,7 @@ def compare_planners(
     planner_fn: PlannerFn | None = None,
     planner_options: dict[str, dict[str, Any]] | None = None,
     progress: bool = False,
+    plans: dict[str, PlacementPlan] | None = None,
 ) -> Comparison:
     """Plan with every planner on ``plan_stats`` and simulate each plan on ``trace``.
 
@@ -273,6 +276,8 @@ def compare_planners(
             ``megatron_grace.plan.planners.plan_placement``.
         planner_options: planner -> knobs passed to ``planner_fn``.
         progress: progress bar over planners.
+        plans: plans made earlier (planner -> plan, e.g. ``Comparison.plans`` of another policy's
+            run); planners found here are not planned again.
     """
     if not planners:
         raise GraceInputError("no planners to compare")
@@ -284,12 +289,13 @@ def compare_planners(
     fn = planner_fn or default_planner_fn()
     shape = resolve_model_shape(model_shape, trace.model or plan_stats.model)
     budget = topology.with_extra_slots(trace.num_experts, extra_slots)
-    plans: dict[str, PlacementPlan] = {}
+    earlier = dict(plans or {})
+    plans = {}
     results: dict[str, SimulationResult] = {}
     seconds: dict[str, float] = {}
     for planner in _progress(list(planners), desc="plan + simulate", total=len(planners), enabled=progress):
         t0 = time.perf_counter()
-        plan = fn(plan_stats, budget, planner, **(planner_options or {}).get(planner, {}))
+        plan = earlier[planner] if planner in earlier else fn(plan_stats, budget, planner, **(planner_options or {}).get(planner, {}))
         seconds[planner] = time.perf_counter() - t0
         if not plan.planner:
             plan = PlacementPlan(plan.topology, plan.num_experts, plan.gpu_experts, planner=planner, metadata=plan.metadata)
