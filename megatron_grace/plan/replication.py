@@ -177,6 +177,7 @@ def add_planned_replicas(
     max_new: int | None = None,
     locality_weight: float = 0.1,
     gpu_share: float = 0.0,
+    max_copies: int | np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Replicate by planned copy counts, then pack the copies largest first (EPLB-like, locality-aware).
 
@@ -191,7 +192,10 @@ def add_planned_replicas(
     computed once for all its copies, which are placed one after another). A copy with no
     admissible GPU is dropped. ``gpu_share`` defaults to 0 here: the grace planner rearranges
     each node's experts among its GPUs afterwards, so only the node of a copy matters for
-    locality. Arguments and return value as :func:`add_replicas`.
+    locality. ``max_copies`` (an int or int ``[E]``) caps the copies of each expert (None: one per GPU at most); the
+    ``grace`` planner caps them at the node count, since a copy beyond one per node adds no
+    locality and its slot is better spent on another expert. Other arguments and the return
+    value as :func:`add_replicas`.
     """
     from megatron_grace.plan.eplb import replicate_by_load
 
@@ -205,7 +209,7 @@ def add_planned_replicas(
         return hosts, 0
     mean = total / G
     have = hosts.sum(axis=0)
-    target = replicate_by_load(np.where(have > 0, w, 0.0), E + budget, G)
+    target = replicate_by_load(np.where(have > 0, w, 0.0), E + budget, G if max_copies is None else np.clip(max_copies, 1, G))
     target = np.where(w > 0, np.maximum(target, have), have)
     share = w / target
     gpu_load = hosts.astype(np.float64) @ share
