@@ -1,0 +1,128 @@
+"""Sorting token rows by destination and undoing it (pure torch, vectorized).
+
+Every dispatch step in :mod:`megatron_grace.dispatch` has the same shape: rows carry an integer
+key (``dest_rank * num_slots + slot`` for the expert exchange, ``dest_node * T + token`` for the
+node exchange), they are put in key order with one stable sort, sent as contiguous chunks, and
+the results are put back in the original order with :func:`unpermute` (an index assignment
+with unique indices: deterministic, no accumulation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_grace._ops import destination_histogram
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """A stable sort of ``n`` rows by an integer key.
+
+    Attributes:
+        order: int64 ``[n]``; sorted position ``i`` holds input row ``order[i]``.
+        counts: int64 ``[num_keys]``; rows per key value (the chunk sizes in sorted order).
+    """
+
+    order: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.order.numel())
+
+
+def sort_by_key(key: torch.Tensor, num_keys: int) -> Permutation:
+    """Stable sort of rows by ``key``.
+
+    Args:
+        key: int64 ``[n]`` with values in ``[0, num_keys)``.
+        num_keys: number of key values (length of ``counts``).
+
+    Returns:
+        The :class:`Permutation`; rows with equal keys keep their input order.
+    """
+    key = key.long()
+    order = torch.sort(key, stable=True).indices if key.numel() else torch.zeros(0, dtype=torch.int64, device=key.device)
+    counts = destination_histogram(key, num_keys) if key.numel() else torch.zeros(num_keys, dtype=torch.int64, device=key.device)
+    return Permutation(order=order, counts=counts.to(key.device))
+
+
+def permute(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """``x[perm.order]``: rows ``[n, ...]`` in key order."""
+    return x.index_select(0, perm.order)
+
+
+def unpermute(y: torch.Tensor, perm: Permutation) -> torch.Tensor:
+    """Inverse of :func:`permute`: ``out[perm.order[i]] = y[i]``; ``y`` is ``[n, ...]`` in key order."""
+    out = torch.empty_like(y)
+    out[perm.order] = y
+    return out
+
+
+def labels_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """int64 ``[counts.sum()]``: for chunk sizes ``counts [..., C]`` laid out row-major, the last index
+    (the column ``c``) of the chunk each row belongs to.
+
+    Used on the receiving side: rows arrive grouped by source, then by slot, with the chunk
+    sizes ``[sources, slots]``; this gives each row's slot.
+    """
+    C = counts.shape[-1]
+    flat = counts.reshape(-1).long()
+    cols = torch.arange(C, device=counts.device).repeat(flat.numel() // C if C else 0)
+    return torch.repeat_interleave(cols, flat)
+
+
+def run_starts(sorted_key: torch.Tensor) -> torch.Tensor:
+    """bool ``[n]``: True where a run of equal values starts in the (sorted) ``sorted_key [n]``."""
+    n = sorted_key.numel()
+    starts = torch.ones(n, dtype=torch.bool, device=sorted_key.device)
+    if n > 1:
+        starts[1:] = sorted_key[1:] != sorted_key[:-1]
+    return starts
+
+
+def position_in_run(sorted_key: torch.Tensor) -> torch.Tensor:
+    """int64 ``[n]``: index of each entry inside its run of equal values of ``sorted_key [n]``."""
+    n = sorted_key.numel()
+    idx = torch.arange(n, device=sorted_key.device)
+    start = torch.where(run_starts(sorted_key), idx, torch.zeros_like(idx))
+    if n:
+        start = torch.cummax(start, dim=0).values
+    return idx - start
+
+
+def padded_weighted_sum(values: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, num_rows: int,
+                        width: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic segmented weighted sum: ``out[r] = sum_p weight[p] * values[p]`` over entries with ``row[p] = r``,
+    added one position at a time in the order of ``pos`` (0, 1, 2, ...).
+
+    Implemented as an index table ``[R, width]`` (entry of each (row, position), or a zero row)
+    and ``width`` gathers accumulated in float32 (or wider): a fixed summation order, no
+    scatter-add races, and only ``[R, h]`` extra memory.
+
+    Args:
+        values: ``[n, h]`` rows to combine.
+        row: int64 ``[n]`` output row of each entry.
+        pos: int64 ``[n]`` position of the entry inside its output row (unique per row, < width).
+        weight: float ``[n]`` weights.
+        num_rows: R, number of output rows.
+        width: max entries per output row.
+        out_dtype: dtype of the result.
+
+    Returns:
+        ``[R, h]`` in ``out_dtype``; rows without entries are 0.
+    """
+    acc = torch.promote_types(values.dtype, torch.float32)
+    n, h = values.shape[0], values.shape[-1]
+    dev = values.device
+    table = torch.full((num_rows, max(width, 1)), n, dtype=torch.int64, device=dev)  # n = the zero row
+    table[row, pos] = torch.arange(n, device=dev)
+    ext = torch.cat([values.to(acc), values.new_zeros((1, h), dtype=acc)])
+    w_ext = torch.cat([weight.to(acc), weight.new_zeros(1, dtype=acc)])
+    out = torch.zeros(num_rows, h, dtype=acc, device=dev)
+    for j in range(table.shape[1]):  # positions (<= top-k or node count), not tokens
+        idx = table[:, j]
+        out += w_ext.index_select(0, idx)[:, None] * ext.index_select(0, idx)
+    return out.to(out_dtype)
