@@ -364,3 +364,24 @@ def test_cli_plan_bad_input_exit_2(small_stats, tmp_path, capsys):
     assert main(["plan", "--stats", str(stats_file), "--memory-gb", "1", "--model-shape", "qwen3-30b-a3b"]) == 2
     assert "128 experts" in capsys.readouterr().err
     assert main(["plan", "--stats", str(tmp_path / "missing.npz")]) == 2
+
+
+def test_grace_fill_uses_every_slot_even_when_experts_are_few():
+    """8 experts on 4 nodes x 8 GPUs (Mixtral-like): the one-copy-per-node cap must not leave slots empty."""
+    from megatron_grace.plan.planners import plan_placement
+    from megatron_grace.plan.topology import Topology
+    from megatron_grace.statistics.expert_stats import ExpertStats
+
+    rng = np.random.default_rng(0)
+    load = rng.uniform(0.6, 1.8, size=(2, 8)) * 1000
+    co = rng.uniform(0, 50, size=(2, 8, 8))
+    co = co + co.transpose(0, 2, 1)
+    co[:, np.arange(8), np.arange(8)] = 0
+    stats = ExpertStats(load=load, tokens=load.sum(1) / 2, top_k=2, coactivation=co)
+    topo = Topology.preset("h200-4x8").with_extra_slots(8, 1)
+    plan = plan_placement(stats, topo, "grace")
+    assert (plan.slots_used == topo.capacity()).all()
+    # hotter experts get at least as many copies as colder ones, layer by layer
+    for layer in range(2):
+        order = np.argsort(load[layer])
+        assert plan.copy_count[layer, order[-1]] >= plan.copy_count[layer, order[0]]

@@ -194,7 +194,8 @@ def add_planned_replicas(
     each node's experts among its GPUs afterwards, so only the node of a copy matters for
     locality. ``max_copies`` (an int or int ``[E]``) caps the copies of each expert (None: one per GPU at most); the
     ``grace`` planner caps them at the node count, since a copy beyond one per node adds no
-    locality and its slot is better spent on another expert. Other arguments and the return
+    locality and its slot is better spent on another expert; slots the cap would leave empty
+    are filled after the capped copies, by load per copy. Other arguments and the return
     value as :func:`add_replicas`.
     """
     from megatron_grace.plan.eplb import replicate_by_load
@@ -209,7 +210,19 @@ def add_planned_replicas(
         return hosts, 0
     mean = total / G
     have = hosts.sum(axis=0)
-    target = replicate_by_load(np.where(have > 0, w, 0.0), E + budget, G if max_copies is None else np.clip(max_copies, 1, G))
+    live = np.where(have > 0, w, 0.0)
+    target = replicate_by_load(live, E + budget, G if max_copies is None else np.clip(max_copies, 1, G))
+    if max_copies is not None:
+        # The cap orders the copies (one per node first); slots it would leave empty are still
+        # filled, each by the expert with the highest load per copy (at most one copy per GPU).
+        spare = E + budget - int(target.sum())
+        while spare > 0:
+            per_copy = np.where((target < G) & (live > 0), live / np.maximum(target, 1), -1.0)
+            e = int(np.argmax(per_copy))
+            if per_copy[e] <= 0:
+                break
+            target[e] += 1
+            spare -= 1
     target = np.where(w > 0, np.maximum(target, have), have)
     share = w / target
     gpu_load = hosts.astype(np.float64) @ share
