@@ -69,42 +69,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------ inputs
 def read_trace(path: Path) -> RoutingTrace:
-    """A grace trace ``.npz``, else any format the importers understand that yields a per-token trace."""
-    try:
-        return RoutingTrace.read(path)
-    except GraceInputError as exc:
-        if "not a routing trace" not in exc.problem:
-            raise
-        first = exc
-    try:
-        from megatron_grace.trace.importers import import_any
-    except ModuleNotFoundError:
-        raise first from None
-    data = import_any(path)
+    """A per-token trace from any importable file (a grace trace ``.npz`` or a framework's dump)."""
+    from megatron_grace.cli.cmd_data import read_source
+
+    data = read_source(path)
     if not isinstance(data, RoutingTrace):
         raise GraceInputError("holds statistics, not a per-token trace", path)
     return data
 
 
 def read_stats(name: str | Path) -> ExpertStats:
-    """Statistics: the bundled Qwen3 data, a grace stats ``.npz``, or any importable source (a trace is counted)."""
-    if str(name) == BUNDLED:
-        from megatron_grace.data import load_bundled_stats
+    """Statistics: the bundled Qwen3 data (``bundled``), or any importable source (a trace is counted)."""
+    from megatron_grace.cli.cmd_data import read_stats as read_any_stats
 
-        return load_bundled_stats()
-    path = Path(name)
-    try:
-        return ExpertStats.read(path)
-    except GraceInputError as exc:
-        if "not an expert-statistics file" not in exc.problem:
-            raise
-        first = exc
-    try:
-        from megatron_grace.trace.importers import import_any
-    except ModuleNotFoundError:
-        raise first from None
-    data = import_any(path)
-    return ExpertStats.from_trace(data) if isinstance(data, RoutingTrace) else data
+    return read_any_stats(None if str(name) == BUNDLED else Path(name))[0]
 
 
 # ------------------------------------------------------------------------------------ commands

@@ -1115,28 +1115,26 @@ def _detect_jsonl(path: Path) -> str:
     raise GraceInputError("unrecognized JSONL layout (neither per-(token, layer) records nor a simllm/SGLang trace)", path)
 
 
-def _read_grace_trace(path: PathLike) -> RoutingTrace:
-    """Load our own trace file (:meth:`RoutingTrace.read`), with corruption reported as GraceInputError."""
+def _read_own(reader: Callable[[PathLike], RoutingTrace | ExpertStats], what: str, path: PathLike) -> RoutingTrace | ExpertStats:
+    """Load one of our own ``.npz`` files with ``reader``, corruption reported as GraceInputError."""
     path = _check_file(path)
     _require_zip(path)
     try:
-        return RoutingTrace.read(path)
+        return reader(path)
     except GraceInputError:
         raise
     except _READ_ERRORS as exc:
-        raise GraceInputError(f"not a readable routing trace (truncated or corrupt: {type(exc).__name__}: {exc})", path) from None
+        raise GraceInputError(f"not a readable {what} (truncated or corrupt: {type(exc).__name__}: {exc})", path) from None
+
+
+def _read_grace_trace(path: PathLike) -> RoutingTrace:
+    """Load our own trace file (:meth:`RoutingTrace.read`)."""
+    return _read_own(RoutingTrace.read, "routing trace", path)
 
 
 def _read_grace_stats(path: PathLike) -> ExpertStats:
-    """Load our own statistics file (:meth:`ExpertStats.read`), with corruption reported as GraceInputError."""
-    path = _check_file(path)
-    _require_zip(path)
-    try:
-        return ExpertStats.read(path)
-    except GraceInputError:
-        raise
-    except _READ_ERRORS as exc:
-        raise GraceInputError(f"not a readable statistics file (truncated or corrupt: {type(exc).__name__}: {exc})", path) from None
+    """Load our own statistics file (:meth:`ExpertStats.read`)."""
+    return _read_own(ExpertStats.read, "statistics file", path)
 
 
 IMPORT_FORMATS: dict[str, Callable[..., RoutingTrace | ExpertStats]] = {
