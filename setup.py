@@ -39,13 +39,13 @@ def _extensions() -> tuple[list, dict]:
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     include = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]  # no FMA: bit-exact vs pure torch
     with_cuda = bool(cu_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "megatron_grace._C", cpp_sources + cu_sources, include_dirs=include,
             define_macros=[("GRACE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--fmad=false"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -5,6 +5,10 @@ key (``dest_rank * num_slots + slot`` for the expert exchange, ``dest_node * T +
 node exchange), they are put in key order with one stable sort, sent as contiguous chunks, and
 the results are put back in the original order with :func:`unpermute` (an index assignment
 with unique indices: deterministic, no accumulation).
+
+Each function runs the compiled op of :mod:`megatron_grace._ops` (CUDA kernel on GPU tensors,
+C++ kernel on CPU tensors) when the extension is built, else the pure-torch code kept here as the
+reference (``GRACE_OPS=torch`` forces it). Both give identical results.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_grace._ops import destination_histogram
+from megatron_grace import _ops
 
 
 @dataclass(frozen=True)
@@ -43,22 +47,18 @@ def sort_by_key(key: torch.Tensor, num_keys: int) -> Permutation:
     Returns:
         The :class:`Permutation`; rows with equal keys keep their input order.
     """
-    key = key.long()
-    order = torch.sort(key, stable=True).indices if key.numel() else torch.zeros(0, dtype=torch.int64, device=key.device)
-    counts = destination_histogram(key, num_keys) if key.numel() else torch.zeros(num_keys, dtype=torch.int64, device=key.device)
+    order, counts = _ops.sort_by_key(key, num_keys)
     return Permutation(order=order, counts=counts.to(key.device))
 
 
 def permute(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
     """``x[perm.order]``: rows ``[n, ...]`` in key order."""
-    return x.index_select(0, perm.order)
+    return _ops.gather_rows(x, perm.order)
 
 
 def unpermute(y: torch.Tensor, perm: Permutation) -> torch.Tensor:
     """Inverse of :func:`permute`: ``out[perm.order[i]] = y[i]``; ``y`` is ``[n, ...]`` in key order."""
-    out = torch.empty_like(y)
-    out[perm.order] = y
-    return out
+    return _ops.scatter_rows(y, perm.order)
 
 
 def labels_from_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -95,6 +95,15 @@ def position_in_run(sorted_key: torch.Tensor) -> torch.Tensor:
 
 def padded_weighted_sum(values: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, num_rows: int,
                         width: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic segmented weighted sum (see :func:`padded_weighted_sum_torch` for the contract):
+    the compiled ``grace::weighted_combine`` kernel when available, else the pure-torch reference.
+    Both add each row's terms in ``pos`` order in float32 and give bit-identical results.
+    """
+    return _ops.weighted_combine(values, row, pos, weight, num_rows, width, out_dtype)
+
+
+def padded_weighted_sum_torch(values: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, num_rows: int,
+                              width: int, out_dtype: torch.dtype) -> torch.Tensor:
     """Deterministic segmented weighted sum: ``out[r] = sum_p weight[p] * values[p]`` over entries with ``row[p] = r``,
     added one position at a time in the order of ``pos`` (0, 1, 2, ...).
 

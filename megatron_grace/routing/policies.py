@@ -26,6 +26,10 @@ Policies (:data:`POLICY_NAMES`):
   says there is room, with no randomness. Beyond the paper: the local copy is given up for
   the node tier when the local GPU is predicted to be the bottleneck
   (``pred[src] > offload_threshold * mean(pred)``) and a same-node copy sits below the mean.
+
+``grace`` runs the compiled ``grace::grace_choose_copies`` kernel (C++ on CPU tensors, CUDA on
+GPU tensors) when :mod:`megatron_grace._ops` selects it; it returns exactly the integers of the
+pure-torch code (:func:`grace_choose_copies_torch`), which stays the reference.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_grace import _ops
 from megatron_grace.errors import GraceInputError
 from megatron_grace.routing.replica_table import ReplicaTable
 
@@ -147,6 +152,10 @@ def choose_copies(
     if policy == "grace":
         predicted_load = _check_predicted_load(predicted_load, table.num_gpus, ids.device)
     T, k = ids.shape
+    if policy == "grace" and table.max_copies > 1 and _ops.native_for(ids.device, "grace_choose_copies"):
+        spare, mean, hot, offload = _grace_parameters(predicted_load, options or GraceOptions(), table.max_copies)
+        return _ops.grace_choose_copies(ids, src, table.hosts, table.copies, spare, predicted_load, table.gpus_per_node, int(step),
+                                        mean, hot, offload)
     valid = ids >= 0
     copies = table.copies[ids.clamp(min=0)]  # [T, k]
     if policy == "primary" or table.max_copies == 1:
@@ -214,27 +223,60 @@ def _static_local(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable) -> 
     return _pick_by_quota(w, u).reshape(ids.shape)
 
 
-def _grace(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable, predicted_load: torch.Tensor | None, step: int,
-           options: GraceOptions) -> torch.Tensor:
-    pred = _check_predicted_load(predicted_load, table.num_gpus, ids.device)
+def _grace_parameters(pred: torch.Tensor, options: GraceOptions, max_copies: int) -> tuple[torch.Tensor, float, float, bool]:
+    """``(spare [G] float64, mean, hot_threshold, offload)`` of the ``grace`` policy for predicted loads ``pred [G]``."""
     mean = pred.mean()
     top = pred.max()
     spare = ((1.0 + options.headroom) * top - pred).clamp(min=0) + 1e-9 * (top + 1.0)  # [G], > 0
-    cand, present, on_gpu, on_node = tier_masks(ids, src, table)
+    offload = options.offload_threshold != float("inf") and max_copies > 1
+    hot = float(options.offload_threshold * mean) if offload else float("inf")
+    return spare, float(mean), hot, offload
+
+
+def _grace(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable, predicted_load: torch.Tensor | None, step: int,
+           options: GraceOptions) -> torch.Tensor:
+    pred = _check_predicted_load(predicted_load, table.num_gpus, ids.device)
+    spare, mean, hot, offload = _grace_parameters(pred, options, table.max_copies)
+    return _grace_pick_torch(ids, src, table.hosts, spare, pred, table.gpus_per_node, step, mean, hot, offload)
+
+
+def _grace_pick_torch(ids: torch.Tensor, src: torch.Tensor, hosts: torch.Tensor, spare: torch.Tensor, pred: torch.Tensor, gpn: int,
+                      step: int, mean: float, hot_threshold: float, offload: bool) -> torch.Tensor:
+    """The grace choice for pairs ``ids [P, 1]`` (all valid, multi-copy) from ``src [P]``: the pure-torch reference."""
+    safe = ids.clamp(min=0)
+    cand = hosts[safe]  # [P, 1, R]
+    present = (cand >= 0) & (ids >= 0)[..., None]
+    on_gpu = present & (cand == src[:, None, None])
+    on_node = present & (torch.div(cand, gpn, rounding_mode="floor") == torch.div(src, gpn, rounding_mode="floor")[:, None, None])
     has_gpu = on_gpu.any(-1, keepdim=True)
     has_node = on_node.any(-1, keepdim=True)
     mask = torch.where(has_gpu, on_gpu, torch.where(has_node, on_node, present))
-    if options.offload_threshold != float("inf") and table.max_copies > 1:
+    if offload:
         safe_cand = cand.clamp(min=0)
-        local_hot = pred[src] > options.offload_threshold * mean  # [T]
-        roomy_peer = (on_node & ~on_gpu & (pred[safe_cand] < mean)).any(-1, keepdim=True)  # [T, k, 1]
-        offload = has_gpu & roomy_peer & local_hot[:, None, None]
-        mask = torch.where(offload, on_node, mask)
+        local_hot = pred[src] > hot_threshold  # [P]
+        roomy_peer = (on_node & ~on_gpu & (pred[safe_cand] < mean)).any(-1, keepdim=True)  # [P, 1, 1]
+        mask = torch.where(has_gpu & roomy_peer & local_hot[:, None, None], on_node, mask)
     weights = torch.where(mask, spare[cand.clamp(min=0)], torch.zeros((), dtype=torch.float64, device=ids.device))
     flat_w = weights.reshape(-1, weights.shape[-1])
     flat_w[flat_w.sum(1) == 0, 0] = 1.0  # dropped pairs
-    key = (src[:, None] * table.num_experts + ids.clamp(min=0)).reshape(-1)  # group = (source GPU, expert)
+    num_experts = hosts.shape[0]
+    key = (src[:, None] * num_experts + ids.clamp(min=0)).reshape(-1)  # group = (source GPU, expert)
     rank = _group_rank(key)
     offset = torch.frac(key.double() * _R2_A + float(step) * _R2_B)
     u = torch.frac(offset + (rank.double() + 0.5) * _PHI)
     return _pick_by_quota(flat_w, u).reshape(ids.shape)
+
+
+def grace_choose_copies_torch(ids: torch.Tensor, src: torch.Tensor, hosts: torch.Tensor, copies: torch.Tensor, spare: torch.Tensor,
+                              pred: torch.Tensor, gpn: int, step: int, mean: float, hot_threshold: float, offload: bool) -> torch.Tensor:
+    """Pure-torch ``grace`` choice for all pairs ``ids [T, k]`` (-1 dropped, 0 for single-copy experts); the
+    reference of the compiled ``grace::grace_choose_copies`` (same arguments, see :func:`megatron_grace._ops.grace_choose_copies`)."""
+    valid = ids >= 0
+    out = torch.zeros_like(ids)
+    multi = (copies[ids.clamp(min=0)] > 1) & valid
+    if hosts.shape[1] > 1 and bool(multi.any()):
+        t_idx, j_idx = torch.nonzero(multi, as_tuple=True)
+        chosen = _grace_pick_torch(ids[t_idx, j_idx][:, None], src[t_idx], hosts, spare.double(), pred.double(), gpn, step, mean,
+                                   hot_threshold, offload)
+        out[t_idx, j_idx] = chosen[:, 0]
+    return torch.where(valid, out, torch.full_like(out, -1))
