@@ -170,14 +170,19 @@ def megatron_rows_by_link(trace_ids: np.ndarray, rank: int, world: int, gpn: int
     return {name: int((link == i).sum()) for i, name in enumerate(LINK_TYPES)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def init_torchrun() -> tuple[int, int]:
+    """Join the torchrun job (NCCL on GPUs, gloo on CPU), inference mode; returns (rank, world)."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_grad_enabled(False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, world = init_torchrun()
 
     import megatron_grace.adapters.megatron as g
     from megatron_grace.adapters.megatron import testing as mt

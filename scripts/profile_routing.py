@@ -55,16 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import os
+    from megatron_infer import _topology, generate, init_torchrun
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_grad_enabled(False)
-
-    from megatron_infer import _topology, generate
+    rank, world = init_torchrun()
 
     import megatron_grace.adapters.megatron as g
     from megatron_grace.adapters.megatron import testing as mt

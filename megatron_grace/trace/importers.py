@@ -95,13 +95,7 @@ def _require_zip(path: Path) -> None:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of a pickle-free ``.npz``; any kind of corruption raises GraceInputError."""
-    _require_zip(path)
-    try:
-        return load_npz(path)
-    except GraceInputError:
-        raise
-    except _READ_ERRORS as exc:
-        raise GraceInputError(f"not a readable .npz file (truncated or corrupt: {type(exc).__name__}: {exc})", path) from None
+    return _read_own(load_npz, ".npz file", path)
 
 
 def _read_json(path: Path) -> Any:
@@ -1115,8 +1109,8 @@ def _detect_jsonl(path: Path) -> str:
     raise GraceInputError("unrecognized JSONL layout (neither per-(token, layer) records nor a simllm/SGLang trace)", path)
 
 
-def _read_own(reader: Callable[[PathLike], RoutingTrace | ExpertStats], what: str, path: PathLike) -> RoutingTrace | ExpertStats:
-    """Load one of our own ``.npz`` files with ``reader``, corruption reported as GraceInputError."""
+def _read_own(reader: Callable[[PathLike], Any], what: str, path: PathLike) -> Any:
+    """Read an ``.npz`` file with ``reader``; any kind of corruption is reported as GraceInputError."""
     path = _check_file(path)
     _require_zip(path)
     try:
