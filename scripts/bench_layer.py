@@ -33,12 +33,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import queue
-import socket
 import sys
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -229,62 +225,11 @@ def rank_main(rank: int, world: int, plans: dict[str, tuple[dict, str]], routing
 
 
 # ============================================================================ launcher
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _entry(rank: int, world: int, port: int, payload: tuple, out: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
-        out.put((rank, True, rank_main(rank, world, *payload)))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        out.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_world(world: int, payload: tuple, timeout: float) -> list[dict]:
-    """Spawn ``world`` gloo ranks, return rank 0's summaries; terminate the ranks on failure or timeout."""
-    import torch.multiprocessing as mp
+    """Spawn ``world`` gloo ranks (the package's launcher), return rank 0's summaries."""
+    from megatron_grace.layer.launch import run_distributed
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    procs = [ctx.Process(target=_entry, args=(r, world, port, payload, out), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, tuple[bool, Any]] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(results) < world and time.monotonic() < deadline:
-            try:
-                rank, ok, value = out.get(timeout=1.0)
-            except queue.Empty:
-                if all(not p.is_alive() for p in procs):
-                    break
-                continue
-            results[rank] = (ok, value)
-            if not ok:
-                deadline = min(deadline, time.monotonic() + 5)
-    finally:
-        for p in procs:
-            p.join(timeout=2 if len(results) == world else 0.1)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-    failed = [f"rank {r}:\n{v}" for r, (ok, v) in sorted(results.items()) if not ok]
-    if failed or len(results) < world:
-        raise RuntimeError(f"{world}-rank run failed or timed out after {timeout:.0f} s\n" + "\n".join(failed))
-    return results[0][1]
+    return run_distributed(rank_main, world_size=world, args=payload, timeout=timeout)[0]
 
 
 # ============================================================================ report
