@@ -71,6 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="any planner knob (repeatable), e.g. --set load_slack=0.1; see --list")
     p.add_argument("--progress", action="store_true", help="progress bar over layers")
     p.add_argument("--out", type=Path, default=None, help="write the plan JSON here (grace-plan/1)")
+    p.add_argument("--export-eplb", type=Path, default=None, metavar="FILE.npz",
+                   help="also write the DeepSeek-EPLB arrays (physical_to_logical_map, logical_to_all_physical_map, logical_count)")
+    p.add_argument("--export-sglang", type=Path, default=None, metavar="FILE.json",
+                   help="also write the JSON SGLang's --init-expert-location reads (needs equal experts per GPU)")
     p.add_argument("--per-layer", dest="per_layer", action=argparse.BooleanOptionalAction, default=True,
                    help="print one row per layer (default on)")
     p.add_argument("--list", action="store_true", help="list the planners and their knobs with defaults, then exit")
@@ -224,4 +228,14 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.out is not None:
         plan.save(args.out)
         print(f"wrote {args.out}")
+    if args.export_eplb is not None:
+        from megatron_grace._files import save_npz_atomic
+
+        save_npz_atomic(args.export_eplb, plan.to_eplb_arrays())
+        print(f"wrote {args.export_eplb}")
+    if args.export_sglang is not None:
+        from megatron_grace._files import save_json_atomic
+
+        save_json_atomic(args.export_sglang, plan.to_sglang_json())
+        print(f"wrote {args.export_sglang}")
     return 0
