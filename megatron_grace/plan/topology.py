@@ -194,7 +194,7 @@ class Topology:
 
     @staticmethod
     def preset(name: str) -> Topology:
-        """A named cluster; see :data:`TOPOLOGY_PRESETS` (also accepts ``NxG`` for a generic one)."""
+        """A named cluster; see :data:`TOPOLOGY_PRESETS`. Unknown names raise GraceInputError listing the known ones."""
         if name in TOPOLOGY_PRESETS:
             return TOPOLOGY_PRESETS[name]
         raise GraceInputError(f"unknown topology preset {name!r}; known: {', '.join(sorted(TOPOLOGY_PRESETS))}")
