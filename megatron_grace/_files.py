@@ -31,8 +31,13 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     On any exception the temporary file is removed and ``target`` is left untouched.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    if target.is_dir():
+        raise GraceInputError("is a directory, expected a file name to write", target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    except OSError as exc:
+        raise GraceInputError(f"cannot write here ({exc.strerror or exc})", target) from None
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)
@@ -40,7 +45,12 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
     try:
         yield tmp
-        os.replace(tmp, target)
+        with open(tmp, "rb+") as fh:  # the bytes reach the disk before the rename makes them visible
+            os.fsync(fh.fileno())
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise GraceInputError(f"cannot write here ({exc.strerror or exc})", target) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -49,3 +49,29 @@ def test_plan_cli_writes_plan_and_exports(tmp_path, capsys):
     with np.load(npz, allow_pickle=False) as data:
         np.testing.assert_array_equal(data["physical_to_logical_map"], plan.to_eplb_arrays()["physical_to_logical_map"])
     assert json.loads(js.read_text())["physical_to_logical_map"] == plan.to_sglang_json()["physical_to_logical_map"]
+
+
+def test_bad_outputs_and_budgets_are_named(tmp_path, capsys):
+    assert main(["plan", "--extra-slots", "0", "--planner", "vanilla", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["plan", "--extra-slots", "0", "--planner", "vanilla", "--out", str(blocker / "plan.json")]) == 2
+    assert "cannot write here" in capsys.readouterr().err
+    assert main(["plan", "--memory-gb", "inf", "--model-shape", "qwen3-30b-a3b"]) == 2
+    assert "finite" in capsys.readouterr().err
+    with pytest.raises(GraceInputError, match="check the units"):
+        Topology.preset("a100-2x4").with_memory(1e300, 1e-300)
+
+
+def test_plan_file_with_bad_metadata_or_nan_budget(tmp_path):
+    good = _plan([[[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10], [11], []]]).to_dict()
+    for mutate, message in ((lambda d: d.update(metadata=[1, 2]), "wrong schema"),
+                            (lambda d: d["topology"].update(memory_per_gpu_bytes=float("nan"), expert_bytes=1.0, slots_per_gpu=None),
+                             "finite")):
+        data = json.loads(json.dumps(good))
+        mutate(data)
+        path = tmp_path / "p.json"
+        path.write_text(json.dumps(data))
+        with pytest.raises(GraceInputError, match=message):
+            PlacementPlan.read(path)

@@ -203,6 +203,7 @@ class PlacementPlan:
             layers = data["layers"]
             gpu_experts = [[[int(e) for e in gpu] for gpu in layer["gpu_experts"]] for layer in layers]
             num_layers = int(data.get("num_layers", len(layers)))
+            metadata = dict(data.get("metadata", {}))
         except GraceInputError as exc:
             raise GraceInputError(exc.problem, source) from None
         except (KeyError, TypeError, ValueError) as exc:
@@ -211,7 +212,7 @@ class PlacementPlan:
             raise GraceInputError(f"plan says num_layers={num_layers} but lists {len(gpu_experts)} layers", source)
         try:
             return PlacementPlan(topology=topology, num_experts=num_experts, gpu_experts=gpu_experts,
-                                 planner=str(data.get("planner", "")), metadata=dict(data.get("metadata", {})))
+                                 planner=str(data.get("planner", "")), metadata=metadata)
         except GraceInputError as exc:
             raise GraceInputError(exc.problem, source) from None
 

@@ -128,6 +128,13 @@ class Topology:
         for link_name, link in (("intra_node", self.intra_node), ("inter_node", self.inter_node)):
             if not (link.bandwidth_bytes_per_s > 0 and link.latency_s >= 0 and math.isfinite(link.bandwidth_bytes_per_s)):
                 raise GraceInputError(f"topology {self.name!r}: {link_name} link needs positive bandwidth and non-negative latency")
+        for name in ("gpu_flops", "memory_per_gpu_bytes", "expert_bytes"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise GraceInputError(f"topology {self.name!r}: {name} must be a finite number, got {value!r}")
+        for link_name, link in (("intra_node", self.intra_node), ("inter_node", self.inter_node)):
+            if not math.isfinite(link.latency_s):
+                raise GraceInputError(f"topology {self.name!r}: {link_name} latency must be finite")
         if not self.gpu_flops > 0:
             raise GraceInputError(f"topology {self.name!r}: gpu_flops must be positive")
         if self.slots_per_gpu is not None and self.slots_per_gpu < 1:
@@ -135,6 +142,11 @@ class Topology:
         if self.memory_per_gpu_bytes is not None:
             if self.expert_bytes is None or not self.expert_bytes > 0:
                 raise GraceInputError(f"topology {self.name!r}: a memory budget needs expert_bytes > 0")
+            if self.memory_per_gpu_bytes / self.expert_bytes > 1e6:
+                raise GraceInputError(
+                    f"topology {self.name!r}: memory budget / expert bytes = {self.memory_per_gpu_bytes / self.expert_bytes:.3g} slots per GPU; "
+                    "check the units (bytes)"
+                )
             if self.memory_per_gpu_bytes < self.expert_bytes:
                 raise GraceInputError(
                     f"topology {self.name!r}: memory budget {self.memory_per_gpu_bytes:.3g} B per GPU cannot hold one expert of {self.expert_bytes:.3g} B"

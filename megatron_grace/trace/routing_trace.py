@@ -196,6 +196,8 @@ class RoutingTrace:
             meta = json.loads(str(data["metadata"]))
             num_experts = int(meta["num_experts"])
             top_k = int(meta["top_k"])
+            extra = dict(meta.get("extra", {}))
+            request_names = tuple(str(n) for n in meta.get("request_names", []))
         except (ValueError, KeyError, TypeError) as exc:
             raise GraceInputError(f"routing trace has unreadable metadata ({exc})", path) from None
         ids = data["expert_ids"]
@@ -209,9 +211,9 @@ class RoutingTrace:
                 request_ids=data["request_ids"],
                 phase=data["phase"],
                 model=str(meta.get("model", "unknown")),
-                request_names=tuple(str(n) for n in meta.get("request_names", [])),
+                request_names=request_names,
                 source=str(Path(path)),
-                extra=dict(meta.get("extra", {})),
+                extra=extra,
             )
         except GraceInputError as exc:
             raise GraceInputError(exc.problem, path) from None
