@@ -16,8 +16,9 @@ count so that the EMA mixes like with like.
 
 Merging across ranks: with ``sync_every = N > 0`` and a process group, every N steps the
 ranks all-reduce (sum) the counts they observed since the last merge (one small tensor of
-``[L, G]`` floats) and each rank then predicts from the global counts; between merges a rank
-uses its own counts scaled by the world size.
+``[L, G]`` floats) and update the prediction from those global counts; between merges the
+prediction stays at its last value. Every rank must call :meth:`observe` and :meth:`end_step`
+each step (the merge is a collective).
 
 Robustness: observed counts with NaN, infinite or negative values raise GraceInputError (they
 are a bug upstream). A predictor not updated for ``stale_after`` steps warns once and falls
