@@ -228,3 +228,23 @@ def test_simulator_runs_every_routing_policy_on_every_plan(tmp_path, capsys):
 
     report = json.loads((tmp_path / "c.json").read_text())
     assert set(report["policies"]) == {"primary", "grace"}
+
+
+def _predictor_worker(rank: int, world: int) -> list[float]:
+    plan = random_plan(np.random.default_rng(1), 1, 2, 4, layers=1)
+    pred = LoadPredictor(plan, sync_every=2, alpha=1.0)
+    pred.observe(np.array([[3.0, 0.0]]) if rank == 0 else np.array([[0.0, 1.0]]))
+    pred.end_step()  # step 1: no merge yet
+    before = pred.predict_share(0).tolist()
+    if rank == 0:  # rank 1 observes nothing on the merge step: the merge must not hang
+        pred.observe(np.array([[0.0, 0.0]]))
+    pred.end_step()  # step 2: all-reduce of [[3, 1]]
+    return before + pred.predict_share(0).tolist()
+
+
+def test_load_predictor_merges_counts_across_gloo_ranks():
+    from _dist_utils import run_distributed
+
+    results = run_distributed(_predictor_worker, world_size=2, timeout=60)
+    assert results[0][2:] == results[1][2:] == pytest.approx([0.75, 0.25])
+    assert results[0][:2] == results[1][:2]  # before the merge both still predict the plan's shares

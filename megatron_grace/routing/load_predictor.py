@@ -93,7 +93,6 @@ class LoadPredictor:
         self._share = self._static_share.copy()
         self._history: deque[np.ndarray] = deque(maxlen=window)
         self._pending = np.zeros((self.num_layers, self.num_gpus))
-        self._pending_steps = 0
         self._steps_since_update = 0
         self._warned_stale = False
         self.step = 0
@@ -119,21 +118,30 @@ class LoadPredictor:
         self._observed_this_step = True
 
     def end_step(self) -> None:
-        """Close a forward pass: merge across ranks when due, then update the prediction."""
+        """Close a forward pass: merge across ranks when due, then update the prediction.
+
+        With ``sync_every`` the merge is a collective: it runs on every N-th step whether or not
+        this rank observed anything, so that no rank waits for another.
+        """
         self.step += 1
-        if not getattr(self, "_observed_this_step", False):
+        observed = getattr(self, "_observed_this_step", False)
+        self._observed_this_step = False
+        if self.sync_every:
+            if self.step % self.sync_every != 0:
+                if not observed:
+                    self._steps_since_update += 1
+                return
+            counts = self._all_reduce(self._pending)
+        elif observed:
+            counts = self._pending
+        else:
             self._steps_since_update += 1
             return
-        self._observed_this_step = False
-        self._pending_steps += 1
-        if self.sync_every and self.step % self.sync_every != 0:
-            return  # accumulate until the next merge
-        counts = self._pending
-        if self.sync_every:
-            counts = self._all_reduce(counts)
         self._pending = np.zeros_like(self._pending)
-        self._pending_steps = 0
-        self._update(counts)
+        if counts.sum() > 0:
+            self._update(counts)
+        else:
+            self._steps_since_update += 1
 
     def _all_reduce(self, counts: np.ndarray) -> np.ndarray:
         import torch.distributed as dist
