@@ -39,8 +39,27 @@ from megatron_grace.plan.placement import PlacementPlan
 PREDICTOR_MODES = ("ema", "window", "static")
 
 
+def predicted_gpu_load(layer_hosts: np.ndarray, num_gpus: int, expert_load: np.ndarray | None = None) -> np.ndarray:
+    """float64 ``[G]``: one layer's GPU loads if every copy takes an equal share of its expert's load.
+
+    Args:
+        layer_hosts: int ``[E, R]`` hosting GPUs, -1 padded (``PlacementPlan.expert_gpus[layer]``).
+        num_gpus: G.
+        expert_load: float ``[E]`` or None (= 1 per expert).
+    """
+    hosts = np.asarray(layer_hosts)
+    E = hosts.shape[0]
+    load = np.ones(E) if expert_load is None else np.asarray(expert_load, dtype=np.float64).reshape(-1)
+    if load.shape != (E,):
+        raise GraceInputError(f"expert_load has {load.shape[0]} entries, the plan has {E} experts")
+    present = hosts >= 0
+    copies = np.maximum(present.sum(axis=1), 1)
+    share = np.broadcast_to((load / copies)[:, None], hosts.shape)
+    return np.bincount(hosts[present], weights=share[present], minlength=num_gpus).astype(np.float64)
+
+
 def static_gpu_load(plan: PlacementPlan, expert_load: np.ndarray | None = None) -> np.ndarray:
-    """float64 ``[L, G]``: per-GPU load if every copy takes an equal share of its expert's load.
+    """float64 ``[L, G]``: :func:`predicted_gpu_load` of every layer (the GRACE paper's static prediction).
 
     Args:
         plan: the placement.
@@ -54,12 +73,7 @@ def static_gpu_load(plan: PlacementPlan, expert_load: np.ndarray | None = None) 
     load = np.asarray(expert_load, dtype=np.float64)
     if load.shape != (L, E):
         raise GraceInputError(f"expert load has shape {load.shape}, the plan needs {(L, E)}")
-    hosts = plan.expert_gpus  # [L, E, R]
-    present = hosts >= 0
-    share = np.broadcast_to((load / np.maximum(plan.copy_count, 1))[:, :, None], hosts.shape)
-    layer_idx = np.broadcast_to(np.arange(L)[:, None, None], hosts.shape)
-    flat = (layer_idx * G + hosts)[present]
-    return np.bincount(flat, weights=share[present], minlength=L * G).reshape(L, G)
+    return np.stack([predicted_gpu_load(plan.expert_gpus[layer], G, load[layer]) for layer in range(L)])
 
 
 class LoadPredictor:

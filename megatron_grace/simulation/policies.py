@@ -31,6 +31,7 @@ import numpy as np
 
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.topology import Topology
+from megatron_grace.routing.load_predictor import predicted_gpu_load
 
 if TYPE_CHECKING:
     from megatron_grace.plan.placement import PlacementPlan
@@ -68,25 +69,6 @@ class PolicyContext:
         expert when unknown); a GPU's predicted load is the sum over the copies it hosts.
         """
         return predicted_gpu_load(layer_hosts, num_gpus, self.expert_load)
-
-
-def predicted_gpu_load(layer_hosts: np.ndarray, num_gpus: int, expert_load: np.ndarray | None = None) -> np.ndarray:
-    """float64 ``[G]``: sum over hosted copies of ``expert_load[e] / copies[e]`` (see :class:`PolicyContext`).
-
-    Args:
-        layer_hosts: int ``[E, R]`` hosting GPUs, -1 padded.
-        num_gpus: G.
-        expert_load: float ``[E]`` or None (= 1 per expert).
-    """
-    hosts = np.asarray(layer_hosts)
-    E = hosts.shape[0]
-    load = np.ones(E) if expert_load is None else np.asarray(expert_load, dtype=np.float64).reshape(-1)
-    if load.shape != (E,):
-        raise GraceInputError(f"expert_load has {load.shape[0]} entries, the plan has {E} experts")
-    present = hosts >= 0
-    copies = np.maximum(present.sum(axis=1), 1)
-    share = np.broadcast_to((load / copies)[:, None], hosts.shape)
-    return np.bincount(hosts[present], weights=share[present], minlength=num_gpus).astype(np.float64)
 
 
 class Policy(Protocol):
