@@ -40,28 +40,13 @@ from megatron_grace.plan.topology import Topology  # noqa: E402
 from megatron_grace.statistics.expert_stats import ExpertStats  # noqa: E402
 from megatron_grace.trace.routing_trace import RoutingTrace  # noqa: E402
 
-SHARED_QWEN = ROOT.parent / "shared" / "traces" / "qwen3-30b-a3b" / "qwen3_30b_a3b_load_and_pairs.npz"
 
 
 def qwen3_stats() -> ExpertStats:
-    """Real Qwen3-30B-A3B statistics: the package loader if present, else the shared ``.npz``."""
-    try:
-        from megatron_grace.data import load_bundled_stats
+    """Real Qwen3-30B-A3B statistics (bundled with the package)."""
+    from megatron_grace.data import load_bundled_stats
 
-        return load_bundled_stats()
-    except ImportError:
-        pass
-    data = np.load(SHARED_QWEN if SHARED_QWEN.exists() else ROOT / "megatron_grace" / "data" / "qwen3-30b-a3b" / SHARED_QWEN.name)
-    heat = data["heat"].astype(np.float64)
-    pairs = data["pairs_layer_i_j_count_lift"]
-    L, E = heat.shape
-    co = np.zeros((L, E, E))
-    obs = np.zeros((L, E, E), dtype=bool)
-    l, i, j = (pairs[:, c].astype(np.int64) for c in range(3))
-    co[l, i, j] = co[l, j, i] = pairs[:, 3]
-    obs[l, i, j] = obs[l, j, i] = True
-    return ExpertStats(load=heat, tokens=np.full(L, 75773.0), top_k=8, coactivation=co, coactivation_observed=obs,
-                       model="qwen3-30b-a3b", source=str(SHARED_QWEN.name))
+    return load_bundled_stats()
 
 
 def synthetic_stats(num_layers: int = 58, num_experts: int = 256, top_k: int = 8, tokens: int = 8192,

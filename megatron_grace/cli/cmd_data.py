@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from megatron_grace._files import save_json_atomic
@@ -121,24 +122,5 @@ def run_synthesize(args: argparse.Namespace) -> int:
     trace = synthesize_trace(data, args.tokens, seed=args.seed, progress=True)
     trace.save(args.out)
     print(f"wrote {args.out}: {trace!r}")
-    print(json.dumps(_jsonable(synthesis_fidelity(data, trace)), indent=1)[:4000])
+    print(json.dumps(asdict(synthesis_fidelity(data, trace)), indent=1)[:4000])
     return 0
-
-
-def _jsonable(obj):
-    """Best-effort conversion of a fidelity report (dataclass or dict of arrays) to JSON types."""
-    import dataclasses
-
-    import numpy as np
-
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items() if not (isinstance(v, np.ndarray) and v.ndim > 0 and v.size > 64)}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj

@@ -16,7 +16,7 @@ Everything is written under ``--out``: ``report.json``, ``report.md``, ``plans/`
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import asdict
 import time
 from pathlib import Path
 
@@ -44,7 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from megatron_grace.cli.cmd_data import _jsonable
     from megatron_grace.data import load_bundled_stats
     from megatron_grace.plan.planners import plan_placement
     from megatron_grace.plan.topology import Topology
@@ -70,7 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"\n== 2. per-token trace synthesized from those statistics ({args.tokens} tokens, seed {args.seed})")
     trace = synthesize_trace(stats, args.tokens, seed=args.seed, progress=True)
     trace.save(out / "qwen3-30b-a3b-synthetic.npz")
-    fidelity = _jsonable(synthesis_fidelity(stats, trace))
+    fidelity = asdict(synthesis_fidelity(stats, trace))
     report["synthesis"] = fidelity
     overall = fidelity["overall"]
     print(f"load: max relative error {overall['load_max_rel_err']:.3%} (experts with >= {overall['min_expected_load']:.0f} tokens); "
@@ -90,7 +89,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(comparison.format_table())
     for path in comparison.plot(out / "plots"):
         print(f"wrote {path}")
-    rows = {(r["planner"], r["dispatch"]): r for r in comparison.rows()}
+    table = comparison.rows()
+    rows = {(r["planner"], r["dispatch"]): r for r in table}
     g, v, e = rows[("grace", "hierarchical")], rows[("vanilla", "per-pair")], rows[("eplb", "hierarchical")]
     headline = {
         "grace_hier_vs_vanilla_per_pair_speedup": v["layer_s"] / g["layer_s"],
@@ -98,7 +98,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "grace_vs_eplb_cross_node_msgs_reduction": 1 - g["msgs_node"] / max(e["msgs_node"], 1),
         "grace_max_over_mean": g["load_max_over_mean"],
     }
-    report["simulation"] = {"rows": comparison.rows(), "headline": headline}
+    report["simulation"] = {"rows": table, "headline": headline}
     print(f"grace+hierarchical is {headline['grace_hier_vs_vanilla_per_pair_speedup']:.2f}x faster than vanilla+per-pair (modelled), "
           f"{headline['grace_vs_eplb_hier_speedup']:.2f}x vs eplb+hierarchical, with "
           f"{headline['grace_vs_eplb_cross_node_msgs_reduction']:.1%} fewer cross-node messages; max/mean load {headline['grace_max_over_mean']:.3f}")
@@ -160,4 +160,3 @@ def _write_markdown(path: Path, report: dict) -> None:
                          f"{r['bytes']['inter_node']} ({r['simulated_bytes']['inter_node']}) |")
     with atomic_path(path, suffix=".md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    json.dumps(report)  # the report must stay JSON-able

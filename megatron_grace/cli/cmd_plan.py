@@ -22,7 +22,6 @@ from typing import Any
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.topology import Topology
 from megatron_grace.statistics.expert_stats import ExpertStats
-from megatron_grace.trace.routing_trace import RoutingTrace
 
 DEFAULT_EXTRA_SLOTS = 1
 
@@ -83,29 +82,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------ inputs
 def read_stats(args: argparse.Namespace) -> ExpertStats:
-    """The statistics to plan on (a trace is reduced with :meth:`ExpertStats.from_trace`)."""
+    """The statistics to plan on (a trace is reduced with :meth:`ExpertStats.from_trace`); default: bundled."""
+    from megatron_grace.cli.cmd_data import read_stats as read_any_stats
+
     path = args.stats if args.stats is not None else args.trace
-    if path is None:
-        try:
-            from megatron_grace.data import load_bundled_stats
-        except ImportError:
-            raise GraceInputError("no input given and the bundled statistics are not available in this build; "
-                                  "use --stats or --trace") from None
-        return load_bundled_stats()
-    data: RoutingTrace | ExpertStats
-    try:
-        from megatron_grace.trace.importers import import_any
-    except ImportError:  # build without the importers: our own formats only
-        if args.format not in ("auto", "grace-stats", "grace-trace"):
-            raise GraceInputError(f"input format {args.format!r} needs the importers, which this build lacks", path) from None
-        data = ExpertStats.read(path) if args.stats is not None else RoutingTrace.read(path)
-    else:
-        data = import_any(path, args.format)
-    if isinstance(data, RoutingTrace):
-        return ExpertStats.from_trace(data)
-    if args.trace is not None:
+    stats, trace = read_any_stats(path, args.format)
+    if args.trace is not None and trace is None:
         print(f"note: {path} holds statistics, not a per-token trace; planning on them", file=sys.stderr)
-    return data
+    return stats
 
 
 def build_topology(args: argparse.Namespace, num_experts: int) -> Topology:
