@@ -152,26 +152,21 @@ def choose_copies(
     if policy == "grace":
         predicted_load = _check_predicted_load(predicted_load, table.num_gpus, ids.device)
     T, k = ids.shape
-    if policy == "grace" and table.max_copies > 1 and _ops.native_for(ids.device, "grace_choose_copies"):
+    if policy == "grace" and table.max_copies > 1:
         spare, mean, hot, offload = _grace_parameters(predicted_load, options or GraceOptions(), table.max_copies)
-        return _ops.grace_choose_copies(ids, src, table.hosts, table.copies, spare, predicted_load, table.gpus_per_node, int(step),
-                                        mean, hot, offload)
+        choose = _ops.grace_choose_copies if _ops.native_for(ids.device, "grace_choose_copies") else grace_choose_copies_torch
+        return choose(ids, src, table.hosts, table.copies, spare, predicted_load, table.gpus_per_node, int(step), mean, hot, offload)
     valid = ids >= 0
     copies = table.copies[ids.clamp(min=0)]  # [T, k]
     if policy == "primary" or table.max_copies == 1:
         out = torch.zeros_like(ids)
-    elif policy in ("static-local", "grace"):
+    elif policy == "static-local":
         # Only pairs whose expert has several copies need a choice; work on those alone.
         out = torch.zeros_like(ids)
         multi = (copies > 1) & valid
         if bool(multi.any()):
             t_idx, j_idx = torch.nonzero(multi, as_tuple=True)
-            sub_ids, sub_src = ids[t_idx, j_idx][:, None], src[t_idx]
-            if policy == "static-local":
-                chosen = _static_local(sub_ids, sub_src, table)
-            else:
-                chosen = _grace(sub_ids, sub_src, table, predicted_load, step, options or GraceOptions())
-            out[t_idx, j_idx] = chosen[:, 0]
+            out[t_idx, j_idx] = _static_local(ids[t_idx, j_idx][:, None], src[t_idx], table)[:, 0]
     elif policy == "random":
         gen = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + int(step))
         u = torch.rand((T, k), generator=gen, dtype=torch.float64).to(ids.device)
@@ -231,13 +226,6 @@ def _grace_parameters(pred: torch.Tensor, options: GraceOptions, max_copies: int
     offload = options.offload_threshold != float("inf") and max_copies > 1
     hot = float(options.offload_threshold * mean) if offload else float("inf")
     return spare, float(mean), hot, offload
-
-
-def _grace(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable, predicted_load: torch.Tensor | None, step: int,
-           options: GraceOptions) -> torch.Tensor:
-    pred = _check_predicted_load(predicted_load, table.num_gpus, ids.device)
-    spare, mean, hot, offload = _grace_parameters(pred, options, table.max_copies)
-    return _grace_pick_torch(ids, src, table.hosts, spare, pred, table.gpus_per_node, step, mean, hot, offload)
 
 
 def _grace_pick_torch(ids: torch.Tensor, src: torch.Tensor, hosts: torch.Tensor, spare: torch.Tensor, pred: torch.Tensor, gpn: int,
