@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_grace import _ops
-from megatron_grace.routing import GraceOptions, ReplicaTable, choose_copies
+from megatron_grace.routing import RoutingOptions, ReplicaTable, choose_copies
 
 P = importlib.import_module("megatron_grace.dispatch.permute")
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,7 +222,7 @@ CASES = [  # T, k, E, G, R, gpn, all_on_one
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("step", [0, 7])
-@pytest.mark.parametrize("options", [GraceOptions(), GraceOptions(offload_threshold=float("inf")), GraceOptions(headroom=0.0,
+@pytest.mark.parametrize("options", [RoutingOptions(), RoutingOptions(offload_threshold=float("inf")), RoutingOptions(headroom=0.0,
                                                                                                                    offload_threshold=1.0)])
 def test_grace_choose_copies_matches_torch(device, case, step, options, monkeypatch):
     _native(device)

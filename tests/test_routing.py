@@ -11,7 +11,7 @@ import torch
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.placement import PlacementPlan
 from megatron_grace.plan.topology import ModelShape, Topology
-from megatron_grace.routing import POLICY_NAMES, GraceOptions, LoadPredictor, ReplicaTable, choose_copies, copy_destinations, static_gpu_load
+from megatron_grace.routing import POLICY_NAMES, RoutingOptions, LoadPredictor, ReplicaTable, choose_copies, copy_destinations, static_gpu_load
 from megatron_grace.routing.optimal import optimal_assignment
 
 
@@ -64,7 +64,7 @@ def test_grace_tiers_local_then_node_then_remote():
     table = ReplicaTable.from_hosts(torch.tensor([[0, 2], [1, 3], [3, -1]]), gpus_per_node=2, num_gpus=4)
     ids = torch.tensor([[0], [1], [0], [2]])
     src = torch.tensor([0, 0, 1, 0])
-    copy = choose_copies("grace", ids, src, table, options=GraceOptions(offload_threshold=float("inf")))
+    copy = choose_copies("grace", ids, src, table, options=RoutingOptions(offload_threshold=float("inf")))
     gpu, _ = copy_destinations(ids, copy, table)
     assert gpu[:, 0].tolist() == [0, 1, 0, 3]  # own GPU; same node; same node; the only (remote) copy
 
@@ -73,7 +73,7 @@ def test_grace_spreads_remote_pairs_in_proportion_to_spare_capacity():
     table = ReplicaTable.from_hosts(torch.tensor([[2, 3]]), gpus_per_node=2, num_gpus=4)
     ids = torch.zeros((10_000, 1), dtype=torch.int64)
     pred = torch.tensor([0.0, 0.0, 10.0, 30.0])
-    options = GraceOptions(headroom=0.5)
+    options = RoutingOptions(headroom=0.5)
     copy = choose_copies("grace", ids, 0, table, predicted_load=pred, options=options)
     spare = 1.5 * 30 - pred[2:]  # 35, 15
     share = (copy == 0).double().mean().item()
@@ -89,7 +89,7 @@ def test_grace_offloads_from_a_predicted_bottleneck_inside_the_node():
     hot_local = torch.tensor([10.0, 1.0, 1.0, 1.0])
     copy = choose_copies("grace", ids, 0, table, predicted_load=hot_local)
     assert 0.5 < (copy == 1).double().mean() < 1.0  # most but not all to the cool peer
-    paper = choose_copies("grace", ids, 0, table, predicted_load=hot_local, options=GraceOptions(offload_threshold=float("inf")))
+    paper = choose_copies("grace", ids, 0, table, predicted_load=hot_local, options=RoutingOptions(offload_threshold=float("inf")))
     assert (paper == 0).all()  # the paper's rule: always the local copy
 
 

@@ -41,7 +41,7 @@ from megatron_grace.experts.mlp import ACTIVATIONS, SlotExperts, WeightSource, f
 from megatron_grace.layer.counters import LayerCounters, link_types
 from megatron_grace.layer.validation import _DTYPES, agree_across_ranks, code, comm_device, plan_hash
 from megatron_grace.plan.placement import PlacementPlan
-from megatron_grace.routing import POLICY_NAMES, GraceOptions, LoadPredictor, ReplicaTable, choose_copies, copy_destinations
+from megatron_grace.routing import POLICY_NAMES, RoutingOptions, LoadPredictor, ReplicaTable, choose_copies, copy_destinations
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class GraceMoELayer(nn.Module):
 
     def __init__(self, plan: PlacementPlan, layer: int, experts: SlotExperts, *, num_experts: int | None = None,
                  num_model_layers: int | None = None, group: Any = None, policy: str = "grace", dispatch: str = "flat",
-                 predictor: LoadPredictor | None = None, grace_options: GraceOptions | None = None, seed: int = 0,
+                 predictor: LoadPredictor | None = None, grace_options: RoutingOptions | None = None, seed: int = 0,
                  hierarchical_groups: HierarchicalGroups | None = None, timing: bool | None = None) -> None:
         super().__init__()
         rank, world = _rank_and_world(group)
@@ -144,7 +144,7 @@ class GraceMoELayer(nn.Module):
         self.plan, self.layer_index, self.experts, self.group = plan, layer, experts, group
         self.rank, self.world_size = rank, world
         self.policy, self.dispatch_mode, self.seed = policy, dispatch, seed
-        self.grace_options = grace_options or GraceOptions()
+        self.grace_options = grace_options or RoutingOptions()
         self.owns_predictor = predictor is None
         self.predictor = predictor if predictor is not None else LoadPredictor(plan)
         self.table = ReplicaTable.from_plan(plan, layer, device=experts.device)

@@ -8,7 +8,7 @@
 """
 
 from megatron_grace.routing.load_predictor import LoadPredictor, static_gpu_load
-from megatron_grace.routing.policies import POLICY_NAMES, GraceOptions, choose_copies, copy_destinations
+from megatron_grace.routing.policies import POLICY_NAMES, RoutingOptions, choose_copies, copy_destinations
 from megatron_grace.routing.replica_table import ReplicaTable
 
-__all__ = ["LoadPredictor", "static_gpu_load", "POLICY_NAMES", "GraceOptions", "choose_copies", "copy_destinations", "ReplicaTable"]
+__all__ = ["LoadPredictor", "static_gpu_load", "POLICY_NAMES", "RoutingOptions", "choose_copies", "copy_destinations", "ReplicaTable"]

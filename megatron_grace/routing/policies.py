@@ -49,7 +49,7 @@ _R2_A, _R2_B = 0.7548776662466927, 0.5698402909980532  # plastic-number (R2) seq
 
 
 @dataclass(frozen=True)
-class GraceOptions:
+class RoutingOptions:
     """Knobs of the ``grace`` policy.
 
     Attributes:
@@ -130,7 +130,7 @@ def choose_copies(
     step: int = 0,
     seed: int = 0,
     positions: torch.Tensor | None = None,
-    options: GraceOptions | None = None,
+    options: RoutingOptions | None = None,
 ) -> torch.Tensor:
     """Pick a copy for every (token, expert) pair.
 
@@ -143,7 +143,7 @@ def choose_copies(
         step: forward-pass counter (varies ``random`` and ``grace``'s offsets between steps).
         seed: seed of ``random``.
         positions: int ``[T]`` token positions for ``position`` (default ``arange(T)``).
-        options: :class:`GraceOptions` for ``grace``.
+        options: :class:`RoutingOptions` for ``grace``.
 
     Returns:
         int64 ``[T, k]`` copy index into ``table.hosts[expert]``; -1 where ``topk_ids`` is -1.
@@ -153,7 +153,7 @@ def choose_copies(
         predicted_load = _check_predicted_load(predicted_load, table.num_gpus, ids.device)
     T, k = ids.shape
     if policy == "grace" and table.max_copies > 1:
-        spare, mean, hot, offload = _grace_parameters(predicted_load, options or GraceOptions(), table.max_copies)
+        spare, mean, hot, offload = _grace_parameters(predicted_load, options or RoutingOptions(), table.max_copies)
         choose = _ops.grace_choose_copies if _ops.native_for(ids.device, "grace_choose_copies") else grace_choose_copies_torch
         return choose(ids, src, table.hosts, table.copies, spare, predicted_load, table.gpus_per_node, int(step), mean, hot, offload)
     valid = ids >= 0
@@ -218,7 +218,7 @@ def _static_local(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable) -> 
     return _pick_by_quota(w, u).reshape(ids.shape)
 
 
-def _grace_parameters(pred: torch.Tensor, options: GraceOptions, max_copies: int) -> tuple[torch.Tensor, float, float, bool]:
+def _grace_parameters(pred: torch.Tensor, options: RoutingOptions, max_copies: int) -> tuple[torch.Tensor, float, float, bool]:
     """``(spare [G] float64, mean, hot_threshold, offload)`` of the ``grace`` policy for predicted loads ``pred [G]``."""
     mean = pred.mean()
     top = pred.max()

@@ -17,7 +17,7 @@ from typing import Any
 
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.placement import PlacementPlan
-from megatron_grace.routing import GraceOptions as RoutingOptions
+from megatron_grace.routing import RoutingOptions
 
 PlanSource = PlacementPlan | str | os.PathLike
 
