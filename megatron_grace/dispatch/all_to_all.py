@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_grace.dispatch.permute import Permutation, labels_from_counts, permute, sort_by_key, unpermute
+from megatron_grace import _ops
 
 TRAFFIC_KINDS = ("dispatch", "combine", "meta")
 
@@ -137,18 +137,58 @@ class GroupSpec:
     peers: tuple[int, ...]
 
 
+def to_host(t: torch.Tensor) -> list[int]:
+    """The one device-to-host copy of a dispatch phase: an int tensor's values as Python ints.
+
+    On a GPU this is the phase's only host synchronisation (the split sizes an uneven
+    ``all_to_all_single`` needs); everything else stays on the device. Kept in one place so that
+    tests can count the calls.
+    """
+    return t.reshape(-1).cpu().tolist()
+
+
+def chunk_transpose_index(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """Gather index that reorders rows laid out in ``[A, B]`` chunks (row-major: chunk ``(a, b)`` holds
+    ``counts[a, b]`` consecutive rows) into ``[B, A]`` chunk order, keeping the rows of a chunk in order.
+
+    Used at the receiver: rows arrive grouped by source rank, then slot; the experts want them
+    grouped by slot, then source. Device ops only (``total`` = ``counts.sum()``, known on the host).
+
+    Args:
+        counts: int64 ``[A, B]`` rows per chunk.
+        total: ``counts.sum()`` as a host int.
+
+    Returns:
+        int64 ``[total]``: ``out[p] = in[index[p]]``.
+    """
+    A, B = counts.shape
+    flat = counts.reshape(-1)
+    in_start = torch.cumsum(flat, 0) - flat  # [A*B] start of chunk (a, b) in the input
+    t_counts = counts.t().reshape(-1)  # [B*A] in output chunk order (b, a)
+    out_end = torch.cumsum(t_counts, 0)
+    p = torch.arange(total, device=counts.device)
+    chunk = torch.searchsorted(out_end, p, right=True)  # output chunk c = b * A + a
+    a, b = chunk % A, torch.div(chunk, A, rounding_mode="floor")
+    return in_start.index_select(0, a * B + b) + p - (out_end - t_counts).index_select(0, chunk)
+
+
 @dataclass
 class SlotHandle:
     """What :meth:`SlotExchange.send_back` needs to return results to their senders."""
 
-    perm: Permutation  # sender side: rows sorted by (dest, slot)
-    recv_perm: Permutation  # receiver side: received rows sorted by slot
+    position: torch.Tensor  # int64 [n] sender side: row of each item in the send buffer (sorted by (dest, slot))
+    recv_index: torch.Tensor  # int64 [m] receiver side: received row of each slot-ordered row
     send_splits: list[int]
     recv_splits: list[int]
 
 
 class SlotExchange:
     """Send rows to (group rank, slot) destinations, group them by slot at the receiver, and back.
+
+    One fused permutation (histogram, stable positions, gather), one all-to-all of ``[W, S_max]``
+    counts, **one** device-to-host copy of the split sizes (:func:`to_host`), one uneven
+    all-to-all of rows; the receiver regroups by slot with one gather. No other host
+    synchronisation.
 
     Args:
         spec: the group.
@@ -159,57 +199,62 @@ class SlotExchange:
     def __init__(self, spec: GroupSpec, max_slots: int, local_slots: int) -> None:
         self.spec, self.max_slots, self.local_slots = spec, max_slots, local_slots
 
-    def send(self, source: torch.Tensor, row: torch.Tensor, dest: torch.Tensor, slot: torch.Tensor, log: TrafficLog | None = None,
-             first: bool = True) -> tuple[torch.Tensor, list[int], SlotHandle]:
-        """Dispatch rows ``source[row]`` to (group rank, slot) destinations.
+    def send(self, source: torch.Tensor, dest: torch.Tensor, slot: torch.Tensor, items_per_row: int, log: TrafficLog | None = None,
+             first: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[int], SlotHandle]:
+        """Dispatch item ``i`` (row ``source[i // items_per_row]``) to (group rank ``dest[i]``, slot ``slot[i]``).
 
         Args:
-            source: ``[N, h]`` rows to pick from (e.g. the hidden states).
-            row: int64 ``[n]`` which row of ``source`` each item sends (one item per (token, expert) pair).
-            dest: int64 ``[n]`` destination group rank of each item.
-            slot: int64 ``[n]`` slot on the destination, in ``[0, max_slots)``.
-            log: traffic log to add this exchange to.
+            source: ``[N, h]`` rows (e.g. the hidden states).
+            dest: int64 ``[n]`` destination group rank of each item, -1 = not sent.
+            slot: int64 ``[n]`` slot on the destination, in ``[0, max_slots)`` (ignored where not sent).
+            items_per_row: items per source row (top-k for token rows).
+            log: traffic log to add this exchange to (None = no bookkeeping).
             first: whether this is the forward pass's first exchange (its sorting is timed as
                 ``permute_pre``, the work done before any collective).
 
         Returns:
             ``(rows [m, h]`` received and grouped by local slot (slot 0 first, then 1, ...),
-            ``slot_counts`` (S ints, rows per local slot), handle for :meth:`send_back`).
+            ``slot_counts`` int64 ``[S]`` on the device, the same counts as host ints, handle for
+            :meth:`send_back`).
         """
         spec, S_max, S = self.spec, self.max_slots, self.local_slots
         W = spec.size
         pre = "permute_pre" if first else "permute"
-        perm = sort_by_key(dest * S_max + slot, W * S_max)  # one stable sort by (dest rank, slot)
-        x_sorted = source.index_select(0, row.index_select(0, perm.order))  # one gather, already in send order
-        send_counts = perm.counts.view(W, S_max)
+        sentinel = W * S_max  # items not sent sort last, past every real chunk
+        key = torch.where(dest >= 0, dest * S_max + slot, torch.full_like(dest, sentinel))
+        x_sorted, position, counts = _ops.permute_by_key(source, key, sentinel + 1, items_per_row)
+        send_counts = counts[:sentinel].view(W, S_max)
         mark_phase(log, pre)
         recv_counts = exchange_counts(send_counts, spec.group, W)
-        host = torch.cat([send_counts.sum(1), recv_counts.sum(1), recv_counts.sum(0)]).cpu().tolist()  # one device sync
-        send_splits, recv_splits, per_slot = host[:W], host[W:2 * W], host[2 * W:]
+        host = to_host(torch.cat([send_counts.sum(1), recv_counts.reshape(-1)]))  # the phase's one device sync
+        send_splits = host[:W]
+        recv_matrix = [host[W + j * S_max: W + (j + 1) * S_max] for j in range(W)]
+        recv_splits = [sum(r) for r in recv_matrix]
+        per_slot = [sum(col) for col in zip(*recv_matrix)]
         if any(per_slot[S:]):
             raise RuntimeError(f"received rows for slots >= {S}, which this rank does not host: the ranks use different plans")
-        x_recv = all_to_all_uneven(x_sorted, send_splits, recv_splits, spec.group, W)
+        x_recv = all_to_all_uneven(x_sorted[: sum(send_splits)], send_splits, recv_splits, spec.group, W)
         mark_phase(log, "comm")
-        recv_perm = sort_by_key(labels_from_counts(recv_counts), S_max)
-        x_slots = permute(x_recv, recv_perm)
+        m = sum(recv_splits)
+        recv_index = chunk_transpose_index(recv_counts[:, :S], m)
+        x_slots = _ops.gather_rows(x_recv, recv_index)
         if log is not None:
             log.record("meta", list(spec.peers), [S_max] * W, [S_max] * W, 8)
             log.record("dispatch", list(spec.peers), send_splits, recv_splits, row_nbytes(source))
         mark_phase(log, "permute")
-        return x_slots, per_slot[:S], SlotHandle(perm, recv_perm, send_splits, recv_splits)
+        return x_slots, recv_counts[:, :S].sum(0), per_slot[:S], SlotHandle(position, recv_index, send_splits, recv_splits)
 
     def send_back(self, y: torch.Tensor, handle: SlotHandle, log: TrafficLog | None = None) -> torch.Tensor:
-        """Return results: ``y [m, h]`` in the slot order of :meth:`send` -> ``[n, h]`` in the sender's input order."""
+        """Return results: ``y [m, h]`` in the slot order of :meth:`send` -> ``[n_sent, h]`` in the sender's send-buffer
+        order; item ``i``'s result is row ``handle.position[i]`` (for items that were sent)."""
         W = self.spec.size
-        y_recv = unpermute(y, handle.recv_perm)
+        y_recv = _ops.scatter_rows(y, handle.recv_index)
         mark_phase(log, "permute")
         y_back = all_to_all_uneven(y_recv, handle.recv_splits, handle.send_splits, self.spec.group, W)
         mark_phase(log, "comm")
         if log is not None:
             log.record("combine", list(self.spec.peers), handle.recv_splits, handle.send_splits, row_nbytes(y))
-        out = unpermute(y_back, handle.perm)
-        mark_phase(log, "permute")
-        return out
+        return y_back
 
 
 def mark_phase(log: TrafficLog | None, phase: str) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from megatron_grace.dispatch.all_to_all import GroupSpec, SlotExchange, SlotHandle, TrafficLog, mark_phase
 from megatron_grace.dispatch.pairs import RoutedPairs
-from megatron_grace.dispatch.permute import padded_weighted_sum
+from megatron_grace import _ops
 
 
 @dataclass
@@ -37,21 +37,23 @@ class FlatDispatcher:
         self.exchange = SlotExchange(spec, max_slots, local_slots)
 
     def dispatch(self, hidden: torch.Tensor, pairs: RoutedPairs, log: TrafficLog | None = None
-                 ) -> tuple[torch.Tensor, list[int], FlatHandle]:
-        """Send one hidden row per pair.
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int], FlatHandle]:
+        """Send one hidden row per valid pair.
 
         Args:
             hidden: ``[T, h]``.
-            pairs: this rank's pairs.
+            pairs: this rank's pairs (dense ``[T * k]``, dropped pairs not sent).
 
         Returns:
-            ``(expert input [m, h]`` grouped by local slot, ``slot_counts`` [S], handle).
+            ``(expert input [m, h]`` grouped by local slot, ``slot_counts`` int64 ``[S]`` on the device,
+            the same as host ints, handle).
         """
-        rows, counts, handle = self.exchange.send(hidden, pairs.token, pairs.gpu, pairs.slot, log)
-        return rows, counts, FlatHandle(pairs, handle, hidden.dtype)
+        rows, counts, host_counts, handle = self.exchange.send(hidden, pairs.gpu, pairs.slot, pairs.top_k, log)
+        return rows, counts, host_counts, FlatHandle(pairs, handle, hidden.dtype)
 
     def combine(self, expert_out: torch.Tensor, handle: FlatHandle, log: TrafficLog | None = None) -> torch.Tensor:
-        """Return results and sum them per token with the gate weights (top-k order, float32 accumulation).
+        """Return results and sum them per token with the gate weights (top-k order, float32 accumulation),
+        the un-permutation fused into the weighted sum.
 
         Args:
             expert_out: ``[m, h]`` in the order of :meth:`dispatch`'s output.
@@ -60,7 +62,8 @@ class FlatDispatcher:
             ``[T, h]`` in the hidden dtype.
         """
         p = handle.pairs
-        y = self.exchange.send_back(expert_out, handle.slot_handle, log)  # [n, h] in pair order
-        out = padded_weighted_sum(y, p.token, p.choice, p.weight, p.num_tokens, p.top_k, handle.out_dtype)
+        y = self.exchange.send_back(expert_out, handle.slot_handle, log)  # [n_sent, h] in send-buffer order
+        value_index = torch.where(p.valid, handle.slot_handle.position, torch.full_like(p.gpu, -1))
+        out = _ops.weighted_combine(y, p.token, p.choice, p.weight, p.num_tokens, p.top_k, handle.out_dtype, value_index)
         mark_phase(log, "combine")
         return out

@@ -1,11 +1,17 @@
 """`SlotExperts`: the expert MLPs hosted by one rank, one per slot, stacked.
 
 One rank hosts ``S`` slots of a MoE layer (its share of the experts plus any copies), each
-holding the weights of one logical expert. Weights are stacked per slot:
+holding the weights of one logical expert. Weights are stacked per slot in the ``[out, in]``
+layout of ``nn.Linear`` (and of Megatron-Core's grouped experts), gate and up fused:
 
-- ``swiglu``: ``w_gate [S, h, f]``, ``w_up [S, h, f]``, ``w_down [S, f, h]``;
-  ``y = (silu(x @ w_gate) * (x @ w_up)) @ w_down``;
-- ``gelu``: ``w_fc1 [S, h, f]``, ``w_fc2 [S, f, h]``; ``y = gelu(x @ w_fc1) @ w_fc2`` (exact erf GELU).
+- ``swiglu``: ``w_gate_up [S, 2f, h]`` (rows ``[0, f)`` gate, ``[f, 2f)`` up), ``w_down [S, h, f]``;
+  ``y = silu(x W_gate^T) * (x W_up^T)) W_down^T``;
+- ``gelu``: ``w_fc1 [S, f, h]``, ``w_fc2 [S, h, f]``; ``y = gelu(x W_fc1^T) W_fc2^T`` (exact erf GELU).
+
+Compute (:meth:`SlotExperts.forward`) is one grouped GEMM per projection over all local slots:
+``torch._grouped_mm`` with the slot offsets on the device where torch supports it for the
+dtype (bf16 on CPU and Hopper GPUs, fp16/fp32 in eager mode), else a padded batched matmul
+``[S, rows_max, h]`` (no Python loop over slots in either).
 
 One expert's weights, as passed to :meth:`SlotExperts.from_full_weights` or returned by
 :meth:`SlotExperts.expert_state`, are a dict with the same names without the slot axis:
@@ -15,6 +21,7 @@ One expert's weights, as passed to :meth:`SlotExperts.from_full_weights` or retu
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -50,6 +57,79 @@ def fetch_expert(weights: WeightSource, expert: int) -> ExpertState:
     return state
 
 
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device, compiling: bool = False) -> bool:
+    """Whether ``torch._grouped_mm`` runs for ``dtype`` on ``device`` (probed once per combination).
+
+    Under ``torch.compile`` torch's meta kernel accepts bf16 only, so ``compiling`` narrows it to bf16.
+    """
+    if compiling and dtype != torch.bfloat16:
+        return False
+    key = (dtype, device.type, device.index if device.type == "cuda" else None)
+    if key not in _GROUPED_MM_OK:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                a = torch.zeros(8, 16, dtype=dtype, device=device)
+                b = torch.zeros(2, 16, 16, dtype=dtype, device=device)
+                torch._grouped_mm(a, b.transpose(-2, -1), offs=torch.tensor([4, 8], dtype=torch.int32, device=device))
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return _GROUPED_MM_OK[key]
+
+
+_GROUPED_MM_OK: dict[tuple, bool] = {}
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, padded: PaddedRows | None) -> torch.Tensor:
+    """``out[rows of slot s] = x[rows of slot s] @ weight[s]^T`` for rows grouped by slot.
+
+    Args:
+        x: ``[n, in]`` rows grouped by slot (slot 0's rows first).
+        weight: ``[S, out, in]``.
+        offsets: int32 ``[S]`` end row of each slot (cumulative counts) on ``x``'s device.
+        padded: the layout of the padded fallback, or None to use ``torch._grouped_mm``.
+
+    Returns:
+        ``[n, out]``; rows past ``offsets[-1]`` are unspecified (never read by the layer).
+    """
+    if padded is None:
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    S, width = weight.shape[0], padded.width
+    buf = x.new_zeros((S * width + 1, x.shape[1]))  # the last row takes the padding rows of x
+    buf.index_copy_(0, padded.dest, x)
+    y = torch.bmm(buf[: S * width].view(S, width, -1), weight.transpose(-2, -1)).view(S * width, -1)
+    return torch.cat([y, y.new_zeros((1, y.shape[1]))]).index_select(0, padded.dest)
+
+
+@dataclass(frozen=True)
+class PaddedRows:
+    """Where each grouped row sits in a ``[S, width]`` padded batch (the fallback of :func:`grouped_linear`).
+
+    Attributes:
+        dest: int64 ``[n]``: padded position ``slot * width + rank in slot`` of each row; rows past
+            the last slot (padding) map to ``S * width``, a spare row.
+        width: rows per slot in the padded batch (>= the largest slot count).
+    """
+
+    dest: torch.Tensor
+    width: int
+
+    @staticmethod
+    def from_counts(counts: torch.Tensor, rows: int, width: int) -> PaddedRows:
+        """Layout for ``rows`` rows grouped by slot with per-slot ``counts [S]`` (device; the rest is padding);
+        ``width`` >= the largest count (a host bound). Device ops only."""
+        width = max(width, 1)
+        S = counts.shape[0]
+        ends = torch.cumsum(counts, 0)
+        p = torch.arange(rows, device=counts.device)
+        slot = torch.searchsorted(ends, p, right=True)
+        real = slot < S
+        slot = slot.clamp(max=S - 1)
+        dest = slot * width + p - (ends - counts).index_select(0, slot)
+        return PaddedRows(dest=torch.where(real, dest, torch.full_like(dest, S * width)), width=width)
+
+
 class SlotExperts(nn.Module):
     """The expert MLPs of one rank's slots (inference: parameters do not require grad).
 
@@ -69,9 +149,12 @@ class SlotExperts(nn.Module):
         self.shapes = expert_weight_shapes(activation, hidden_size, ffn_size)
         self.expert_ids = tuple(int(e) for e in expert_ids)
         self.hidden_size, self.ffn_size, self.activation = hidden_size, ffn_size, activation
-        S = len(self.expert_ids)
-        for name, shape in self.shapes.items():
-            self.register_parameter(f"w_{name}", nn.Parameter(torch.zeros((S,) + shape, dtype=dtype, device=device), requires_grad=False))
+        S, h, f = len(self.expert_ids), hidden_size, ffn_size
+        first = (2 * f, h) if activation == "swiglu" else (f, h)
+        self.first_name = "w_gate_up" if activation == "swiglu" else "w_fc1"
+        self.second_name = "w_down" if activation == "swiglu" else "w_fc2"
+        self.register_parameter(self.first_name, nn.Parameter(torch.zeros((S,) + first, dtype=dtype, device=device), requires_grad=False))
+        self.register_parameter(self.second_name, nn.Parameter(torch.zeros((S, h, f), dtype=dtype, device=device), requires_grad=False))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -79,12 +162,22 @@ class SlotExperts(nn.Module):
         return len(self.expert_ids)
 
     @property
+    def w_first(self) -> torch.Tensor:
+        """``[S, 2f, h]`` (swiglu, gate then up) or ``[S, f, h]`` (gelu)."""
+        return getattr(self, self.first_name)
+
+    @property
+    def w_second(self) -> torch.Tensor:
+        """``[S, h, f]``."""
+        return getattr(self, self.second_name)
+
+    @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.parameters())).dtype
+        return self.w_first.dtype
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.parameters())).device
+        return self.w_first.device
 
     @property
     def floats_per_expert(self) -> int:
@@ -111,24 +204,35 @@ class SlotExperts(nn.Module):
     def load_slot(self, slot: int, state: ExpertState) -> None:
         """Copy one expert's weights (dict, see the module docstring) into ``slot``."""
         self.check_expert_state(state, self.expert_ids[slot])
-        for name in self.shapes:
-            getattr(self, f"w_{name}")[slot].copy_(state[name])
+        f = self.ffn_size
+        if self.activation == "swiglu":
+            self.w_first[slot, :f].copy_(state["gate"].t())
+            self.w_first[slot, f:].copy_(state["up"].t())
+            self.w_second[slot].copy_(state["down"].t())
+        else:
+            self.w_first[slot].copy_(state["fc1"].t())
+            self.w_second[slot].copy_(state["fc2"].t())
 
     def expert_state(self, slot: int) -> dict[str, torch.Tensor]:
-        """The weights held in ``slot`` (views)."""
-        return {name: getattr(self, f"w_{name}")[slot] for name in self.shapes}
+        """The weights held in ``slot`` in the dict layout of the module docstring (transposed views)."""
+        f = self.ffn_size
+        if self.activation == "swiglu":
+            return {"gate": self.w_first[slot, :f].t(), "up": self.w_first[slot, f:].t(), "down": self.w_second[slot].t()}
+        return {"fc1": self.w_first[slot].t(), "fc2": self.w_second[slot].t()}
 
     def flat_slot(self, slot: int) -> torch.Tensor:
-        """``[floats_per_expert]``: the slot's matrices flattened and concatenated (wire format)."""
-        return torch.cat([getattr(self, f"w_{name}")[slot].reshape(-1) for name in self.shapes])
+        """``[floats_per_expert]``: the slot's matrices in the dict layout, flattened and concatenated (wire format)."""
+        state = self.expert_state(slot)
+        return torch.cat([state[name].reshape(-1) for name in self.shapes])
 
     @torch.no_grad()
     def load_flat_slot(self, slot: int, flat: torch.Tensor) -> None:
         """Inverse of :meth:`flat_slot`."""
-        offset = 0
+        offset, state = 0, {}
         for name, (a, b) in self.shapes.items():
-            getattr(self, f"w_{name}")[slot].copy_(flat[offset: offset + a * b].view(a, b))
+            state[name] = flat[offset: offset + a * b].view(a, b)
             offset += a * b
+        self.load_slot(slot, state)
 
     @staticmethod
     def from_full_weights(expert_ids: Sequence[int], weights: WeightSource, hidden_size: int, ffn_size: int,
@@ -147,30 +251,37 @@ class SlotExperts(nn.Module):
         return experts
 
     # ------------------------------------------------------------------ compute
-    def forward(self, x: torch.Tensor, slot_counts: Sequence[int]) -> torch.Tensor:
-        """Run every slot's MLP on its rows.
+    def forward(self, x: torch.Tensor, slot_counts: torch.Tensor, max_rows_per_slot: int | None = None) -> torch.Tensor:
+        """Run every slot's MLP on its rows: two grouped GEMMs (gate/up fused, then down), no loop over slots.
 
         Args:
-            x: ``[n, h]`` rows grouped by slot (``slot_counts[0]`` rows of slot 0, then slot 1, ...).
-            slot_counts: S ints summing to n.
+            x: ``[n, h]`` rows grouped by slot (``slot_counts[0]`` rows of slot 0, then slot 1, ...);
+                rows past ``slot_counts.sum()`` (padding) are allowed and give unspecified output.
+            slot_counts: int ``[S]`` rows per slot, on ``x``'s device.
+            max_rows_per_slot: a host bound on the largest slot count, used only by the padded
+                fallback (default: ``n``, always safe).
 
         Returns:
             ``[n, h]`` expert outputs in the same order, dtype of ``x``.
         """
-        if len(slot_counts) != self.num_slots or sum(slot_counts) != x.shape[0]:
-            raise GraceInputError(f"slot_counts must be {self.num_slots} ints summing to {x.shape[0]} rows")
-        out = torch.empty_like(x)
-        start = 0
-        for s, n in enumerate(slot_counts):  # one matmul chain per slot with rows (S is small)
-            if n:
-                out[start: start + n] = self._mlp(x[start: start + n], s)
-            start += n
-        return out
-
-    def _mlp(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        if slot_counts.shape != (self.num_slots,):
+            raise GraceInputError(f"slot_counts must be [{self.num_slots}], got shape {tuple(slot_counts.shape)}")
+        n = x.shape[0]
+        if n == 0 or self.num_slots == 0:
+            return torch.zeros_like(x)
+        counts = slot_counts.to(torch.int64)
+        if grouped_mm_supported(x.dtype, x.device, torch.compiler.is_compiling()):
+            offsets, padded = torch.cumsum(counts, 0).to(torch.int32), None
+        else:
+            offsets = None
+            padded = PaddedRows.from_counts(counts, n, n if max_rows_per_slot is None else max_rows_per_slot)
+        hidden = grouped_linear(x, self.w_first, offsets, padded)  # [n, 2f] or [n, f]
         if self.activation == "swiglu":
-            return (F.silu(x @ self.w_gate[s]) * (x @ self.w_up[s])) @ self.w_down[s]
-        return F.gelu(x @ self.w_fc1[s]) @ self.w_fc2[s]
+            f = self.ffn_size
+            hidden = F.silu(hidden[:, :f]) * hidden[:, f:]
+        else:
+            hidden = F.gelu(hidden)
+        return grouped_linear(hidden, self.w_second, offsets, padded)
 
     def extra_repr(self) -> str:
         return f"slots={self.num_slots}, experts={list(self.expert_ids)}, hidden={self.hidden_size}, ffn={self.ffn_size}, {self.activation}"

@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_grace._ops import destination_histogram
+from megatron_grace import _ops
 from megatron_grace.dispatch import DISPATCH_MODES
-from megatron_grace.dispatch.all_to_all import GroupSpec, TrafficLog, all_to_all_uneven
+from megatron_grace.dispatch.all_to_all import GroupSpec, TrafficLog, all_to_all_uneven, mark_phase
 from megatron_grace.dispatch.flat import FlatDispatcher
 from megatron_grace.dispatch.hierarchical import HierarchicalDispatcher, HierarchicalGroups
 from megatron_grace.dispatch.pairs import RoutedPairs
+from megatron_grace.dispatch.static import DecodeOptions, StaticDispatcher
 from megatron_grace.errors import GraceInputError
 from megatron_grace.experts.mlp import ACTIVATIONS, SlotExperts, WeightSource, fetch_expert
 from megatron_grace.layer.counters import LayerCounters, link_types
@@ -117,8 +118,12 @@ class GraceMoELayer(nn.Module):
         seed: seed of the ``random`` policy.
         hierarchical_groups: pre-built sub-groups; needed for ``hierarchical`` when ``group`` is
             not the whole world (every process calls :meth:`HierarchicalGroups.build_all`).
-        timing: record phase times in the counters; None = on CPU only (on CUDA it synchronizes
-            the device at every phase boundary, which costs overlap).
+        counters: fill :attr:`last_counters` (traffic per GPU and link, per-slot load) after each
+            pass. Off by default: building them reads the split sizes and loads on the host.
+        timing: also record phase times in the counters (synchronises the device at every phase
+            boundary on a GPU); only with ``counters``.
+        decode: a :class:`DecodeOptions` to serve batches of at most ``decode.max_tokens`` tokens
+            with static shapes (fixed per-destination capacity; see :meth:`forward`); None = off.
 
     Set-up runs local checks and then one small all-gather, so a problem on any rank raises
     GraceInputError on every rank (never a hang).
@@ -127,7 +132,8 @@ class GraceMoELayer(nn.Module):
     def __init__(self, plan: PlacementPlan, layer: int, experts: SlotExperts, *, num_experts: int | None = None,
                  num_model_layers: int | None = None, group: Any = None, policy: str = "grace", dispatch: str = "flat",
                  predictor: LoadPredictor | None = None, grace_options: RoutingOptions | None = None, seed: int = 0,
-                 hierarchical_groups: HierarchicalGroups | None = None, timing: bool | None = None) -> None:
+                 hierarchical_groups: HierarchicalGroups | None = None, counters: bool = False, timing: bool = False,
+                 decode: DecodeOptions | None = None) -> None:
         super().__init__()
         rank, world = _rank_and_world(group)
         error = None
@@ -146,20 +152,26 @@ class GraceMoELayer(nn.Module):
         self.policy, self.dispatch_mode, self.seed = policy, dispatch, seed
         self.grace_options = grace_options or RoutingOptions()
         self.owns_predictor = predictor is None
-        self.predictor = predictor if predictor is not None else LoadPredictor(plan)
+        self.predictor = predictor if predictor is not None else LoadPredictor(plan, device=experts.device)
+        if self.predictor.device != experts.device:
+            self.predictor.to(experts.device)
         self.table = ReplicaTable.from_plan(plan, layer, device=experts.device)
-        self.timing = timing if timing is not None else experts.device.type == "cpu"
+        self.counters, self.timing = counters, counters and timing
+        self.decode = decode
         self.step = 0
+        # device-side state: the step counter the grace policy reads, and the decode overflow count
+        self.register_buffer("step_counter", torch.zeros((), dtype=torch.int64, device=experts.device), persistent=False)
+        self.register_buffer("overflow_pairs", torch.zeros((), dtype=torch.int64, device=experts.device), persistent=False)
         self.last_counters: LayerCounters | None = None
         self.last_route: RouteDecision | None = None
         max_slots = int(plan.slots_used[layer].max())
         local_slots = experts.num_slots
         gpn = plan.topology.gpus_per_node
         self._link = link_types(rank, world, gpn)
+        flat_spec = GroupSpec(group, world, rank, tuple(range(world)))
+        self.static_dispatcher = StaticDispatcher(flat_spec, max_slots, local_slots) if decode is not None else None
         if dispatch == "flat":
-            peers = tuple(range(world))
-            self.dispatcher: FlatDispatcher | HierarchicalDispatcher = FlatDispatcher(GroupSpec(group, world, rank, peers), max_slots,
-                                                                                      local_slots)
+            self.dispatcher: FlatDispatcher | HierarchicalDispatcher = FlatDispatcher(flat_spec, max_slots, local_slots)
         else:
             groups = hierarchical_groups if hierarchical_groups is not None else HierarchicalGroups.build(gpn, group)
             self.dispatcher = HierarchicalDispatcher(groups, max_slots, local_slots)
@@ -273,29 +285,64 @@ class GraceMoELayer(nn.Module):
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def forward(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, static: bool | None = None) -> torch.Tensor:
         """MoE output for this rank's tokens.
+
+        Two paths compute the same result:
+
+        - **dynamic** (default): uneven all-to-alls sized to the batch; one host synchronisation
+          per all-to-all phase (the split sizes, one batched copy), none elsewhere.
+        - **static** (decode): with ``decode`` options and at most ``decode.max_tokens`` tokens, a
+          fixed capacity of rows per destination GPU, equal-split all-to-alls and fixed-size
+          buffers: no host synchronisation at all, so the step can be captured in a CUDA graph
+          (:class:`megatron_grace.layer.decode_graph.DecodeGraph`). Pairs beyond a destination's
+          capacity are never dropped silently: they are counted in :attr:`overflow_pairs`
+          (device), and :meth:`overflowed` / ``DecodeGraph`` re-run that step on the dynamic path.
 
         Args:
             hidden: ``[T, h]`` (or ``[..., h]``, flattened to T rows) hidden states, dtype of the experts.
             topk_ids: int ``[T, k]`` router choices (logical experts), -1 = dropped.
             topk_weights: float ``[T, k]`` gate weights (ignored where dropped).
             positions: optional int ``[T]`` token positions (``position`` policy).
+            static: force the static (True) or dynamic (False) path; None = static when the
+                layer has decode options and ``T <= decode.max_tokens``.
 
         Returns:
             ``[T, h]`` (shape of ``hidden``): ``sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])``.
 
         Raises:
-            GraceInputError: malformed inputs (shapes, dtype, expert ids out of range). These are
-                checked locally before this pass's first collective; the other ranks are then
+            GraceInputError: malformed inputs (shapes, dtype; expert ids out of range in debug
+                mode). Raised locally before this pass's first collective; the other ranks are then
                 left inside their all-to-all, so treat the error as fatal for the job (unlike the
                 set-up checks, which are agreed across ranks).
         """
-        log = TrafficLog(self.world_size, timing=self.timing, sync=self._sync())
         shape = hidden.shape
+        x, ids = self._check_inputs(hidden, topk_ids, topk_weights)
+        T = x.shape[0]
+        if static is None:
+            static = self.decode is not None and T <= self.decode.max_tokens
+        if static:
+            return self._forward_static(x, ids, topk_weights, positions).reshape(shape)
+        log = TrafficLog(self.world_size, timing=self.timing, sync=self._sync()) if self.counters else None
+        pairs, pairs_per_gpu, copy = self._route(ids, topk_weights, positions)
+        mark_phase(log, "route")
+        rows, slot_counts, host_counts, handle = self.dispatcher.dispatch(x, pairs, log)
+        y = self.experts(rows, slot_counts, max(host_counts, default=0))
+        mark_phase(log, "experts")
+        out = self.dispatcher.combine(y, handle, log)
+        self._observe(pairs_per_gpu)
+        mark_phase(log, "route")
+        if log is not None:
+            self._record_counters(log, T, pairs, pairs_per_gpu, host_counts)
+        self.last_route = RouteDecision(copy=copy, gpu=pairs.gpu.view(T, -1), slot=pairs.slot.view(T, -1))
+        self.step += 1
+        return out.reshape(shape)
+
+    def _check_inputs(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape and dtype checks (host metadata only); ``(x [T, h], ids int64 [T, k])``."""
         h = self.experts.hidden_size
-        if shape[-1] != h:
-            raise GraceInputError(f"hidden states have width {shape[-1]}, the experts {h}")
+        if hidden.shape[-1] != h:
+            raise GraceInputError(f"hidden states have width {hidden.shape[-1]}, the experts {h}")
         x = hidden.reshape(-1, h)
         T = x.shape[0]
         if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
@@ -303,36 +350,65 @@ class GraceMoELayer(nn.Module):
                                   f"{tuple(topk_weights.shape)}")
         if x.dtype != self.experts.dtype:
             raise GraceInputError(f"hidden states are {x.dtype}, the experts {self.experts.dtype}")
-        ids = topk_ids.long()
-        # 1. route: which copy of each chosen expert
+        return x, topk_ids.long()
+
+    def _route(self, ids: torch.Tensor, topk_weights: torch.Tensor, positions: torch.Tensor | None
+               ) -> tuple[RoutedPairs, torch.Tensor, torch.Tensor]:
+        """Copy choice on the device: ``(pairs, pairs per GPU int64 [G], copy [T, k])``."""
         pred = None
         if self.policy == "grace":
-            pred = self.predictor.predict(self.layer_index, pairs=float(max(int((ids >= 0).sum()), 1)))
-        copy = choose_copies(self.policy, ids, self.rank, self.table, pred, step=self.step, seed=self.seed, positions=positions,
-                             options=self.grace_options)
+            pred = self.predictor.predict(self.layer_index, pairs=(ids >= 0).sum().clamp(min=1))
+        copy = choose_copies(self.policy, ids, self.rank, self.table, pred, step=self.step_counter, seed=self.seed,
+                             positions=positions, options=self.grace_options)
         gpu, slot = copy_destinations(ids, copy, self.table)
         pairs = RoutedPairs.from_router(gpu, slot, topk_weights)
-        pairs_per_gpu = destination_histogram(pairs.gpu, self.world_size)
-        log.tick("route")
-        # 2-4. dispatch, experts, combine
-        rows, slot_counts, handle = self.dispatcher.dispatch(x, pairs, log)
-        y = self.experts(rows, slot_counts)
-        log.tick("experts")
-        out = self.dispatcher.combine(y, handle, log)
-        # bookkeeping
-        observed = pairs_per_gpu.cpu()
-        self.predictor.observe(observed, layer=self.layer_index)
+        return pairs, _ops.destination_histogram(pairs.gpu, self.world_size), copy
+
+    def _observe(self, pairs_per_gpu: torch.Tensor) -> None:
+        """Feed the load predictor (device add) and advance the device step counter."""
+        self.predictor.observe(pairs_per_gpu, layer=self.layer_index)
         if self.owns_predictor:
             self.predictor.end_step()
-        log.tick("route")
+        self.step_counter.add_(1)
+
+    def _forward_static(self, x: torch.Tensor, ids: torch.Tensor, topk_weights: torch.Tensor, positions: torch.Tensor | None
+                        ) -> torch.Tensor:
+        """The decode path: static shapes, no host synchronisation (see :meth:`forward`)."""
+        if self.static_dispatcher is None:
+            raise GraceInputError("static (decode) forward needs the layer to be built with decode=DecodeOptions(...)")
+        T, k = ids.shape
+        pairs, pairs_per_gpu, copy = self._route(ids, topk_weights, positions)
+        capacity = self.decode.capacity(T, k, self.world_size)
+        rows, slot_counts, handle = self.static_dispatcher.dispatch(x, pairs, capacity)
+        y = self.experts(rows, slot_counts, rows.shape[0])
+        out = self.static_dispatcher.combine(y, handle)
+        self.overflow_pairs.add_(handle.overflow)
+        self._observe(pairs_per_gpu)
+        self.last_route = RouteDecision(copy=copy, gpu=pairs.gpu.view(T, -1), slot=pairs.slot.view(T, -1))
+        self.step += 1
+        return out
+
+    def overflowed(self, reset: bool = True) -> bool:
+        """Whether any static (decode) step since the last call had pairs beyond a destination's capacity.
+
+        Reads one device scalar (a host synchronisation): call it once per model step, where the
+        engine synchronises anyway (e.g. on the sampled tokens); :class:`~megatron_grace.layer.
+        decode_graph.DecodeGraph` does this for all layers at once and re-runs the step on the
+        dynamic path when it is true.
+        """
+        value = int(self.overflow_pairs.item())
+        if reset:
+            self.overflow_pairs.zero_()
+        return value > 0
+
+    def _record_counters(self, log: TrafficLog, T: int, pairs: RoutedPairs, pairs_per_gpu: torch.Tensor, slot_counts: list[int]) -> None:
+        """Opt-in bookkeeping (host reads): :attr:`last_counters`."""
         log.times["total"] = sum(log.times.values())
-        self.last_route = RouteDecision(copy=copy, gpu=gpu, slot=slot)
+        per_gpu = pairs_per_gpu.cpu().numpy().astype(np.int64)
         self.last_counters = LayerCounters(
             step=self.step, layer=self.layer_index, rank=self.rank, mode=self.dispatch_mode, policy=self.policy, tokens=T,
-            pairs=pairs.size, pairs_per_gpu=observed.numpy().astype(np.int64), slot_load=np.asarray(slot_counts, dtype=np.int64),
+            pairs=int(per_gpu.sum()), pairs_per_gpu=per_gpu, slot_load=np.asarray(slot_counts, dtype=np.int64),
             link=self._link, traffic=log, times=dict(log.times))
-        self.step += 1
-        return out.reshape(shape)
 
     def _sync(self):
         dev = self.experts.device

@@ -21,18 +21,17 @@ prediction stays at its last value. Every rank must call :meth:`observe` and :me
 each step (the merge is a collective).
 
 Robustness: observed counts with NaN, infinite or negative values raise GraceInputError (they
-are a bug upstream). A predictor not updated for ``stale_after`` steps warns once and falls
+are a bug upstream; device tensors are checked in debug mode only, host arrays always). A predictor not updated for ``stale_after`` steps warns once and falls
 back to the plan's statistics, which is the safe choice.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections import deque
-
 import numpy as np
 import torch
 
+from megatron_grace._debug import debug_enabled
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.placement import PlacementPlan
 
@@ -79,6 +78,10 @@ def static_gpu_load(plan: PlacementPlan, expert_load: np.ndarray | None = None) 
 class LoadPredictor:
     """Per-GPU load prediction for one rank (see the module docstring).
 
+    The state lives in float64 torch tensors on ``device`` (the layer's device), so observing,
+    updating and predicting never leave the GPU; the merge across ranks is an all-reduce of a
+    device tensor over ``group`` (NCCL or gloo, whichever backs the group).
+
     Args:
         plan: the placement plan (fixes L and G).
         expert_load: float ``[L, E]`` profiled load for the start-up values (default: the plan's).
@@ -88,10 +91,12 @@ class LoadPredictor:
         sync_every: merge counts across ranks every N steps (0 = never).
         group: torch.distributed process group for merging (None = default group).
         stale_after: steps without an observation after which the plan's statistics are used.
+        device: where the state lives (default CPU; :meth:`to` moves it).
     """
 
     def __init__(self, plan: PlacementPlan, expert_load: np.ndarray | None = None, mode: str = "ema", alpha: float = 0.25,
-                 window: int = 8, sync_every: int = 0, group=None, stale_after: int = 1000) -> None:
+                 window: int = 8, sync_every: int = 0, group=None, stale_after: int = 1000,
+                 device: torch.device | str | None = None) -> None:
         if mode not in PREDICTOR_MODES:
             raise GraceInputError(f"unknown load-predictor mode {mode!r}; known: {', '.join(PREDICTOR_MODES)}")
         if not 0 < alpha <= 1:
@@ -103,85 +108,101 @@ class LoadPredictor:
         self.mode, self.alpha, self.window, self.sync_every, self.group = mode, alpha, window, sync_every, group
         self.stale_after = stale_after
         static = static_gpu_load(plan, expert_load)
-        self._static_share = static / np.maximum(static.sum(axis=1, keepdims=True), 1e-12)  # [L, G], rows sum to 1
-        self._share = self._static_share.copy()
-        self._history: deque[np.ndarray] = deque(maxlen=window)
-        self._pending = np.zeros((self.num_layers, self.num_gpus))
+        share = static / np.maximum(static.sum(axis=1, keepdims=True), 1e-12)  # [L, G], rows sum to 1
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self._static_share = torch.from_numpy(share).to(dev)
+        self._share = self._static_share.clone()
+        self._pending = torch.zeros_like(self._share)
+        self._history = torch.zeros((window,) + tuple(self._share.shape), dtype=torch.float64, device=dev)
+        self._history_len = 0
+        self._history_pos = 0
+        self._observed_this_step = False
         self._steps_since_update = 0
         self._warned_stale = False
         self.step = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._share.device
+
+    def to(self, device: torch.device | str) -> LoadPredictor:
+        """Move the state to ``device`` (in place); returns self."""
+        for name in ("_static_share", "_share", "_pending", "_history"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
 
     # ------------------------------------------------------------------ observe
     def observe(self, counts: torch.Tensor | np.ndarray, layer: int | None = None) -> None:
         """Record observed pairs per GPU: ``[L, G]`` for all layers, or ``[G]`` with ``layer``.
 
-        Counting a step's layers one by one (``layer=l``) is allowed; call :meth:`end_step`
-        after the last layer of a forward pass.
+        A device tensor is added on the device (no host synchronisation; its values are checked
+        only in debug mode); host data (numpy, lists) is checked always. Counting a step's layers
+        one by one (``layer=l``) is allowed; call :meth:`end_step` after the last layer.
         """
-        arr = counts.detach().double().cpu().numpy() if isinstance(counts, torch.Tensor) else np.asarray(counts, dtype=np.float64)
-        if not np.isfinite(arr).all() or (arr < 0).any():
-            raise GraceInputError("load predictor was fed NaN, infinite or negative counts")
+        on_host = not isinstance(counts, torch.Tensor)
+        arr = torch.as_tensor(np.asarray(counts, dtype=np.float64)) if on_host else counts.detach()
+        want = (self.num_layers, self.num_gpus) if layer is None else (self.num_gpus,)
+        if tuple(arr.shape) != want or (layer is not None and not 0 <= layer < self.num_layers):
+            where = "" if layer is None else f" for a layer in [0, {self.num_layers}), got layer {layer}"
+            raise GraceInputError(f"counts must be {'[layers, GPUs]' if layer is None else '[GPUs]'} = {want}{where}, got shape "
+                                  f"{tuple(arr.shape)} (a plan for another topology?)")
+        if on_host or debug_enabled():
+            if not bool(torch.isfinite(arr).all()) or bool((arr < 0).any()):
+                raise GraceInputError("load predictor was fed NaN, infinite or negative counts")
+        arr = arr.to(device=self.device, dtype=torch.float64)
         if layer is None:
-            if arr.shape != (self.num_layers, self.num_gpus):
-                raise GraceInputError(f"counts must be [layers, GPUs] = {(self.num_layers, self.num_gpus)}, got {arr.shape} (a plan for another topology?)")
-            self._pending += arr
+            self._pending.add_(arr)
         else:
-            if arr.shape != (self.num_gpus,) or not 0 <= layer < self.num_layers:
-                raise GraceInputError(f"counts must be [GPUs] = ({self.num_gpus},) for a layer in [0, {self.num_layers}), got {arr.shape} at layer {layer}")
-            self._pending[layer] += arr
+            self._pending[layer].add_(arr)
         self._observed_this_step = True
 
     def end_step(self) -> None:
         """Close a forward pass: merge across ranks when due, then update the prediction.
 
         With ``sync_every`` the merge is a collective: it runs on every N-th step whether or not
-        this rank observed anything, so that no rank waits for another.
+        this rank observed anything, so that no rank waits for another. The update itself is a
+        few in-place device ops (a layer with no traffic keeps its prediction).
         """
         self.step += 1
-        observed = getattr(self, "_observed_this_step", False)
+        observed = self._observed_this_step
         self._observed_this_step = False
         if self.sync_every:
             if self.step % self.sync_every != 0:
                 if not observed:
                     self._steps_since_update += 1
                 return
-            counts = self._all_reduce(self._pending)
-        elif observed:
-            counts = self._pending
-        else:
+            self._all_reduce(self._pending)
+        elif not observed:
             self._steps_since_update += 1
             return
-        self._pending = np.zeros_like(self._pending)
-        if counts.sum() > 0:
-            self._update(counts)
-        else:
-            self._steps_since_update += 1
+        self._update(self._pending)
+        self._pending.zero_()
 
-    def _all_reduce(self, counts: np.ndarray) -> np.ndarray:
+    def _all_reduce(self, counts: torch.Tensor) -> None:
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return counts
-        t = torch.from_numpy(counts.copy())
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t.numpy()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.group)
 
-    def _update(self, counts: np.ndarray) -> None:
+    def _update(self, counts: torch.Tensor) -> None:
         self._steps_since_update = 0
         self._warned_stale = False
         if self.mode == "static":
             return
-        totals = counts.sum(axis=1, keepdims=True)
-        share = np.where(totals > 0, counts / np.maximum(totals, 1e-12), self._share)  # layers without traffic keep theirs
+        totals = counts.sum(dim=1, keepdim=True)
+        share = torch.where(totals > 0, counts / totals.clamp(min=1e-12), self._share)  # layers without traffic keep theirs
         if self.mode == "ema":
-            self._share = (1 - self.alpha) * self._share + self.alpha * share
+            self._share.mul_(1 - self.alpha).add_(share, alpha=self.alpha)
         else:
-            self._history.append(share)
-            self._share = np.mean(np.stack(self._history), axis=0)
+            self._history[self._history_pos].copy_(share)
+            self._history_pos = (self._history_pos + 1) % self.window
+            self._history_len = min(self._history_len + 1, self.window)
+            self._share.copy_(self._history[: self._history_len].mean(dim=0) if self._history_len < self.window
+                              else self._history.mean(dim=0))
 
     # ------------------------------------------------------------------ predict
-    def predict_share(self, layer: int) -> np.ndarray:
-        """float64 ``[G]``: predicted share of the layer's pairs that each GPU will receive."""
+    def predict_share(self, layer: int) -> torch.Tensor:
+        """float64 ``[G]`` on the predictor's device: predicted share of the layer's pairs that each GPU will receive."""
         if not 0 <= layer < self.num_layers:
             raise GraceInputError(f"layer {layer} outside [0, {self.num_layers})")
         if self.mode != "static" and self._steps_since_update >= self.stale_after:
@@ -189,9 +210,13 @@ class LoadPredictor:
                 warnings.warn(f"load predictor has had no observation for {self._steps_since_update} steps; "
                               "falling back to the plan's statistics", RuntimeWarning, stacklevel=2)
                 self._warned_stale = True
-            return self._static_share[layer].copy()
-        return self._share[layer].copy()
+            return self._static_share[layer].clone()
+        return self._share[layer].clone()
 
-    def predict(self, layer: int, pairs: float = 1.0) -> torch.Tensor:
-        """float64 ``[G]`` predicted pairs per GPU for a step routing ``pairs`` pairs at ``layer``."""
-        return torch.from_numpy(self.predict_share(layer) * pairs)
+    def predict(self, layer: int, pairs: float | torch.Tensor = 1.0) -> torch.Tensor:
+        """float64 ``[G]`` predicted pairs per GPU for a step routing ``pairs`` pairs at ``layer`` (a float or a 0-d
+        device tensor, e.g. the count of valid router choices, so that no host read is needed)."""
+        share = self.predict_share(layer)
+        if isinstance(pairs, torch.Tensor):
+            return share * pairs.to(device=share.device, dtype=torch.float64)
+        return share * float(pairs)

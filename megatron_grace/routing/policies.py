@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_grace import _ops
+from megatron_grace._debug import debug_enabled
+from megatron_grace._segments import rank_in_group
 from megatron_grace.errors import GraceInputError
 from megatron_grace.routing.replica_table import ReplicaTable
 
@@ -66,40 +68,35 @@ class RoutingOptions:
 
 
 def _check_inputs(topk_ids: torch.Tensor, src_gpu: torch.Tensor | int, table: ReplicaTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids int64 [T, k], src int64 [T])``; shapes are always checked, values only in debug mode (they need a host sync)."""
     if topk_ids.dim() != 2:
         raise GraceInputError(f"topk_ids must be [tokens, k], got shape {tuple(topk_ids.shape)}")
     if topk_ids.dtype not in (torch.int32, torch.int64, torch.int16):
         raise GraceInputError(f"topk_ids must be integers, got {topk_ids.dtype}")
     ids = topk_ids.long()
-    if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= table.num_experts):
-        raise GraceInputError(f"topk_ids out of range [-1, {table.num_experts})")
     T = ids.shape[0]
-    src = torch.as_tensor(src_gpu, dtype=torch.int64, device=ids.device)
-    src = src.expand(T) if src.dim() == 0 else src
+    if isinstance(src_gpu, torch.Tensor):
+        src = src_gpu.to(device=ids.device, dtype=torch.int64)
+        src = src.expand(T) if src.dim() == 0 else src
+    else:
+        src = torch.full((T,), int(src_gpu), dtype=torch.int64, device=ids.device)
     if src.shape != (T,):
         raise GraceInputError(f"src_gpu must be a scalar or [tokens]={T}, got shape {tuple(src.shape)}")
-    if T and (int(src.min()) < 0 or int(src.max()) >= table.num_gpus):
-        raise GraceInputError(f"src_gpu out of range [0, {table.num_gpus})")
+    if debug_enabled():
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= table.num_experts):
+            raise GraceInputError(f"topk_ids out of range [-1, {table.num_experts})")
+        if T and (int(src.min()) < 0 or int(src.max()) >= table.num_gpus):
+            raise GraceInputError(f"src_gpu out of range [0, {table.num_gpus})")
     return ids, src
 
 
-def _group_rank(keys: torch.Tensor) -> torch.Tensor:
-    """int64 ``[n]``: rank of each entry among equal keys, in array order (one stable sort)."""
-    n = keys.numel()
-    if n == 0:
-        return torch.zeros(0, dtype=torch.int64, device=keys.device)
-    sorted_keys, order = torch.sort(keys, stable=True)
-    new_group = torch.ones(n, dtype=torch.bool, device=keys.device)
-    new_group[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    idx = torch.arange(n, device=keys.device)
-    start = torch.cummax(torch.where(new_group, idx, torch.zeros_like(idx)), dim=0).values
-    rank = torch.empty_like(idx)
-    rank[order] = idx - start
-    return rank
-
-
 def _pick_by_quota(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Column whose cumulative-weight interval contains ``u * total``; weights ``[P, R]`` >= 0, some > 0."""
+    """Column whose cumulative-weight interval contains ``u * total``; weights ``[P, R]`` >= 0.
+
+    A row of zeros (no candidate: a dropped pair) picks column 0, as the compiled kernels do.
+    """
+    none = weights.sum(1, keepdim=True) == 0
+    weights = torch.cat([torch.where(none, torch.ones_like(weights[:, :1]), weights[:, :1]), weights[:, 1:]], dim=1)
     cw = torch.cumsum(weights, dim=1)
     total = cw[:, -1:]
     target = torch.minimum(u[:, None] * total, total * (1 - 1e-9))
@@ -127,20 +124,26 @@ def choose_copies(
     src_gpu: torch.Tensor | int,
     table: ReplicaTable,
     predicted_load: torch.Tensor | None = None,
-    step: int = 0,
+    step: int | torch.Tensor = 0,
     seed: int = 0,
     positions: torch.Tensor | None = None,
     options: RoutingOptions | None = None,
 ) -> torch.Tensor:
     """Pick a copy for every (token, expert) pair.
 
+    Runs entirely on ``topk_ids``' device with no host synchronisation for ``primary``,
+    ``position``, ``static-local`` and ``grace`` (``random`` draws on the host generator), so it
+    can be captured in a CUDA graph. Value checks (ids and GPUs in range, finite predictions)
+    run only in debug mode (:mod:`megatron_grace._debug`).
+
     Args:
         policy: one of :data:`POLICY_NAMES`.
         topk_ids: int ``[T, k]`` router choices, -1 = dropped.
-        src_gpu: int scalar or ``[T]``: the GPU (global rank) each token is on.
-        table: the layer's :class:`ReplicaTable`.
+        src_gpu: int scalar or int ``[T]`` (or 0-d) tensor: the GPU (global rank) each token is on.
+        table: the layer's :class:`ReplicaTable` (on the same device as ``topk_ids``).
         predicted_load: float ``[G]`` predicted pairs per GPU (``grace``); None = equal.
-        step: forward-pass counter (varies ``random`` and ``grace``'s offsets between steps).
+        step: forward-pass counter, an int or a 0-d tensor on the device (varies ``random`` and
+            ``grace``'s offsets between steps; a tensor keeps a captured graph valid across steps).
         seed: seed of ``random``.
         positions: int ``[T]`` token positions for ``position`` (default ``arange(T)``).
         options: :class:`RoutingOptions` for ``grace``.
@@ -149,26 +152,21 @@ def choose_copies(
         int64 ``[T, k]`` copy index into ``table.hosts[expert]``; -1 where ``topk_ids`` is -1.
     """
     ids, src = _check_inputs(topk_ids, src_gpu, table)
-    if policy == "grace":
-        predicted_load = _check_predicted_load(predicted_load, table.num_gpus, ids.device)
     T, k = ids.shape
-    if policy == "grace" and table.max_copies > 1:
-        spare, mean, hot, offload = _grace_parameters(predicted_load, options or RoutingOptions(), table.max_copies)
-        choose = _ops.grace_choose_copies if _ops.native_for(ids.device, "grace_choose_copies") else grace_choose_copies_torch
-        return choose(ids, src, table.hosts, table.copies, spare, predicted_load, table.gpus_per_node, int(step), mean, hot, offload)
+    if policy == "grace":
+        pred = _check_predicted_load(predicted_load, table.num_gpus, ids.device)
+        if table.max_copies > 1:
+            spare, params, offload = _grace_parameters(pred, options or RoutingOptions(), table.max_copies, step)
+            return _ops.grace_choose_copies(ids, src, table.hosts, table.copies, spare, pred, params, table.gpus_per_node, offload)
     valid = ids >= 0
     copies = table.copies[ids.clamp(min=0)]  # [T, k]
-    if policy == "primary" or table.max_copies == 1:
+    if policy in ("primary", "grace") or table.max_copies == 1:
         out = torch.zeros_like(ids)
     elif policy == "static-local":
-        # Only pairs whose expert has several copies need a choice; work on those alone.
-        out = torch.zeros_like(ids)
-        multi = (copies > 1) & valid
-        if bool(multi.any()):
-            t_idx, j_idx = torch.nonzero(multi, as_tuple=True)
-            out[t_idx, j_idx] = _static_local(ids[t_idx, j_idx][:, None], src[t_idx], table)[:, 0]
+        out = torch.where(copies > 1, _static_local(ids, src, table), torch.zeros_like(ids))
     elif policy == "random":
-        gen = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + int(step))
+        step_value = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+        gen = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + step_value)
         u = torch.rand((T, k), generator=gen, dtype=torch.float64).to(ids.device)
         out = torch.minimum((u * copies).long(), copies - 1)
     elif policy == "position":
@@ -197,43 +195,68 @@ def _hash_uniform(key: torch.Tensor) -> torch.Tensor:
 
 
 def _check_predicted_load(predicted_load: torch.Tensor | None, num_gpus: int, device: torch.device) -> torch.Tensor:
-    """float64 ``[G]`` predicted load (ones when None); NaN, negative or mis-shaped input raises."""
+    """float64 ``[G]`` predicted load on ``device`` (ones when None); a wrong shape raises, and in debug mode
+    NaN, infinite or negative values raise too."""
     if predicted_load is None:
         return torch.ones(num_gpus, dtype=torch.float64, device=device)
-    pred = torch.as_tensor(predicted_load, dtype=torch.float64, device=device)
+    pred = torch.as_tensor(predicted_load).to(device=device, dtype=torch.float64)
     if pred.shape != (num_gpus,):
         raise GraceInputError(f"predicted_load must have one entry per GPU ({num_gpus}), got shape {tuple(pred.shape)} (a plan for another topology?)")
-    if not torch.isfinite(pred).all() or (pred < 0).any():
+    if debug_enabled() and (not torch.isfinite(pred).all() or (pred < 0).any()):
         raise GraceInputError("predicted_load contains NaN, infinite or negative values")
     return pred
 
 
 def _static_local(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable) -> torch.Tensor:
+    """The ``static-local`` copy of every pair ``ids [T, k]`` from ``src [T]`` (dense; callers mask single-copy and dropped pairs)."""
     cand, present, on_gpu, on_node = tier_masks(ids, src, table)
     mask = torch.where(on_gpu.any(-1, keepdim=True), on_gpu, torch.where(on_node.any(-1, keepdim=True), on_node, present))
     key = src[:, None] * table.num_experts + ids.clamp(min=0)  # fixed per (source GPU, expert)
     u = _hash_uniform(key).reshape(-1)
     w = mask.reshape(-1, mask.shape[-1]).double()
-    w[w.sum(1) == 0, 0] = 1.0  # dropped pairs: any column, masked later
     return _pick_by_quota(w, u).reshape(ids.shape)
 
 
-def _grace_parameters(pred: torch.Tensor, options: RoutingOptions, max_copies: int) -> tuple[torch.Tensor, float, float, bool]:
-    """``(spare [G] float64, mean, hot_threshold, offload)`` of the ``grace`` policy for predicted loads ``pred [G]``."""
+def _grace_parameters(pred: torch.Tensor, options: RoutingOptions, max_copies: int, step: int | torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(spare [G] float64, params [3] float64 = (step, mean, hot_threshold), offload)`` of the ``grace`` policy for
+    predicted loads ``pred [G]``; all on ``pred``'s device, no host synchronisation."""
     mean = pred.mean()
     top = pred.max()
     spare = ((1.0 + options.headroom) * top - pred).clamp(min=0) + 1e-9 * (top + 1.0)  # [G], > 0
     offload = options.offload_threshold != float("inf") and max_copies > 1
-    hot = float(options.offload_threshold * mean) if offload else float("inf")
-    return spare, float(mean), hot, offload
+    hot = options.offload_threshold * mean if offload else torch.full_like(mean, float("inf"))
+    step_t = step.to(device=pred.device, dtype=torch.float64).reshape(()) if isinstance(step, torch.Tensor) else \
+        torch.full((), float(step), dtype=torch.float64, device=pred.device)
+    return spare, torch.stack([step_t, mean, hot]), offload
 
 
-def _grace_pick_torch(ids: torch.Tensor, src: torch.Tensor, hosts: torch.Tensor, spare: torch.Tensor, pred: torch.Tensor, gpn: int,
-                      step: int, mean: float, hot_threshold: float, offload: bool) -> torch.Tensor:
-    """The grace choice for pairs ``ids [P, 1]`` (all valid, multi-copy) from ``src [P]``: the pure-torch reference."""
+def grace_choose_copies_torch(ids: torch.Tensor, src: torch.Tensor, hosts: torch.Tensor, copies: torch.Tensor, spare: torch.Tensor,
+                              pred: torch.Tensor, params: torch.Tensor, gpn: int, offload: bool) -> torch.Tensor:
+    """Pure-torch ``grace`` choice for all pairs ``ids [T, k]``: the reference of the compiled
+    ``grace::grace_choose_copies`` (same arguments, see :func:`megatron_grace._ops.grace_choose_copies`).
+
+    Dense over all pairs (no ``nonzero``): every pair is evaluated and single-copy or dropped
+    pairs are masked at the end (0 and -1). A dropped pair gets group key -1, so it never shifts
+    the in-group rank of a real pair.
+
+    Args:
+        ids: int64 ``[T, k]`` experts, -1 = dropped.  src: int64 ``[T]`` source GPU.
+        hosts: int64 ``[E, R]``; copies: int64 ``[E]``; spare, pred: float64 ``[G]``.
+        params: float64 ``[3]``: ``(step, mean predicted load, hot threshold)``.
+        gpn: GPUs per node.  offload: whether a hot local GPU may hand its pairs to a roomy same-node copy.
+
+    Returns:
+        int64 ``[T, k]`` copy index; -1 for dropped pairs, 0 for single-copy experts.
+    """
+    ids = ids.long()
+    src = src.long()
+    spare, pred, params = spare.double(), pred.double(), params.double()
+    step, mean, hot_threshold = params[0], params[1], params[2]
+    valid = ids >= 0
     safe = ids.clamp(min=0)
-    cand = hosts[safe]  # [P, 1, R]
-    present = (cand >= 0) & (ids >= 0)[..., None]
+    cand = hosts[safe]  # [T, k, R]
+    present = (cand >= 0) & valid[..., None]
     on_gpu = present & (cand == src[:, None, None])
     on_node = present & (torch.div(cand, gpn, rounding_mode="floor") == torch.div(src, gpn, rounding_mode="floor")[:, None, None])
     has_gpu = on_gpu.any(-1, keepdim=True)
@@ -241,30 +264,15 @@ def _grace_pick_torch(ids: torch.Tensor, src: torch.Tensor, hosts: torch.Tensor,
     mask = torch.where(has_gpu, on_gpu, torch.where(has_node, on_node, present))
     if offload:
         safe_cand = cand.clamp(min=0)
-        local_hot = pred[src] > hot_threshold  # [P]
-        roomy_peer = (on_node & ~on_gpu & (pred[safe_cand] < mean)).any(-1, keepdim=True)  # [P, 1, 1]
+        local_hot = pred[src] > hot_threshold  # [T]
+        roomy_peer = (on_node & ~on_gpu & (pred[safe_cand] < mean)).any(-1, keepdim=True)  # [T, k, 1]
         mask = torch.where(has_gpu & roomy_peer & local_hot[:, None, None], on_node, mask)
     weights = torch.where(mask, spare[cand.clamp(min=0)], torch.zeros((), dtype=torch.float64, device=ids.device))
-    flat_w = weights.reshape(-1, weights.shape[-1])
-    flat_w[flat_w.sum(1) == 0, 0] = 1.0  # dropped pairs
     num_experts = hosts.shape[0]
-    key = (src[:, None] * num_experts + ids.clamp(min=0)).reshape(-1)  # group = (source GPU, expert)
-    rank = _group_rank(key)
-    offset = torch.frac(key.double() * _R2_A + float(step) * _R2_B)
+    key = torch.where(valid, src[:, None] * num_experts + safe, torch.full_like(ids, -1)).reshape(-1)  # group = (source GPU, expert)
+    rank = rank_in_group(key)
+    offset = torch.frac(key.double() * _R2_A + step * _R2_B)
     u = torch.frac(offset + (rank.double() + 0.5) * _PHI)
-    return _pick_by_quota(flat_w, u).reshape(ids.shape)
-
-
-def grace_choose_copies_torch(ids: torch.Tensor, src: torch.Tensor, hosts: torch.Tensor, copies: torch.Tensor, spare: torch.Tensor,
-                              pred: torch.Tensor, gpn: int, step: int, mean: float, hot_threshold: float, offload: bool) -> torch.Tensor:
-    """Pure-torch ``grace`` choice for all pairs ``ids [T, k]`` (-1 dropped, 0 for single-copy experts); the
-    reference of the compiled ``grace::grace_choose_copies`` (same arguments, see :func:`megatron_grace._ops.grace_choose_copies`)."""
-    valid = ids >= 0
-    out = torch.zeros_like(ids)
-    multi = (copies[ids.clamp(min=0)] > 1) & valid
-    if hosts.shape[1] > 1 and bool(multi.any()):
-        t_idx, j_idx = torch.nonzero(multi, as_tuple=True)
-        chosen = _grace_pick_torch(ids[t_idx, j_idx][:, None], src[t_idx], hosts, spare.double(), pred.double(), gpn, step, mean,
-                                   hot_threshold, offload)
-        out[t_idx, j_idx] = chosen[:, 0]
-    return torch.where(valid, out, torch.full_like(out, -1))
+    chosen = _pick_by_quota(weights.reshape(-1, weights.shape[-1]), u).reshape(ids.shape)
+    multi = copies[safe] > 1
+    return torch.where(valid, torch.where(multi, chosen, torch.zeros_like(chosen)), torch.full_like(chosen, -1))
