@@ -6,8 +6,9 @@ The C++/CUDA extension ``megatron_grace._C`` (sources in ``csrc/``) is optional:
 - otherwise (or if the build fails) the package installs without them and uses its
   pure-torch fallback. ``GRACE_BUILD_EXT=0`` skips the extension, ``=1`` makes a failed build an error.
 
-Build without isolation so the installed torch (pinned, CPU or CUDA) is used:
-``pip install --no-build-isolation -e .``
+Build without isolation so the installed torch (pinned, CPU or CUDA) is used and never replaced:
+``pip install --no-build-isolation -e .`` (PEP 517/660 through pyproject.toml), or in place with
+``python setup.py build_ext --inplace``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_EXT = os.environ.get("GRACE_BUILD_EXT", "auto")
@@ -71,33 +72,5 @@ def _extensions() -> tuple[list, dict]:
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="megatron-grace",
-    version="0.1.0",
-    description="GRACE-MoE expert grouping, replication and locality-aware routing for Megatron-Core and DeepSpeed MoE inference",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.11",
-    packages=find_packages(include=["megatron_grace", "megatron_grace.*"]),
-    package_data={"megatron_grace": ["data/*/*.npz", "data/*/LICENSE", "data/*/*.md"]},
-    include_package_data=True,
-    install_requires=[
-        "torch>=2.4",
-        "numpy>=1.24",
-        "scipy>=1.10",
-        "matplotlib>=3.7",
-        "tqdm>=4.60",
-    ],
-    extras_require={
-        "megatron": [
-            "megatron-core>=0.16,<0.17; python_version < '3.12'",
-            "megatron-core>=0.19,<0.20; python_version >= '3.12'",
-        ],
-        "deepspeed": ["deepspeed>=0.19,<0.20"],
-        "dev": ["pytest>=8", "hypothesis>=6.100"],
-    },
-    entry_points={"console_scripts": ["grace=megatron_grace.cli.main:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+# Metadata, dependencies and entry points live in pyproject.toml; this file only adds the optional extension.
+setup(ext_modules=ext_modules, cmdclass=cmdclass, zip_safe=False)

@@ -10,7 +10,7 @@ TORCH_SPEC="${GRACE_TORCH:-torch==2.13.0}"
 EXTRAS="${GRACE_EXTRAS:-dev,megatron}"
 PY="${PYTHON:-python3}"
 stamp="$VENV/.grace-installed"
-want="$(cat "$GRACE_ROOT/setup.py" "$GRACE_ROOT/scripts/setup_env.sh" $(ls "$GRACE_ROOT"/csrc/* 2>/dev/null) | sha256sum | cut -c1-16) $TORCH_SPEC $EXTRAS"
+want="$(cat "$GRACE_ROOT/setup.py" "$GRACE_ROOT/pyproject.toml" "$GRACE_ROOT/scripts/setup_env.sh" $(ls "$GRACE_ROOT"/csrc/* 2>/dev/null) | sha256sum | cut -c1-16) $TORCH_SPEC $EXTRAS"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV" >&2
   "$PY" -m venv "$VENV"

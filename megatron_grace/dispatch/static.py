@@ -14,8 +14,8 @@ trips, not bytes. This dispatcher trades some padding for shapes that depend onl
 4. the sender sums each token's results in top-k order (the un-permute fused into the weighted
    combine); an overflowed pair contributes nothing here.
 
-Overflow is never silent: ``handle.overflow`` (a device scalar) counts the pairs left out, the
-layer accumulates it, and the step is re-run on the dynamic path by whoever checks it
+Overflow is never silent: ``handle.overflow`` (a device tensor, all-reduced over the group so
+that every rank takes the same decision) counts the pairs left out, the layer accumulates it, and the step is re-run on the dynamic path by whoever checks it
 (:meth:`megatron_grace.layer.GraceMoELayer.overflowed`, :class:`megatron_grace.layer.decode_graph.DecodeGraph`).
 With ``W == 1`` no collective runs, so the whole step also compiles with
 ``torch.compile(fullgraph=True)``.
@@ -69,7 +69,7 @@ class StaticHandle:
     pairs: RoutedPairs
     value_index: torch.Tensor  # int64 [T*k]: row of the returned buffer holding each pair's result, -1 = none
     recv_order: torch.Tensor  # int64 [W*C]: received row of each slot-sorted row
-    overflow: torch.Tensor  # int64 0-d: valid pairs left out by the capacity
+    overflow: torch.Tensor  # int64 [1]: valid pairs left out by the capacity, summed over the group's ranks
     out_dtype: torch.dtype
 
 
@@ -129,7 +129,9 @@ class StaticDispatcher:
         q_pair = position - dest_start.index_select(0, safe_dest)
         fits = pairs.valid & (q_pair < C)
         value_index = torch.where(fits, safe_dest * C + q_pair, torch.full_like(q_pair, -1))
-        overflow = (pairs.valid & ~fits).sum()
+        overflow = (pairs.valid & ~fits).sum().reshape(1)
+        if W > 1:  # every rank must agree on re-running the step (it is collective)
+            dist.all_reduce(overflow, group=self.spec.group)
         # exchange rows and their slots (equal splits: static shapes)
         recv_rows = all_to_all_equal(send_rows, self.spec)
         recv_slot = all_to_all_equal(send_slot, self.spec)

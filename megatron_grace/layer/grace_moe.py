@@ -382,7 +382,7 @@ class GraceMoELayer(nn.Module):
         rows, slot_counts, handle = self.static_dispatcher.dispatch(x, pairs, capacity)
         y = self.experts(rows, slot_counts, rows.shape[0])
         out = self.static_dispatcher.combine(y, handle)
-        self.overflow_pairs.add_(handle.overflow)
+        self.overflow_pairs.add_(handle.overflow[0])
         self._observe(pairs_per_gpu)
         self.last_route = RouteDecision(copy=copy, gpu=pairs.gpu.view(T, -1), slot=pairs.slot.view(T, -1))
         self.step += 1
