@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. GRACE, per dispatch mode, on the same token sequence
     modes = ["flat", "hierarchical"] if args.dispatch == "both" else [args.dispatch]
     for mode in modes:
-        g.setup_grace(model, plan=plan, dispatch=mode, policy=args.policy)
+        g.setup_grace(model, plan=plan, dispatch=mode, policy=args.policy, counters=True)
         g.set_grace_enabled(model, True)
         acc: dict[str, dict[str, Any]] = {}
 

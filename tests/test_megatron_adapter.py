@@ -177,7 +177,7 @@ def _phase(rank: int, world: int, G: int, nodes: int, gpn: int) -> dict:
     ref, gl, dense = pair("swiglu", seed=3)
     for name, plan in plans.items():
         for mode in ("flat", "hierarchical"):
-            gl.setup_grace(plan=plan, dispatch=mode, hierarchical_groups=hier_groups)
+            gl.setup_grace(plan=plan, dispatch=mode, hierarchical_groups=hier_groups, counters=True)
             compare(ref, gl, f"swiglu/{name}/{mode}", dense=dense if name == "unequal+copies" else None)
     c = gl.grace_counters
     totals = torch.tensor([c.pairs, int(c.slot_load.sum())], dtype=torch.int64)

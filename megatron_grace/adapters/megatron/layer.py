@@ -158,7 +158,8 @@ class GraceMegatronMoELayer(MoELayer):
             hierarchical_groups = HierarchicalGroups.build(plan.topology.gpus_per_node, group)
         grace = GraceMoELayer(plan, layer, experts, num_experts=int(self.config.num_moe_experts), num_model_layers=num_moe_layers,
                               group=group, policy=opts.policy, dispatch=opts.dispatch, grace_options=opts.routing, seed=opts.seed,
-                              hierarchical_groups=hierarchical_groups, timing=opts.timing)
+                              hierarchical_groups=hierarchical_groups, counters=opts.counters,
+                              timing=opts.timing)
         self.grace_config = opts
         self.use_grace = opts.enabled
         object.__setattr__(self, "_grace", grace)

@@ -32,7 +32,9 @@ class GraceMegatronOptions:
         policy: replica-choice policy (:data:`megatron_grace.routing.POLICY_NAMES`).
         dispatch: ``flat`` or ``hierarchical``.
         seed: seed of the ``random`` policy.
-        timing: record phase times in the layer counters.
+        counters: fill the layer counters (traffic, per-slot load) after each pass; off by default
+            (they read sizes on the host).
+        timing: also record phase times in the counters (synchronises a GPU per phase).
         routing: knobs of the ``grace`` policy (None = defaults).
         layer_map: Megatron ``layer_number`` (1-based, global) -> plan layer; None = count MoE
             layers with ``config.moe_layer_freq``.
@@ -43,7 +45,8 @@ class GraceMegatronOptions:
     policy: str = "grace"
     dispatch: str = "flat"
     seed: int = 0
-    timing: bool = True
+    counters: bool = False
+    timing: bool = False
     routing: RoutingOptions | None = None
     layer_map: Mapping[int, int] | None = None
     enabled: bool = True
