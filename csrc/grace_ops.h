@@ -4,6 +4,11 @@
 // in grace_ops.cpp and the CUDA kernels in grace_ops_cuda.cu (TORCH_LIBRARY_IMPL(grace, CUDA, m)).
 // Fake (meta) implementations for torch.compile are registered in Python (megatron_grace/_ops.py).
 // No op has an autograd formula: the layer is inference-only.
+//
+// Value validation: the Python wrappers check ids/keys/indices only in debug mode (GRACE_DEBUG=1),
+// before any kernel runs. The CUDA kernels never synchronise with the host: an out-of-range value
+// fires CUDA_KERNEL_ASSERT (kept with NDEBUG) and the element is skipped, so no kernel reads or
+// writes out of bounds. The CPU kernels may TORCH_CHECK values, but only outside parallel regions.
 
 #pragma once
 
@@ -67,12 +72,21 @@ GRACE_HD int64_t floor_div(int64_t a, int64_t b) {
   return (q * b != a && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
 
+// Whether every entry of an expert's hosts row is a GPU in [0, G) or the -1 padding.
+GRACE_HD bool hosts_row_ok(const int64_t* hosts_row, int64_t R, int64_t G) {
+  bool ok = true;
+  for (int64_t c = 0; c < R; ++c) ok &= hosts_row[c] >= -1 && hosts_row[c] < G;
+  return ok;
+}
+
 // The grace policy's choice for one (token, expert) pair whose expert has several copies.
 //   hosts_row: the expert's R hosting GPUs (-1 padded); src: the token's GPU; rank: the pair's rank
 //   among pairs of the same (src, expert) key in token order; key = src * E + expert.
+//   step: the forward-pass counter (an integer value held in a double, as the params tensor stores it).
+// Every hosts_row entry must be in [-1, G) (spare/pred have G entries); callers guard that.
 // Mirrors megatron_grace.routing.policies._grace + _pick_by_quota operation by operation.
 GRACE_HD int64_t grace_pick(const int64_t* hosts_row, int64_t R, int64_t src, int64_t key, int64_t rank,
-                            const double* spare, const double* pred, int64_t gpn, int64_t step, double mean,
+                            const double* spare, const double* pred, int64_t gpn, double step, double mean,
                             double hot_threshold, bool offload) {
   const int64_t src_node = floor_div(src, gpn);
   bool has_gpu = false, has_node = false, roomy_peer = false;
@@ -89,7 +103,7 @@ GRACE_HD int64_t grace_pick(const int64_t* hosts_row, int64_t R, int64_t src, in
   int tier = has_gpu ? 0 : (has_node ? 1 : 2);
   if (offload && has_gpu && roomy_peer && pred[src] > hot_threshold) tier = 1;
   // u = frac(frac(key * A + step * B) + (rank + 0.5) * phi), each operation rounded as in torch
-  const double offset = frac(dadd(dmul(static_cast<double>(key), kR2A), dmul(static_cast<double>(step), kR2B)));
+  const double offset = frac(dadd(dmul(static_cast<double>(key), kR2A), dmul(step, kR2B)));
   const double u = frac(dadd(offset, dmul(static_cast<double>(rank) + 0.5, kPhi)));
   // cumulative weights (sequential, as torch.cumsum on a row), then count(cw <= target)
   double total = 0.0;

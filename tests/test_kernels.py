@@ -1,9 +1,14 @@
 """Compiled dispatch kernels (C++ CPU, CUDA) against the pure-torch reference.
 
-Integer outputs must be equal; float outputs too (both sides add the same float32 terms in the
-same order without FMA), checked with ``torch.equal`` and, as a floor, dtype tolerance.
-Native tests force ``GRACE_OPS=native`` and skip when the extension (or its CUDA kernels) is
-not built; GPU tests skip without CUDA.
+Every kernel test runs on ``cpu`` and, where CUDA is available and the CUDA kernels are built, on
+``cuda``. Integer outputs must be equal; float outputs too (both sides add the same float32 terms
+in the same order without FMA), checked with ``torch.equal``. Native calls force
+``GRACE_OPS=native``; references are computed with ``GRACE_OPS=torch`` on CPU.
+
+Errors: in debug mode (``GRACE_DEBUG=1`` / ``_ops.set_debug(True)``) every op raises a named
+``RuntimeError`` before any kernel runs, on every device and implementation. Without debug mode the
+CUDA kernels fire device-side asserts; those run in a subprocess, so a crash cannot take the test
+process down.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import importlib
 import os
 import shutil
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -26,13 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 needs_ext = pytest.mark.skipif(not _ops.extension_available(), reason="megatron_grace._C extension not built")
+_CUDA_KERNELS = torch.cuda.is_available() and _ops.has_kernel("cuda")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _CUDA_KERNELS, reason="no CUDA device or CUDA kernels not built"))]
+needs_cuda_kernels = pytest.mark.skipif(not _CUDA_KERNELS, reason="no CUDA device or CUDA kernels not built")
 
 
-def _devices() -> list[str]:
-    devs = ["cpu"]
-    if torch.cuda.is_available():
-        devs.append("cuda")
-    return devs
+@pytest.fixture(autouse=True)
+def _no_debug_leak():
+    """Tests set debug mode explicitly; never leak it into the next test."""
+    _ops.set_debug(None)
+    yield
+    _ops.set_debug(None)
 
 
 def _native(device: str) -> None:
@@ -40,68 +51,149 @@ def _native(device: str) -> None:
         pytest.skip(f"no compiled {device} kernels")
 
 
-def _both(monkeypatch, fn):
-    """(reference with GRACE_OPS=torch on CPU, native result with GRACE_OPS=native)."""
+def _ref(monkeypatch, fn):
+    """fn() under GRACE_OPS=torch (the reference), then back to GRACE_OPS=native."""
     monkeypatch.setenv("GRACE_OPS", "torch")
-    ref = fn("cpu")
-    monkeypatch.setenv("GRACE_OPS", "native")
-    return ref, fn
+    try:
+        return fn()
+    finally:
+        monkeypatch.setenv("GRACE_OPS", "native")
 
 
-def _routing(T: int, k: int, E: int, dests: int, gen: torch.Generator, drop: float = 0.1):
-    ids = torch.randint(0, E, (T, k), generator=gen)
-    if T:
-        ids[torch.rand((T, k), generator=gen) < drop] = -1
-    return ids
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts one element past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = flat[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous view with the values of ``t`` (every other column of a wider tensor)."""
+    wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
+    wide[:, ::2] = t
+    return wide[:, ::2]
 
 
 # ---------------------------------------------------------------------------------------------- sort / histogram
 
 
 @needs_ext
-@pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("n, K", [(0, 5), (1, 1), (1, 7), (1000, 3), (50_000, 64), (200_000, 257), (3000, 100_000)])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n, K", [(0, 5), (1, 1), (1, 7), (1000, 3), (50_000, 64), (200_000, 257), (3000, 100_000), (9000, 800)])
 def test_sort_by_key_matches_torch(device, n, K, monkeypatch):
     _native(device)
     gen = torch.Generator().manual_seed(n + K)
     key = torch.randint(0, K, (n,), generator=gen)
     monkeypatch.setenv("GRACE_OPS", "native")
     order, counts = _ops.sort_by_key(key.to(device), K)
+    assert order.dtype == counts.dtype == torch.int64
     assert torch.equal(order.cpu(), torch.sort(key, stable=True).indices)
     assert torch.equal(counts.cpu(), torch.bincount(key, minlength=K))
-    order32, _ = _ops.sort_by_key(key.int().to(device), K)
-    assert torch.equal(order32.cpu(), order.cpu())
+    order32, counts32 = _ops.sort_by_key(key.int().to(device), K)
+    assert torch.equal(order32.cpu(), order.cpu()) and torch.equal(counts32.cpu(), counts.cpu())
+    if n > 1:  # non-contiguous key
+        wide = torch.stack([key, key], 1).to(device)
+        order_s, _ = _ops.sort_by_key(wide[:, 1], K)
+        assert torch.equal(order_s.cpu(), order.cpu())
+    ref = _ref(monkeypatch, lambda: _ops.sort_by_key(key.to(device), K))
+    assert torch.equal(ref[0].cpu(), order.cpu()) and torch.equal(ref[1].cpu(), counts.cpu())
 
 
 @needs_ext
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", DEVICES)
 def test_sort_by_key_all_one_key_and_bad_key(device, monkeypatch):
     _native(device)
     monkeypatch.setenv("GRACE_OPS", "native")
     key = torch.full((999,), 3, device=device)
     order, counts = _ops.sort_by_key(key, 4)
     assert torch.equal(order.cpu(), torch.arange(999)) and counts.tolist() == [0, 0, 0, 999]
-    with pytest.raises(RuntimeError, match="out of range"):
-        _ops.sort_by_key(torch.tensor([0, 4], device=device), 4)
-    with pytest.raises(RuntimeError, match="out of range"):
-        _ops.sort_by_key(torch.tensor([-1, 0], device=device), 4)
+    _ops.set_debug(True)  # value errors are debug-mode errors (a non-debug CUDA run asserts on the device)
+    for mode in ("native", "torch"):
+        monkeypatch.setenv("GRACE_OPS", mode)
+        with pytest.raises(RuntimeError, match=r"sort_by_key: key value 4 out of range \[0, 4\)"):
+            _ops.sort_by_key(torch.tensor([0, 4], device=device), 4)
+        with pytest.raises(RuntimeError, match=r"sort_by_key: key value -1 out of range \[0, 4\)"):
+            _ops.sort_by_key(torch.tensor([-1, 0], device=device), 4)
 
 
 @needs_ext
-@pytest.mark.parametrize("device", _devices())
-def test_destination_histogram_native(device, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n, D", [(0, 3), (1, 1), (10_000, 9), (50_000, 20_000)])
+def test_destination_histogram_native(device, n, D, monkeypatch):
     _native(device)
     monkeypatch.setenv("GRACE_OPS", "native")
-    dest = torch.randint(-1, 9, (10_000,), generator=torch.Generator().manual_seed(0))
-    ref = torch.bincount(dest[dest >= 0], minlength=9)
-    assert torch.equal(_ops.destination_histogram(dest.to(device), 9).cpu(), ref)
+    dest = torch.randint(-1, D, (n,), generator=torch.Generator().manual_seed(n))
+    ref = torch.bincount(dest[dest >= 0], minlength=D)
+    for d in (dest, dest.int()):
+        got = _ops.destination_histogram(d.to(device), D)
+        assert got.dtype == torch.int64 and torch.equal(got.cpu(), ref)
+    assert torch.equal(_ref(monkeypatch, lambda: _ops.destination_histogram(dest.to(device), D)).cpu(), ref)
 
 
-# ---------------------------------------------------------------------------------------------- permute / un-permute
+# ---------------------------------------------------------------------------------------------- permute_by_key
+
+
+PERMUTE_CASES = [  # T, r, K, h, drop (fraction of items on the last key, e.g. "not sent")
+    (0, 8, 5, 64, 0.0),
+    (1, 8, 5, 64, 0.0),
+    (37, 2, 3, 3, 0.1),
+    (300, 1, 1, 16, 0.0),   # all one key
+    (1000, 8, 65, 256, 0.2),
+    (513, 4, 900, 40, 0.0),  # fewer ranking warps (their shared counters must fit)
+    (50, 4, 20_000, 8, 0.0),  # more keys than fit shared memory: one ranking warp, cursors in global memory
+]
 
 
 @needs_ext
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int32])
+@pytest.mark.parametrize("case", PERMUTE_CASES)
+def test_permute_by_key_matches_torch(device, dtype, case, monkeypatch):
+    _native(device)
+    T, r, K, h, drop = case
+    gen = torch.Generator().manual_seed(T * 13 + K + h)
+    x = (torch.randn(T, h, generator=gen) * 10).to(dtype)
+    n = T * r
+    key = torch.randint(0, K, (n,), generator=gen)
+    if n:
+        key[torch.rand(n, generator=gen) < drop] = K - 1
+    order = torch.sort(key, stable=True).indices
+    expect_out = x.index_select(0, order // r)
+    expect_pos = torch.empty_like(order)
+    expect_pos[order] = torch.arange(n)
+    expect_counts = torch.bincount(key, minlength=K)
+    monkeypatch.setenv("GRACE_OPS", "native")
+    variants = {"plain": x.to(device), "misaligned": _misaligned(x.to(device))}
+    if T:
+        variants["strided"] = _strided(x.to(device))
+    for name, xd in variants.items():
+        for kd in (key.to(device), key.int().to(device)):
+            out, pos, counts = _ops.permute_by_key(xd, kd, K, r)
+            assert out.dtype == dtype and out.shape == (n, h), name
+            assert torch.equal(out.cpu(), expect_out), name
+            assert torch.equal(pos.cpu(), expect_pos) and torch.equal(counts.cpu(), expect_counts), name
+    ref = _ref(monkeypatch, lambda: _ops.permute_by_key(x.to(device), key.to(device), K, r))
+    assert torch.equal(ref[0].cpu(), expect_out) and torch.equal(ref[1].cpu(), expect_pos) and torch.equal(ref[2].cpu(), expect_counts)
+    # fewer items than rows * r (a partial last row) and an un-permute back through position
+    if n > 1:
+        out2, pos2, _ = _ops.permute_by_key(x.to(device), key[: n - 1].to(device), K, r)
+        assert torch.equal(out2.index_select(0, pos2).cpu(), x.index_select(0, torch.arange(n - 1) // r))
+
+
+@needs_ext
+def test_permute_by_key_rejects_too_many_items(monkeypatch):
+    for mode in ("native", "torch"):
+        monkeypatch.setenv("GRACE_OPS", mode)
+        with pytest.raises(RuntimeError, match="permute_by_key: 9 items at 2 per row need 5 rows of x, x has 4"):
+            _ops.permute_by_key(torch.zeros(4, 3), torch.zeros(9, dtype=torch.int64), 2, 2)
+
+
+# ---------------------------------------------------------------------------------------------- gather / scatter rows
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.int32])
 @pytest.mark.parametrize("T, k, h", [(0, 8, 64), (1, 8, 64), (37, 2, 3), (1000, 8, 256), (513, 4, 2048)])
 def test_gather_and_scatter_rows_match_torch(device, dtype, T, k, h, monkeypatch):
@@ -113,29 +205,20 @@ def test_gather_and_scatter_rows_match_torch(device, dtype, T, k, h, monkeypatch
     order = torch.sort(dest, stable=True).indices
     ref = x.index_select(0, row[order])
     monkeypatch.setenv("GRACE_OPS", "native")
-    xd, rd, od = x.to(device), row.to(device), order.to(device)
-    got = _ops.gather_rows(xd, rd, od)
-    assert got.dtype == dtype and torch.equal(got.cpu(), ref)
-    assert torch.equal(_ops.gather_rows(xd, rd[od]).cpu(), ref)
-    back = _ops.scatter_rows(got, od)
+    rd, od = row.to(device), order.to(device)
+    for xd in (x.to(device), _misaligned(x.to(device))) + ((_strided(x.to(device)),) if T else ()):
+        got = _ops.gather_rows(xd, rd, od)
+        assert got.dtype == dtype and torch.equal(got.cpu(), ref)
+        assert torch.equal(_ops.gather_rows(xd, rd[od]).cpu(), ref)
+    got = _ops.gather_rows(x.to(device), rd, od)
     expect = torch.empty_like(ref)
     expect[order] = ref
-    assert torch.equal(back.cpu(), expect)
-    assert torch.equal(back.cpu(), x.index_select(0, row))
-
-
-@needs_ext
-@pytest.mark.parametrize("device", _devices())
-def test_permute_ops_reject_bad_indices(device, monkeypatch):
-    _native(device)
-    monkeypatch.setenv("GRACE_OPS", "native")
-    x = torch.zeros(4, 3, device=device)
-    with pytest.raises(RuntimeError, match="out of range"):
-        _ops.gather_rows(x, torch.tensor([0, 4], device=device))
-    with pytest.raises(RuntimeError, match="out of range"):
-        _ops.gather_rows(x, torch.tensor([-1], device=device))
-    with pytest.raises(RuntimeError, match="permutation"):
-        _ops.scatter_rows(x, torch.tensor([0, 1, 1, 2], device=device))
+    for yd in (got, _misaligned(got)):
+        back = _ops.scatter_rows(yd, od)
+        assert torch.equal(back.cpu(), expect)
+        assert torch.equal(back.cpu(), x.index_select(0, row))
+    assert torch.equal(_ref(monkeypatch, lambda: _ops.gather_rows(x.to(device), rd, od)).cpu(), ref)
+    assert torch.equal(_ref(monkeypatch, lambda: _ops.scatter_rows(got, od)).cpu(), expect)
 
 
 # ---------------------------------------------------------------------------------------------- combine
@@ -154,18 +237,20 @@ def _combine_case(T: int, k: int, h: int, dtype: torch.dtype, seed: int, drop: f
 
 
 @needs_ext
-@pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T, k, h", [(0, 8, 16), (1, 8, 16), (1, 1, 5), (300, 8, 96), (2000, 2, 33)])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("T, k, h", [(0, 8, 16), (1, 8, 16), (1, 1, 5), (300, 8, 96), (2000, 2, 33), (64, 8, 1024)])
 def test_weighted_combine_matches_torch(device, dtype, T, k, h, monkeypatch):
     _native(device)
     values, row, pos, weight, perm = _combine_case(T, k, h, dtype, seed=T + h)
     ref = P.padded_weighted_sum_torch(values, row, pos, weight, T, k, dtype)
     monkeypatch.setenv("GRACE_OPS", "native")
     dev = lambda t: t.to(device)  # noqa: E731
-    got = _ops.weighted_combine(dev(values), dev(row), dev(pos), dev(weight), T, k, dtype).cpu()
-    assert got.dtype == dtype and got.shape == (T, h)
-    assert torch.equal(got, ref)  # same terms, same order, no FMA: bit-identical
+    for vd in (dev(values), _misaligned(dev(values))) + ((_strided(dev(values)),) if values.shape[0] else ()):
+        got = _ops.weighted_combine(vd, dev(row), dev(pos), dev(weight), T, k, dtype).cpu()
+        assert got.dtype == dtype and got.shape == (T, h)
+        assert torch.equal(got, ref)  # same terms, same order, no FMA: bit-identical
+    assert torch.equal(_ref(monkeypatch, lambda: _ops.weighted_combine(dev(values), dev(row), dev(pos), dev(weight), T, k, dtype)).cpu(), ref)
     # fused un-permute: values in another order, addressed through value_index
     s = torch.randperm(perm.numel(), generator=torch.Generator().manual_seed(1))
     shuffled = values[s]
@@ -174,26 +259,46 @@ def test_weighted_combine_matches_torch(device, dtype, T, k, h, monkeypatch):
     got2 = _ops.weighted_combine(dev(shuffled), dev(row), dev(pos), dev(weight), T, k, dtype, dev(vidx)).cpu()
     assert torch.equal(got2, ref)
     # float32 output from low-precision input (one rounding of the float32 accumulator)
-    got32 = _ops.weighted_combine(dev(values), dev(row), dev(pos), dev(weight), T, k, torch.float32).cpu()
-    assert torch.equal(got32, P.padded_weighted_sum_torch(values, row, pos, weight, T, k, torch.float32))
+    if dtype != torch.float64:
+        got32 = _ops.weighted_combine(dev(values), dev(row), dev(pos), dev(weight), T, k, torch.float32).cpu()
+        assert torch.equal(got32, P.padded_weighted_sum_torch(values, row, pos, weight, T, k, torch.float32))
     # and close to a float64 reference at dtype tolerance
     exact = torch.zeros(T, h, dtype=torch.float64)
     exact.index_add_(0, row, weight.double()[:, None] * values.double())
-    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-    torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol * 10)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(got2.double(), exact, rtol=tol, atol=tol * 10)
 
 
 @needs_ext
-@pytest.mark.parametrize("device", _devices())
-def test_weighted_combine_rejects_bad_entries(device, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weighted_combine_dense_layout_with_dropped_pairs(device, dtype, monkeypatch):
+    """Dense [T*k] pair layout: value_index -1 = no term (row/pos of such pairs are ignored)."""
     _native(device)
+    T, k, h = 257, 8, 128
+    gen = torch.Generator().manual_seed(5)
+    m = T * k
+    valid = torch.rand(T * k, generator=gen) >= 0.3
+    token = torch.arange(T).repeat_interleave(k)
+    choice = torch.arange(k).repeat(T)
+    values = (torch.randn(m, h, generator=gen) * 2).to(dtype)
+    weight = torch.rand(T * k, generator=gen)
+    position = torch.randperm(m, generator=gen)
+    vidx = torch.where(valid, position, torch.full_like(position, -1))
+    # the same sum from the valid entries only, as a compact layout
+    ref = P.padded_weighted_sum_torch(values[position[valid]], token[valid], choice[valid], weight[valid], T, k, dtype)
     monkeypatch.setenv("GRACE_OPS", "native")
-    v = torch.ones(2, 4, device=device)
-    w = torch.ones(2, device=device)
-    with pytest.raises(RuntimeError, match="share"):
-        _ops.weighted_combine(v, torch.tensor([0, 0], device=device), torch.tensor([1, 1], device=device), w, 1, 2, torch.float32)
-    with pytest.raises(RuntimeError, match="out of range"):
-        _ops.weighted_combine(v, torch.tensor([0, 2], device=device), torch.tensor([0, 1], device=device), w, 2, 2, torch.float32)
+    dev = lambda t: t.to(device)  # noqa: E731
+    got = _ops.weighted_combine(dev(values), dev(token), dev(choice), dev(weight), T, k, dtype, dev(vidx))
+    assert torch.equal(got.cpu(), ref)
+    # garbage row/pos on dropped pairs are never looked at
+    junk_row = torch.where(valid, token, torch.full_like(token, 10**6))
+    got_junk = _ops.weighted_combine(dev(values), dev(junk_row), dev(choice), dev(weight), T, k, dtype, dev(vidx))
+    assert torch.equal(got_junk.cpu(), ref)
+    ref_t = _ref(monkeypatch, lambda: _ops.weighted_combine(dev(values), dev(junk_row), dev(choice), dev(weight), T, k, dtype, dev(vidx)))
+    assert torch.equal(ref_t.cpu(), ref)
+    _ops.set_debug(True)
+    assert torch.equal(_ops.weighted_combine(dev(values), dev(junk_row), dev(choice), dev(weight), T, k, dtype, dev(vidx)).cpu(), ref)
 
 
 # ---------------------------------------------------------------------------------------------- grace policy
@@ -207,23 +312,33 @@ def _table(E: int, G: int, R: int, gen: torch.Generator, gpn: int) -> ReplicaTab
     return ReplicaTable.from_hosts(hosts, gpus_per_node=gpn, num_gpus=G)
 
 
+def _routing(T: int, k: int, E: int, gen: torch.Generator, drop: float = 0.1) -> torch.Tensor:
+    ids = torch.randint(0, E, (T, k), generator=gen)
+    if T:
+        ids[torch.rand((T, k), generator=gen) < drop] = -1
+    return ids
+
+
+def _to(table: ReplicaTable, device: str) -> ReplicaTable:
+    return ReplicaTable(hosts=table.hosts.to(device), slots=table.slots.to(device), copies=table.copies.to(device),
+                        gpus_per_node=table.gpus_per_node, num_gpus=table.num_gpus)
+
+
 CASES = [  # T, k, E, G, R, gpn, all_on_one
     (0, 8, 16, 8, 3, 4, False),
     (1, 8, 16, 8, 3, 4, False),
     (1, 1, 4, 2, 2, 1, False),
     (500, 8, 64, 16, 4, 4, False),
-    (2000, 4, 32, 8, 2, 8, False),
     (3000, 8, 128, 32, 4, 8, False),
     (400, 4, 16, 8, 3, 4, True),
 ]
 
 
 @needs_ext
-@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("step", [0, 7])
-@pytest.mark.parametrize("options", [RoutingOptions(), RoutingOptions(offload_threshold=float("inf")), RoutingOptions(headroom=0.0,
-                                                                                                                   offload_threshold=1.0)])
+@pytest.mark.parametrize("options", [RoutingOptions(), RoutingOptions(headroom=0.0, offload_threshold=1.0)])
 def test_grace_choose_copies_matches_torch(device, case, step, options, monkeypatch):
     _native(device)
     T, k, E, G, R, gpn, all_on_one = case
@@ -234,32 +349,217 @@ def test_grace_choose_copies_matches_torch(device, case, step, options, monkeypa
         hosts[:, 0] = 0
         hosts[:, 1:] = torch.where(hosts[:, 1:] >= 0, torch.arange(1, R).expand(E, R - 1), -1)
         table = ReplicaTable.from_hosts(hosts, gpus_per_node=gpn, num_gpus=G)
-    ids = _routing(T, k, E, G, gen)
+    ids = _routing(T, k, E, gen)
     src = torch.randint(0, G, (T,), generator=gen) if not all_on_one else torch.zeros(T, dtype=torch.int64)
     pred = torch.rand(G, generator=gen, dtype=torch.float64) * 100
-    monkeypatch.setenv("GRACE_OPS", "torch")
-    ref = choose_copies("grace", ids, src, table, pred, step=step, options=options)
-    monkeypatch.setenv("GRACE_OPS", "native")
+    ref = _ref(monkeypatch, lambda: choose_copies("grace", ids, src, table, pred, step=step, options=options))
     got = choose_copies("grace", ids.to(device), src.to(device), _to(table, device), pred.to(device), step=step, options=options)
     assert torch.equal(got.cpu(), ref)
-    # the op itself, int32 ids, scalar src through choose_copies
+    # int32 ids, scalar src through choose_copies
     got_s = choose_copies("grace", ids.int().to(device), 1 % G, _to(table, device), pred.to(device), step=step, options=options)
-    monkeypatch.setenv("GRACE_OPS", "torch")
-    assert torch.equal(got_s.cpu(), choose_copies("grace", ids, 1 % G, table, pred, step=step, options=options))
-
-
-def _to(table: ReplicaTable, device: str) -> ReplicaTable:
-    return ReplicaTable(hosts=table.hosts.to(device), slots=table.slots.to(device), copies=table.copies.to(device),
-                        gpus_per_node=table.gpus_per_node, num_gpus=table.num_gpus)
+    assert torch.equal(got_s.cpu(), _ref(monkeypatch, lambda: choose_copies("grace", ids, 1 % G, table, pred, step=step, options=options)))
 
 
 @needs_ext
-def test_grace_native_rejects_bad_ids(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offload", [False, True])
+def test_grace_op_params_tensor_and_dropped_pairs(device, offload, monkeypatch):
+    """The op itself with a device params tensor; dropped pairs never shift a real pair's rank."""
+    _native(device)
+    gen = torch.Generator().manual_seed(11)
+    T, k, E, G, R, gpn = 700, 4, 12, 8, 3, 4
+    table = _table(E, G, R, gen, gpn)
+    ids = _routing(T, k, E, gen, drop=0.3)
+    src = torch.randint(0, G, (T,), generator=gen)
+    spare = torch.rand(G, generator=gen, dtype=torch.float64) + 0.05
+    pred = torch.rand(G, generator=gen, dtype=torch.float64) * 50
+    mean = float(pred.mean())
+    params = torch.tensor([12.0, mean, 1.3 * mean], dtype=torch.float64)
+    args = lambda t: (t(ids), t(src), t(table.hosts), t(table.copies), t(spare), t(pred), t(params), gpn, offload)  # noqa: E731
+    from megatron_grace.routing.policies import grace_choose_copies_torch
+
+    ref = grace_choose_copies_torch(*args(lambda a: a))
     monkeypatch.setenv("GRACE_OPS", "native")
-    hosts = torch.tensor([[0, 1], [1, -1]])
+    got = _ops.grace_choose_copies(*args(lambda a: a.to(device)))
+    assert got.dtype == torch.int64 and torch.equal(got.cpu(), ref)
+    assert torch.equal(_ref(monkeypatch, lambda: _ops.grace_choose_copies(*args(lambda a: a.to(device)))).cpu(), ref)
+    assert bool((got.cpu()[ids < 0] == -1).all()) and bool((got.cpu()[(ids >= 0) & (table.copies[ids.clamp(min=0)] == 1)] == 0).all())
+    # turning more pairs into dropped ones leaves the choices of pairs whose groups are untouched unchanged
+    ids2 = ids.clone()
+    gone = (ids2 >= 0) & (src[:, None] == 0)  # drop every pair from GPU 0 only
+    ids2[gone] = -1
+    got2 = _ops.grace_choose_copies(ids2.to(device), *args(lambda a: a.to(device))[1:]).cpu()
+    keep = (ids2 >= 0)
+    assert torch.equal(got2[keep], got.cpu()[keep]) and bool((got2[gone] == -1).all())
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _bad_calls(device: str) -> dict:
+    """op name -> (callable with one bad value, message regex)."""
+    d = device
+    t = lambda *v: torch.tensor(v, device=d)  # noqa: E731
+    x = torch.zeros(4, 3, device=d)
+    hosts = t([0, 1], [1, -1])
+    f64 = lambda *v: torch.tensor(v, dtype=torch.float64, device=d)  # noqa: E731
+    grace = lambda ids, src=(0,), hosts=hosts: _ops.grace_choose_copies(  # noqa: E731
+        t(list(ids)), t(*src), hosts, t(2, 1), f64(1.0, 1.0), f64(1.0, 1.0), f64(0.0, 1.0, 1.3), 1, True)
+    return {
+        "destination_histogram": (lambda: _ops.destination_histogram(t(0, 3, -2), 3), r"destination_histogram: dest value 3 out of range \[-1, 3\)"),
+        "sort_by_key": (lambda: _ops.sort_by_key(t(0, 4), 4), r"sort_by_key: key value 4 out of range \[0, 4\)"),
+        "permute_by_key": (lambda: _ops.permute_by_key(x, t(0, 1, 2, -1), 3, 1), r"permute_by_key: key value -1 out of range \[0, 3\)"),
+        "gather_rows:index": (lambda: _ops.gather_rows(x, t(0, 4)), r"gather_rows: index value 4 out of range \[0, 4\)"),
+        "gather_rows:order": (lambda: _ops.gather_rows(x, t(0, 1), t(1, 2)), r"gather_rows: order value 2 out of range \[0, 2\)"),
+        "scatter_rows:range": (lambda: _ops.scatter_rows(x, t(0, 1, 4, 2)), r"scatter_rows: order value 4 out of range \[0, 4\)"),
+        "scatter_rows:repeat": (lambda: _ops.scatter_rows(x, t(0, 1, 1, 2)), r"scatter_rows: order must be a permutation of \[0, 4\), value 1 repeats"),
+        "weighted_combine:row": (lambda: _ops.weighted_combine(torch.ones(2, 4, device=d), t(0, 2), t(0, 1), torch.ones(2, device=d), 2, 2,
+                                                               torch.float32), r"weighted_combine: row value 2 out of range \[0, 2\)"),
+        "weighted_combine:pos": (lambda: _ops.weighted_combine(torch.ones(2, 4, device=d), t(0, 1), t(0, 2), torch.ones(2, device=d), 2, 2,
+                                                               torch.float32), r"weighted_combine: pos value 2 out of range \[0, 2\)"),
+        "weighted_combine:share": (lambda: _ops.weighted_combine(torch.ones(2, 4, device=d), t(0, 0), t(1, 1), torch.ones(2, device=d), 1, 2,
+                                                                 torch.float32), r"weighted_combine: two entries share row 0 and pos 1"),
+        "weighted_combine:value_index": (lambda: _ops.weighted_combine(torch.ones(2, 4, device=d), t(0, 1), t(0, 0), torch.ones(2, device=d), 2, 1,
+                                                                       torch.float32, t(0, 2)),
+                                         r"weighted_combine: value_index value 2 out of range \[-1, 2\)"),
+        "grace_choose_copies:topk_ids": (lambda: grace((2,)), r"grace_choose_copies: topk_ids value 2 out of range \[-1, 2\)"),
+        "grace_choose_copies:src_gpu": (lambda: grace((0,), src=(2,)), r"grace_choose_copies: src_gpu value 2 out of range \[0, 2\)"),
+        "grace_choose_copies:hosts": (lambda: grace((0,), hosts=t([0, 5], [1, -1])), r"grace_choose_copies: hosts value 5 out of range \[-1, 2\)"),
+    }
+
+
+BAD_NAMES = list(_bad_calls("cpu"))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["native", "torch"])
+def test_debug_mode_names_the_bad_value_before_any_kernel(device, mode, monkeypatch):
+    _native(device)
+    monkeypatch.setenv("GRACE_OPS", mode)
+    monkeypatch.setenv("GRACE_DEBUG", "1")  # the environment switch (read at each call)
+    assert _ops.debug_enabled()
+
+    def no_kernel(*_a, **_k):
+        raise AssertionError("a kernel was dispatched before the debug check")
+
+    monkeypatch.setattr(_ops, "native_for", no_kernel)
+    for name, (call, msg) in _bad_calls(device).items():
+        with pytest.raises(RuntimeError, match=msg):
+            call()
+
+
+@needs_ext
+def test_cpu_kernels_raise_without_debug(monkeypatch):
+    """Without debug mode the C++ CPU kernels still TORCH_CHECK values (outside their parallel regions)."""
+    monkeypatch.setenv("GRACE_OPS", "native")
+    _ops.set_debug(False)
+    for name, (call, _msg) in _bad_calls("cpu").items():
+        with pytest.raises(RuntimeError, match="out of range|permutation|repeats|share"):
+            call()
+    # a bad key deep inside a large parallel counting pass (many chunks, one bad value)
+    key = torch.zeros(1_000_000, dtype=torch.int64)
+    key[777_777] = 9
+    with pytest.raises(RuntimeError, match=r"key value 9 out of range \[0, 4\)"):
+        _ops.sort_by_key(key, 4)
+    with pytest.raises(RuntimeError, match=r"key value 9 out of range \[0, 4\)"):
+        _ops.permute_by_key(torch.zeros(1_000_000, 2), key, 4, 1)
+
+
+@needs_ext
+def test_set_debug_overrides_environment(monkeypatch):
+    monkeypatch.setenv("GRACE_DEBUG", "0")
+    assert not _ops.debug_enabled()
+    _ops.set_debug(True)
+    assert _ops.debug_enabled()
+    monkeypatch.setenv("GRACE_OPS", "torch")
     with pytest.raises(RuntimeError, match="out of range"):
-        _ops.grace_choose_copies(torch.tensor([[2]]), torch.tensor([0]), hosts, torch.tensor([2, 1]), torch.ones(2, dtype=torch.float64),
-                                 torch.ones(2, dtype=torch.float64), 1, 0, 1.0, 1.3, True)
+        _ops.destination_histogram(torch.tensor([0, 5]), 3)
+    _ops.set_debug(None)
+    monkeypatch.setenv("GRACE_DEBUG", "1")
+    assert _ops.debug_enabled()
+
+
+_CHILD = textwrap.dedent("""
+    import os, sys, torch
+    os.environ["GRACE_OPS"] = "native"
+    os.environ.pop("GRACE_DEBUG", None)
+    sys.path.insert(0, {root!r})
+    from megatron_grace import _ops
+    sys.path.insert(0, {tests!r})
+    from test_kernels import _bad_calls
+    _ops.set_debug(False)
+    call, _ = _bad_calls("cuda")[{name!r}]
+    try:
+        call()
+        torch.cuda.synchronize()
+    except RuntimeError as exc:  # the device-side assert surfaces at the next sync
+        print("RAISED", str(exc).splitlines()[0], flush=True)
+        sys.exit(3)
+    print("NO ASSERT", flush=True)
+""")
+
+# device-assert paths: bad values that would be out-of-bounds accesses (repeats of a scatter order
+# are not detected without debug mode: no kernel reads out of bounds for them)
+ASSERT_NAMES = [n for n in BAD_NAMES if n != "scatter_rows:repeat"]
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("name", ASSERT_NAMES)
+def test_cuda_device_asserts_in_subprocess(name):
+    """Non-debug bad values on CUDA: a device-side assert kills the child (non-zero exit), never a hang or this process."""
+    code = _CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), name=name)
+    start = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name}: the child hung after a device-side assert")
+    assert proc.returncode != 0, f"{name}: no device assert fired\n{proc.stdout}\n{proc.stderr}"
+    assert "NO ASSERT" not in proc.stdout
+    assert time.time() - start < 180
+    assert torch.cuda.is_available()  # this process's CUDA context is untouched
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("mode", ["native", "torch"])
+def test_cuda_ops_do_not_synchronize(mode, monkeypatch):
+    """No op (compiled or pure-torch reference) syncs with the host outside debug mode."""
+    monkeypatch.setenv("GRACE_OPS", mode)
+    _ops.set_debug(False)
+    d = "cuda"
+    gen = torch.Generator().manual_seed(0)
+    T, k, h, E, G = 512, 8, 256, 32, 8
+    x = torch.randn(T, h, generator=gen).bfloat16().to(d)
+    key = torch.randint(0, 65, (T * k,), generator=gen).to(d)
+    dest = torch.randint(-1, 9, (T * k,), generator=gen).to(d)
+    table = _to(_table(E, G, 3, gen, 4), d)
+    ids = _routing(T, k, E, gen).to(d)
+    src = torch.randint(0, G, (T,), generator=gen).to(d)
+    spare = torch.rand(G, dtype=torch.float64, generator=gen).to(d) + 0.1
+    pred = torch.rand(G, dtype=torch.float64, generator=gen).to(d)
+    params = torch.tensor([3.0, 0.5, 0.65], dtype=torch.float64, device=d)
+    weight = torch.rand(T * k, generator=gen).to(d)
+    token = torch.arange(T, device=d).repeat_interleave(k)
+    choice = torch.arange(k, device=d).repeat(T)
+
+    def run():
+        _ops.destination_histogram(dest, 9)
+        order, _ = _ops.sort_by_key(key, 65)
+        y, position, _ = _ops.permute_by_key(x, key, 65, k)
+        g = _ops.gather_rows(x, token, order)
+        _ops.scatter_rows(g, order)
+        vidx = torch.where(dest >= 0, position, torch.full_like(position, -1))
+        _ops.weighted_combine(y, token, choice, weight, T, k, torch.bfloat16, vidx)
+        _ops.grace_choose_copies(ids, src, table.hosts, table.copies, spare, pred, params, 4, True)
+
+    run()  # warm-up (lazy initialisation may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------- switch, layer path, compile
@@ -270,6 +570,8 @@ def test_torch_mode_never_calls_extension(monkeypatch):
     assert not _ops.native_for("cpu")
     order, counts = _ops.sort_by_key(torch.tensor([1, 0, 1]), 2)
     assert order.tolist() == [1, 0, 2] and counts.tolist() == [1, 2]
+    out, position, counts = _ops.permute_by_key(torch.tensor([[1.0], [2.0]]), torch.tensor([1, 0, 1, 0]), 2, 2)
+    assert out[:, 0].tolist() == [1.0, 2.0, 1.0, 2.0] and position.tolist() == [2, 0, 3, 1] and counts.tolist() == [2, 2]
 
 
 def test_native_mode_without_cuda_kernel_raises(monkeypatch):
@@ -313,11 +615,23 @@ def test_ops_trace_with_torch_compile(monkeypatch):
         o, c = torch.ops.grace.sort_by_key(r, 5)
         assert o.shape == (10,) and c.shape == (5,)
         assert torch.ops.grace.gather_rows(v, r, r[:7]).shape == (7, 8)
+        y, p, c = torch.ops.grace.permute_by_key(v, r[:9], 6, 1)
+        assert y.shape == (9, 8) and y.dtype == torch.bfloat16 and p.shape == (9,) and c.shape == (6,)
+        g = torch.ops.grace.grace_choose_copies(torch.zeros(3, 2, dtype=torch.int64), r[:3], torch.zeros(4, 2, dtype=torch.int64), r[:4],
+                                                torch.empty(2, dtype=torch.float64), torch.empty(2, dtype=torch.float64),
+                                                torch.empty(3, dtype=torch.float64), 1, True)
+        assert g.shape == (3, 2) and g.dtype == torch.int64
+        assert torch.ops.grace.destination_histogram(r, 7).shape == (7,)
+        assert torch.ops.grace.scatter_rows(v, r).shape == (10, 8)
 
     def layer_piece(x, key, w):
+        y, position, counts = torch.ops.grace.permute_by_key(x, key, 4, 1)
         order, _ = torch.ops.grace.sort_by_key(key, 4)
-        y = torch.ops.grace.gather_rows(x, order)
-        return torch.ops.grace.weighted_combine(y * 2, key, torch.zeros_like(key), w, 4, 1, x.dtype)
+        z = torch.ops.grace.gather_rows(x, order)
+        back = torch.ops.grace.scatter_rows(z, order)
+        hist = torch.ops.grace.destination_histogram(key, 4)
+        out = torch.ops.grace.weighted_combine(y * 2, key, torch.zeros_like(key), w, 4, 1, x.dtype, position)
+        return out + back.sum() + hist.sum() + counts.sum()
 
     x = torch.randn(4, 16)
     key = torch.tensor([2, 0, 3, 1])
