@@ -43,19 +43,36 @@ from __future__ import annotations
 
 import numpy as np
 
+from megatron_grace.errors import GraceInputError
+
 _FILL_CHUNK = 16
 
 
-def predicted_gpu_load(hosts: np.ndarray, load: np.ndarray) -> np.ndarray:
-    """float64 ``[G]``: static predicted load of every GPU (equal split of each expert over its copies).
+def predicted_gpu_load(layer_hosts: np.ndarray, num_gpus: int, expert_load: np.ndarray | None = None) -> np.ndarray:
+    """float64 ``[G]``: one layer's static predicted GPU load (GRACE-MoE, DeepSeek EPLB).
+
+    Every copy of expert ``e`` takes an equal share ``expert_load[e] / copies[e]``; a GPU's
+    predicted load is the sum of the shares of the copies it hosts. The one implementation:
+    the planners, the simulator and the routing layer's load predictor all use it.
 
     Args:
-        hosts: bool ``[G, E]``; GPU g hosts expert e.
-        load: float64 ``[E]``.
+        layer_hosts: int ``[E, R]`` hosting GPU of each copy, -1 where there is none
+            (``PlacementPlan.expert_gpus[layer]``; any -1 positions).
+        num_gpus: G.
+        expert_load: float ``[E]`` expert load, or None for 1 per expert.
+
+    Raises:
+        GraceInputError: ``expert_load`` does not have one entry per expert.
     """
-    copies = hosts.sum(axis=0)
-    share = np.divide(load, copies, out=np.zeros_like(load, dtype=np.float64), where=copies > 0)
-    return hosts.astype(np.float64) @ share
+    hosts = np.asarray(layer_hosts)
+    E = hosts.shape[0]
+    load = np.ones(E) if expert_load is None else np.asarray(expert_load, dtype=np.float64).reshape(-1)
+    if load.shape != (E,):
+        raise GraceInputError(f"expert_load has {load.shape[0]} entries, the plan has {E} experts")
+    present = hosts >= 0
+    copies = np.maximum(present.sum(axis=1), 1)
+    share = np.broadcast_to((load / copies)[:, None], hosts.shape)
+    return np.bincount(hosts[present], weights=share[present], minlength=num_gpus).astype(np.float64)
 
 
 def add_replicas(
@@ -98,7 +115,7 @@ def add_replicas(
     mean = total / G
     copies = hosts.sum(axis=0).astype(np.int64)
     free = capacity - hosts.sum(axis=1)
-    gpu_load = predicted_gpu_load(hosts, w)
+    gpu_load = predicted_gpu_load(np.where(hosts.T, np.arange(G), -1), G, w)
     node = np.arange(G) // gpus_per_node
     # incremental tables for the locality term: node hosting and each GPU's expert ids
     on_node = (hosts.reshape(-1, gpus_per_node, E).any(axis=1)).astype(np.float64)  # [N, E]
