@@ -7,7 +7,7 @@ present), on ``a100-2x4`` and ``h200-4x8``, with the ``grace`` and ``eplb`` plan
 extra slots per GPU, the measurement tokens are replayed in batches (decode: 64/256/1024
 tokens per GPU; prefill: 4096 per GPU), token i of a batch on GPU i mod G. For every batch
 and layer, each policy picks copies; the simulator's counter turns the decisions into
-cross-node and cross-GPU pairs, max/mean GPU load and modelled layer time (per-pair
+cross-node and cross-GPU pairs, max/mean GPU load and modelled layer time (flat
 dispatch), and the LP (:mod:`megatron_grace.routing.optimal`) gives the optimum of the same
 time model. The ``grace`` policy runs with the EMA load predictor updated after every batch
 (one predictor for the whole cluster: the ``sync_every=1`` case); ``grace-static`` uses the
@@ -111,13 +111,13 @@ def run_config(plan, measure: RoutingTrace, shape: ModelShape, layers: list[int]
                     share = observed / max(observed.sum(), 1)
                     pred_err[policy].append(float(np.abs(pred.numpy() / max(pairs, 1) - share).sum() / 2))
                     predictors[policy].observe(observed, layer=layer)
-            res = count_decisions(decisions, src, topo, shape, dispatch="per-pair")
+            res = count_decisions(decisions, src, topo, shape, dispatch="flat")
             a = acc[policy]
             a["inter"] += res.pairs_inter_node.sum()
             a["intra"] += res.pairs_intra_node.sum()
             a["local"] += res.pairs_local.sum()
             a["imb"] += res.load_imbalance.tolist()
-            a["time"] += res.modes["per-pair"].layer_s.sum()
+            a["time"] += res.modes["flat"].layer_s.sum()
         for p in predictors.values():
             p.end_step()
         for layer in layers:
@@ -171,7 +171,7 @@ def overhead_table() -> list[dict]:
     gpu, _ = copy_destinations(all_ids, copy, table)
     res = count_decisions(gpu.numpy()[:, None, :], src.numpy(), topo, shape, dispatch="both")
     for r in rows:
-        for mode in ("per-pair", "hierarchical"):
+        for mode in ("flat", "hierarchical"):
             layer_ms = float(res.modes[mode].layer_s.sum() * 1e3)
             r[f"modelled_layer_ms_{mode}"] = layer_ms
             r[f"share_of_layer_{mode}"] = r["ms"] / layer_ms
@@ -218,7 +218,7 @@ def main() -> int:
     rows = overhead_table()
     for r in rows:
         print(f"  {r['what']:<20} threads={r['threads']}  {r['ms']:.2f} ms  {r['ns_per_pair']:.1f} ns/pair  "
-              f"{r['share_of_layer_per-pair']:.1%} of the modelled per-pair layer time ({r['modelled_layer_ms_per-pair']:.3f} ms), "
+              f"{r['share_of_layer_flat']:.1%} of the modelled flat layer time ({r['modelled_layer_ms_flat']:.3f} ms), "
               f"{r['share_of_layer_hierarchical']:.1%} of the hierarchical one ({r['modelled_layer_ms_hierarchical']:.3f} ms)")
     results["overhead"] = rows
     save_json_atomic(args.out, results)

@@ -5,7 +5,8 @@
 about 4-6x, like Qwen3-30B-A3B). Two plans per cluster: ``contiguous`` (E/G experts per GPU,
 no copies: the one-copy fast path of the policy) and ``+2 copies`` (two extra slots per GPU
 holding copies of the hottest experts, greedily on the least-loaded GPUs: the full
-local-first policy with quotas). Both dispatch modes are counted in every call.
+``grace`` policy, the routing module's code, with the static load prediction). Both dispatch
+modes are counted in every call.
 
 Prints a table and writes ``benchmarks/results/simulator_speed.json``. Target: < 10 s per call.
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from megatron_grace._files import save_json_atomic  # noqa: E402
 from megatron_grace.plan.placement import PlacementPlan  # noqa: E402
 from megatron_grace.plan.topology import Topology  # noqa: E402
-from megatron_grace.simulation import simulate  # noqa: E402
+from megatron_grace.simulation import DEFAULT_POLICY, DISPATCH_MODES, simulate  # noqa: E402
 from megatron_grace.trace.routing_trace import RoutingTrace  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def main() -> int:
             times, cpu = [], []
             for _ in range(args.repeats):
                 t, c = time.perf_counter(), time.process_time()
-                result = simulate(plan, trace, expert_load=pop)
+                result = simulate(plan, trace, expert_load=pop, policy=DEFAULT_POLICY)
                 times.append(time.perf_counter() - t)
                 cpu.append(time.process_time() - c)
             s = result.summary()
@@ -116,8 +117,8 @@ def main() -> int:
         "benchmark": "simulator_speed",
         "trace": {"tokens": args.tokens, "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
                   "popularity": "Dirichlet(0.3) per layer", "seed": 0},
-        "dispatch_modes": ["per-pair", "hierarchical"],
-        "policy": "local-first",
+        "dispatch_modes": list(DISPATCH_MODES),
+        "policy": DEFAULT_POLICY,
         "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
                     "load_average": list(os.getloadavg()), "platform": platform.platform()},
         "target_s": 10.0,

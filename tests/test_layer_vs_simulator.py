@@ -67,11 +67,10 @@ def test_layer_traffic_matches_simulator_counts():
     topo = Topology(name="2x2", num_nodes=2, gpus_per_node=2, intra_node=base.intra_node, inter_node=base.inter_node,
                     gpu_flops=base.gpu_flops)
     src = np.repeat(np.arange(4), TOKENS_PER_RANK)
-    sim_mode = {"flat": "per-pair", "hierarchical": "hierarchical"}
     seen_inter = {}
     for key in results[0]:
         decisions = np.concatenate([results[r][key]["gpu"] for r in range(4)])[:, None, :]
-        sim = count_decisions(decisions, src, topo, shape, dispatch=sim_mode[key[1]]).modes[sim_mode[key[1]]]
+        sim = count_decisions(decisions, src, topo, shape, dispatch=key[1]).modes[key[1]]
         measured = {link: sum(results[r][key]["bytes"][link] for r in range(4)) for link in ("intra_node", "inter_node")}
         assert measured["intra_node"] == int(sim.intra_bytes.sum()), key
         assert measured["inter_node"] == int(sim.inter_bytes.sum()), key

@@ -16,19 +16,20 @@ from hypothesis import strategies as st
 from megatron_grace import ExpertStats, GraceInputError, RoutingTrace
 from megatron_grace.cli.main import main
 from megatron_grace.plan.placement import PlacementPlan
+from megatron_grace.plan.replication import predicted_gpu_load
 from megatron_grace.plan.topology import LinkModel, ModelShape, Topology
+from megatron_grace.routing import RoutingOptions
 from megatron_grace.simulation import (
-    POLICIES,
+    DEFAULT_POLICY,
+    POLICY_NAMES,
     SimulationResult,
     load_decisions,
-    predicted_gpu_load,
     recount_decisions,
     resolve_model_shape,
     simulate,
     token_start_gpus,
 )
 from megatron_grace.simulation.compare import compare_planners, split_source
-from megatron_grace.simulation.policies import group_rank
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -132,7 +133,7 @@ def assert_matches_reference(result: SimulationResult, ref: dict[str, np.ndarray
                  "msgs_gpu_inter_node", "msgs_node", "gpu_load"):
         np.testing.assert_array_equal(getattr(result, name), ref[name], err_msg=name)
     np.testing.assert_allclose(result.compute_s, ref["compute_s"], rtol=1e-12)
-    for mode, p in (("per-pair", "pp"), ("hierarchical", "h")):
+    for mode, p in (("flat", "pp"), ("hierarchical", "h")):
         cost = result.modes[mode]
         np.testing.assert_array_equal(cost.intra_bytes, ref[f"{p}_intra_bytes"], err_msg=f"{mode} intra bytes")
         np.testing.assert_array_equal(cost.inter_bytes, ref[f"{p}_inter_bytes"], err_msg=f"{mode} inter bytes")
@@ -149,8 +150,9 @@ def assert_matches_reference(result: SimulationResult, ref: dict[str, np.ndarray
     assert s["msgs_gpu"] == ref["msgs_gpu_intra_node"].sum() + ref["msgs_gpu_inter_node"].sum()
 
 
-def check_local_first(ids: np.ndarray, gpu: np.ndarray, src: np.ndarray, plan: PlacementPlan) -> None:
-    """Every decision hosts its expert, -1 exactly where missing, and the locality tiers hold."""
+def check_locality_tiers(ids: np.ndarray, gpu: np.ndarray, src: np.ndarray, plan: PlacementPlan, own_gpu: bool = True) -> None:
+    """Every decision hosts its expert, -1 exactly where missing, and the locality tiers hold: the
+    token's own node when it hosts a copy, and (``own_gpu``) the token's own GPU when it hosts one."""
     gpn = plan.topology.gpus_per_node
     T, L, k = ids.shape
     for layer in range(L):
@@ -163,7 +165,7 @@ def check_local_first(ids: np.ndarray, gpu: np.ndarray, src: np.ndarray, plan: P
                 hosts = plan.hosts(layer, e)
                 assert g in hosts
                 s = int(src[t])
-                if s in hosts:
+                if s in hosts and own_gpu:
                     assert g == s
                 elif any(h // gpn == s // gpn for h in hosts):
                     assert g // gpn == s // gpn
@@ -182,7 +184,11 @@ def test_counts_match_bruteforce_reference(seed, nodes, gpn, placement):
     ms = shape(L, E, k)
     load = rng.random((L, E)) * 100
     result = simulate(plan, trace, ms, token_placement=placement, expert_load=load, keep_decisions=True)
-    check_local_first(ids, result.decisions, result.src_gpu, plan)
+    assert result.policy == DEFAULT_POLICY == "grace"
+    check_locality_tiers(ids, result.decisions, result.src_gpu, plan, own_gpu=False)  # grace may offload a hot GPU to its node
+    paper = simulate(plan, trace, ms, token_placement=placement, expert_load=load, keep_decisions=True,
+                     options=RoutingOptions(offload_threshold=float("inf")))
+    check_locality_tiers(ids, paper.decisions, paper.src_gpu, plan)
     assert_matches_reference(result, reference(result.decisions, result.src_gpu, topology, ms))
     one = simulate(plan, trace, ms, token_placement=placement, expert_load=load, dispatch="hierarchical")
     assert list(one.modes) == ["hierarchical"]
@@ -223,15 +229,18 @@ def test_missing_records_send_nothing():
     np.testing.assert_array_equal(r.decisions[0], [[-1, -1]])
     assert r.pairs_total[0] == 2 and r.msgs_node[0] == 1  # token 1 on GPU 1 (node 0) needs node 1 once
     assert r.modes["hierarchical"].inter_bytes[0] == r.model_shape.token_bytes
-    assert r.modes["per-pair"].inter_bytes[0] == 2 * r.model_shape.token_bytes
+    assert r.modes["flat"].inter_bytes[0] == 2 * r.model_shape.token_bytes
     # hierarchical: crosses to the peer GPU 3 (same local index 1), which forwards once to GPU 2
     assert r.modes["hierarchical"].intra_bytes[0] == r.model_shape.token_bytes
+    with pytest.warns(DeprecationWarning, match="per-pair"):  # the old name of flat dispatch
+        old = simulate(plan, RoutingTrace(ids, 4), shape(1, 4, 2), dispatch="per-pair")
+    assert list(old.modes) == ["flat"] and old.modes["flat"].inter_bytes[0] == r.modes["flat"].inter_bytes[0]
 
 
 def test_pair_crossings_do_not_depend_on_placement_without_copies_but_messages_do():
     """Tokens spread evenly over GPUs: without copies, the share of pairs crossing nodes is the
     same for every placement; grouping co-activated experts on a node cuts deduplicated
-    messages; copies on every node with local-first routing cut pair crossings to zero."""
+    messages; copies on every node with locality-aware (grace) routing cut pair crossings to zero."""
     rng = np.random.default_rng(7)
     topology = topo(2, 2)
     G, E, k, L = 4, 8, 3, 1
@@ -251,7 +260,7 @@ def test_pair_crossings_do_not_depend_on_placement_without_copies_but_messages_d
     assert results[0].msgs_node[0] < results[1].msgs_node[0]
     assert results[0].msgs_node[0] == ids.shape[0] // 2  # grouped: each token needs exactly one node, half start elsewhere
     assert results[0].modes["hierarchical"].inter_bytes[0] < results[1].modes["hierarchical"].inter_bytes[0]
-    assert results[0].modes["per-pair"].inter_bytes[0] == results[1].modes["per-pair"].inter_bytes[0]
+    assert results[0].modes["flat"].inter_bytes[0] == results[1].modes["flat"].inter_bytes[0]
     copied = PlacementPlan(topology, E, [[[0, 3, 1, 2], [5, 6, 4, 7], [1, 2, 0, 3], [4, 7, 5, 6]]], planner="copies")
     r = simulate(copied, trace, ms)
     assert r.pairs_inter_node[0] == 0 and r.msgs_node[0] == 0
@@ -271,29 +280,40 @@ def test_random_traces_pair_crossings_match_expectation_without_copies(rng):
 
 
 # ------------------------------------------------------------------------------------ policy
-def test_local_first_splits_remote_traffic_by_inverse_predicted_load():
+def test_grace_splits_remote_traffic_by_spare_predicted_capacity():
+    """The simulator's grace is the routing module's: remote pairs of one group are spread over the
+    copies in proportion to their GPUs' spare capacity under the static load prediction."""
     topology = topo(3, 1)
     # expert 0 on GPUs 1 and 2; GPU 1 also hosts experts 1 and 2, GPU 2 expert 3; tokens all start on GPU 0
     plan = PlacementPlan(topology, 5, [[[4], [0, 1, 2], [0, 3]]])
     T = 1000
     ids = np.zeros((T, 1, 1), dtype=np.int32)
     trace = RoutingTrace(ids, 5, request_ids=np.zeros(T, dtype=np.int64))
+
+    def expected_share2(pred: np.ndarray) -> float:
+        spare = (1 + RoutingOptions().headroom) * pred.max() - pred
+        return spare[2] / (spare[1] + spare[2])
+
     r = simulate(plan, trace, shape(1, 5, 1), token_placement="request", keep_decisions=True)
     pred = predicted_gpu_load(plan.expert_gpus[0], 3)
     np.testing.assert_allclose(pred, [1.0, 2.5, 1.5])
-    share2 = (1 / 1.5) / (1 / 1.5 + 1 / 2.5)
     got = np.bincount(r.decisions[:, 0, 0], minlength=3)
-    assert got[0] == 0 and abs(got[2] - share2 * T) <= 3
-    assert (r.decisions[:50, 0, 0] == 2).sum() in range(28, 35)  # interleaved, not in blocks
+    assert got[0] == 0 and abs(got[2] - expected_share2(pred) * T) <= 3
+    assert abs((r.decisions[:50, 0, 0] == 2).sum() - 50 * expected_share2(pred)) <= 3  # interleaved, not in blocks
     # a predicted load that makes GPU 1 the emptier one moves the traffic there
-    r2 = simulate(plan, trace, shape(1, 5, 1), token_placement="request", keep_decisions=True,
-                  expert_load=np.array([[1.0, 0.0, 0.0, 10.0, 1.0]]))
-    assert np.bincount(r2.decisions[:, 0, 0], minlength=3)[1] > 0.8 * T
+    load = np.array([1.0, 0.0, 0.0, 10.0, 1.0])
+    r2 = simulate(plan, trace, shape(1, 5, 1), token_placement="request", keep_decisions=True, expert_load=load[None])
+    pred2 = predicted_gpu_load(plan.expert_gpus[0], 3, load)
+    assert abs(np.bincount(r2.decisions[:, 0, 0], minlength=3)[1] - (1 - expected_share2(pred2)) * T) <= 3
 
 
-def test_group_rank():
-    np.testing.assert_array_equal(group_rank(np.array([3, 1, 3, 3, 1], dtype=np.int16)), [0, 0, 1, 2, 1])
-    assert group_rank(np.array([], dtype=np.int64)).size == 0
+def test_predicted_gpu_load_is_the_planners():
+    """One static prediction: equal shares per copy, -1 anywhere means no copy; checked expert count."""
+    hosts = np.array([[0, 2], [1, -1], [-1, 2]])
+    np.testing.assert_allclose(predicted_gpu_load(hosts, 4, np.array([4.0, 1.0, 3.0])), [2.0, 1.0, 5.0, 0.0])
+    np.testing.assert_allclose(predicted_gpu_load(hosts, 3), [0.5, 1.0, 1.5])
+    with pytest.raises(GraceInputError, match="expert_load has 2 entries"):
+        predicted_gpu_load(hosts, 3, np.ones(2))
 
 
 def test_token_start_gpus():
@@ -321,12 +341,12 @@ def test_custom_policy_plugs_in_and_is_checked():
 
     with pytest.raises(ValueError, match="does not host expert"):
         simulate(plan, trace, shape(1, 4, 2), policy=wrong)
-    assert "local-first" in POLICIES
+    assert set(POLICY_NAMES) == {"primary", "random", "position", "static-local", "grace"}
 
 
 def test_routing_module_policies_land_on_hosting_gpus(rng):
     pytest.importorskip("megatron_grace.routing.policies")
-    from megatron_grace.simulation.policies import policy_names
+    from megatron_grace.simulation import policy_names
 
     topology = topo(2, 2)
     plan = random_plan(rng, topology, 8, 2)
@@ -347,7 +367,7 @@ def test_dump_decisions_round_trip_recounts_the_report(tmp_path, rng):
     result.dump_decisions(path)
     gpu, src, meta = load_decisions(path)
     assert gpu.dtype == np.int16 and gpu.shape == (120, 3, 4) and src.shape == (120,)
-    assert meta["planner"] == "random" and meta["policy"] == "local-first"
+    assert meta["planner"] == "random" and meta["policy"] == "grace"
     with np.load(path, allow_pickle=False) as data:  # plain arrays: anyone can recount
         assert set(data.files) >= {"gpu", "src_gpu"}
     assert_matches_reference(result, reference(gpu, src, topology, ms))
@@ -404,12 +424,12 @@ def test_cli_simulate(tmp_path, rng, capsys):
             "--dump-decisions", str(tmp_path / "d.npz"), "--json", str(tmp_path / "r.json")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "per-pair" in out and "hierarchical" in out and "token->node" in out
+    assert "flat" in out and "hierarchical" in out and "token->node" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["summary"]["msgs_node"] == recount_decisions(tmp_path / "d.npz").summary()["msgs_node"]
     assert main(["simulate", "--plan", str(tmp_path / "plan.json"), "--trace", str(tmp_path / "trace.npz"),
                  "--dispatch", "hierarchical", "--token-placement", "request", "--model-shape", "qwen3-30b-a3b"]) == 0
-    assert "per-pair" not in capsys.readouterr().out.split("dispatch ")[-1].split("(bytes")[0]
+    assert "flat" not in capsys.readouterr().out.split("dispatch ")[-1].split("(bytes")[0]
 
     other = random_plan(rng, topology, 16, 2)
     other.save(tmp_path / "plan16.json")
@@ -444,11 +464,11 @@ def test_compare_with_a_local_planner(monkeypatch, rng, tmp_path, capsys):
     plan_stats, measure = split_source(trace)
     assert measure.num_tokens == 200 and plan_stats.tokens[0] == 200
     cmp = compare_planners(plan_stats, measure, Topology.preset("a100-2x4"), extra_slots=1, planners=["rr", "copy0"])
-    assert calls == ["rr", "copy0"] and cmp.baseline == ("rr", "per-pair")
-    assert cmp.row("rr", "per-pair")["speedup"] == 1.0 and len(cmp.rows()) == 4
+    assert calls == ["rr", "copy0"] and cmp.baseline == ("rr", "flat")
+    assert cmp.row("rr", "flat")["speedup"] == 1.0 and len(cmp.rows()) == 4
     assert cmp.row("copy0", "hierarchical")["copies"] == 2 * 7
     assert cmp.results["copy0"].pairs_local.sum() > cmp.results["rr"].pairs_local.sum()
-    assert "speedup vs rr per-pair" in cmp.format_table()
+    assert "speedup vs rr flat" in cmp.format_table()
 
     trace.save(tmp_path / "t.npz")
     assert main(["compare", "--trace", str(tmp_path / "t.npz"), "--topology", "a100-2x4", "--extra-slots", "1",

@@ -17,23 +17,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``simulate`` and ``compare`` to the ``grace`` parser."""
     from megatron_grace.plan.topology import MODEL_PRESETS, TOPOLOGY_PRESETS
     from megatron_grace.simulation.compare import DEFAULT_PLANNERS
-    from megatron_grace.simulation.simulator import TOKEN_PLACEMENTS
+    from megatron_grace.simulation.policies import DEFAULT_POLICY, policy_names
+    from megatron_grace.simulation.simulator import DISPATCH_ALIASES, DISPATCH_MODES, TOKEN_PLACEMENTS
 
     shapes = sorted(MODEL_PRESETS)
+    dispatch = {"choices": (*DISPATCH_MODES, "both", *DISPATCH_ALIASES), "metavar": "{" + ",".join((*DISPATCH_MODES, "both")) + "}",
+                "default": "both", "help": "dispatch mode(s): flat (one message per token-expert pair), hierarchical (one per "
+                "token and node, then forwarded inside the node) or both (default); per-pair is a deprecated name of flat"}
+    policies = (f"{DEFAULT_POLICY} (default), " + ", ".join(p for p in policy_names() if p != DEFAULT_POLICY)
+                + " (the routing module's policies, run as the distributed layer runs them)")
     p = subparsers.add_parser(
         "simulate", help="replay a routing trace through a placement plan: traffic, load and modelled MoE-layer time",
         description="Replay a trace through a plan with a replica-choice policy; print pairs crossing GPUs and nodes, "
-        "deduplicated messages, bytes per link type, load imbalance and the modelled MoE-layer time for per-pair and "
+        "deduplicated messages, bytes per link type, load imbalance and the modelled MoE-layer time for flat and "
         "hierarchical dispatch.",
     )
     p.add_argument("--plan", type=Path, required=True, help="placement plan JSON (grace-plan/1)")
     p.add_argument("--trace", type=Path, required=True, help="routing trace .npz (grace-trace/1) or any importable trace")
-    p.add_argument("--dispatch", choices=("per-pair", "hierarchical", "both"), default="both", help="dispatch mode(s) (default both)")
+    p.add_argument("--dispatch", **dispatch)
     p.add_argument("--model-shape", choices=shapes, default=None, help="sizes for bytes and FLOPs (default: from the trace's model name)")
     p.add_argument("--token-placement", choices=TOKEN_PLACEMENTS, default="round-robin",
                    help="round-robin: token i on GPU i mod G; request: a request's tokens on one GPU (default round-robin)")
-    p.add_argument("--policy", default="local-first", help="replica-choice policy: local-first (default), or one of the routing module's "
-                   "(primary, random, position, static-local, grace)")
+    p.add_argument("--policy", default=DEFAULT_POLICY, help=f"replica-choice policy: {policies}")
     p.add_argument("--stats", type=Path, default=None, help="statistics whose expert load is the policy's load prediction (default: equal)")
     p.add_argument("--seed", type=int, default=0, help="seed for randomized policies")
     p.add_argument("--per-layer", action="store_true", help="also print one row per layer")
@@ -46,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compare", help="plan with several planners on one half of a trace, simulate each on the other half, one table",
         description="Plan with every planner on the first part of a trace (or of a trace synthesized from statistics) and "
         "simulate each plan on the rest: cross-node and cross-GPU messages, bytes per link, load, modelled time, speedup "
-        "over vanilla per-pair.",
+        "over vanilla with flat dispatch.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", type=Path, help="per-token routing trace")
@@ -55,10 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--topology", required=True, choices=sorted(TOPOLOGY_PRESETS), help="cluster preset")
     p.add_argument("--extra-slots", type=int, required=True, help="expert slots per GPU above an even split (replication budget)")
     p.add_argument("--planners", default=",".join(DEFAULT_PLANNERS), help=f"comma-separated planners (default {','.join(DEFAULT_PLANNERS)})")
-    p.add_argument("--dispatch", choices=("per-pair", "hierarchical", "both"), default="both", help="dispatch mode(s) (default both)")
+    p.add_argument("--dispatch", **dispatch)
     p.add_argument("--model-shape", choices=shapes, default=None, help="sizes for bytes and FLOPs (default: from the model name)")
-    p.add_argument("--policy", default="local-first", help="replica-choice policy, a comma-separated list of them, or 'all' (every "
-                   "policy on every plan): local-first (default), primary, random, position, static-local, grace")
+    p.add_argument("--policy", default=DEFAULT_POLICY, help="replica-choice policy, a comma-separated list of them, or 'all' (every "
+                   f"policy on every plan): {policies}")
     p.add_argument("--token-placement", choices=TOKEN_PLACEMENTS, default="round-robin")
     p.add_argument("--plan-fraction", type=float, default=0.5, help="share of the tokens planned on (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="synthesis seed (default 0)")

@@ -66,12 +66,11 @@ def check_layer_on_gloo(plan: PlacementPlan, ids: np.ndarray, layers: list[int],
     results = run_distributed(_worker, world_size=world, args=(plan, ids, layers, hidden, ffn, policy, tuple(modes)), timeout=timeout)
     shape = ModelShape("demo", plan.num_layers, plan.num_experts, ids.shape[2], hidden, ffn, dtype_bytes=4)
     src = np.repeat(np.arange(world), per_rank)
-    sim_mode = {"flat": "per-pair", "hierarchical": "hierarchical"}
     report: dict[str, Any] = {}
     for key in results[0]:
         mode = key.split("/")[1]
         decisions = np.concatenate([results[r][key]["gpu"] for r in range(world)])[:, None, :]
-        cost = count_decisions(decisions, src, plan.topology, shape, dispatch=sim_mode[mode]).modes[sim_mode[mode]]
+        cost = count_decisions(decisions, src, plan.topology, shape, dispatch=mode).modes[mode]
         report[key] = {
             "max_rel_err": max(results[r][key]["rel_err"] for r in range(world)),
             "bytes": {link: int(sum(results[r][key]["bytes"][link] for r in range(world))) for link in ("intra_node", "inter_node")},

@@ -27,6 +27,7 @@ from megatron_grace._progress import progress as _progress
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.placement import PlacementPlan
 from megatron_grace.plan.topology import ModelShape, Topology
+from megatron_grace.simulation.policies import DEFAULT_POLICY
 from megatron_grace.simulation.simulator import SimulationResult, resolve_model_shape, simulate
 from megatron_grace.statistics.expert_stats import ExpertStats
 from megatron_grace.trace.routing_trace import RoutingTrace
@@ -107,14 +108,14 @@ class Comparison:
     plans: dict[str, PlacementPlan]
     results: dict[str, SimulationResult]
     plan_seconds: dict[str, float] = field(default_factory=dict)
-    policy: str = "local-first"
+    policy: str = DEFAULT_POLICY
 
     @property
     def baseline(self) -> tuple[str, str]:
-        """``(planner, mode)`` the speedups are relative to: vanilla per-pair, else the first planner per-pair."""
+        """``(planner, mode)`` the speedups are relative to: vanilla flat, else the first planner flat."""
         planner = "vanilla" if "vanilla" in self.results else self.planners[0]
         modes = self.results[planner].modes
-        return planner, ("per-pair" if "per-pair" in modes else next(iter(modes)))
+        return planner, ("flat" if "flat" in modes else next(iter(modes)))
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per planner x dispatch mode: messages, bytes, load, modelled time, speedup."""
@@ -223,7 +224,7 @@ class Comparison:
         plt.close(fig)
 
         rows = self.rows()
-        labels = [f"{r['planner']}\n{'pp' if r['dispatch'] == 'per-pair' else 'hier'}" for r in rows]
+        labels = [f"{r['planner']}\n{'hier' if r['dispatch'] == 'hierarchical' else r['dispatch']}" for r in rows]
         fig, axes = plt.subplots(1, 3, figsize=(max(12, len(rows) * 1.2), 4.5))
         x = np.arange(len(rows))
         axes[0].bar(x - 0.2, [r["msgs_node"] for r in rows], 0.4, label="token->node (cross-node)")
@@ -233,7 +234,7 @@ class Comparison:
         axes[1].bar(x + 0.2, [r["intra_bytes"] / 1e6 for r in rows], 0.4, label="NVLink")
         axes[1].set_title("Dispatch MB per link type")
         axes[2].bar(x, [r["mean_layer_s"] * 1e3 for r in rows], 0.6, color="tab:green")
-        axes[2].set_title("Modelled MoE-layer time (ms; pp = per-pair, hier = hierarchical)", fontsize=9)
+        axes[2].set_title("Modelled MoE-layer time (ms; hier = hierarchical)", fontsize=9)
         for ax in axes:
             ax.set_xticks(x)
             ax.set_xticklabels(labels, fontsize=7)
@@ -254,7 +255,7 @@ def compare_planners(
     extra_slots: int = 0,
     planners: Sequence[str] = DEFAULT_PLANNERS,
     model_shape: ModelShape | str | None = None,
-    policy: str = "local-first",
+    policy: str = DEFAULT_POLICY,
     token_placement: str = "round-robin",
     dispatch: str | Sequence[str] = "both",
     planner_fn: PlannerFn | None = None,

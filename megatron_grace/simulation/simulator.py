@@ -2,8 +2,10 @@
 
 For every MoE layer the simulator
 
-1. asks the policy (:mod:`megatron_grace.simulation.policies`) which GPU processes each
-   (token, expert) pair: ``gpu[T, k]``, checked to host that expert;
+1. asks the replica-choice policy which GPU processes each (token, expert) pair:
+   ``gpu[T, k]``, checked to host that expert. Named policies run the routing module's
+   :func:`~megatron_grace.routing.choose_copies`, the code of the distributed layer
+   (:mod:`megatron_grace.simulation.policies`);
 2. counts, vectorized over tokens, where the pairs go and which messages that takes;
 3. turns the counts into bytes per link type and a modelled MoE-layer time for each
    dispatch mode.
@@ -19,8 +21,9 @@ token-to-node (one per token and distinct remote node); per-GPU expert load (pai
 
 **Dispatch modes**:
 
-- ``per-pair``: one copy of the token per (token, expert) pair processed on another GPU (what
-  Megatron-Core's alltoall dispatcher and DeepSpeed do). Bytes = crossing pairs x token bytes,
+- ``flat``: one copy of the token per (token, expert) pair processed on another GPU (what
+  Megatron-Core's alltoall dispatcher and DeepSpeed do; the layer's ``flat`` dispatch).
+  ``per-pair`` is accepted as a deprecated name of it. Bytes = crossing pairs x token bytes,
   on the NVLink or the inter-node link. One all-to-all phase.
 - ``hierarchical``: phase 1 (inter-node): a token crosses once to each remote node it needs,
   to the *peer* GPU with the same local index as its own GPU; phase 2 (intra-node, NVLink): the
@@ -32,7 +35,7 @@ token-to-node (one per token and distinct remote node); per-GPU expert load (pai
 receivers swapped. In hierarchical mode each GPU first sums its experts' weighted outputs for
 a token and each peer sums the partial results of its node before crossing back, so one
 message returns per token-GPU and per token-node: the combine moves exactly the bytes of the
-dispatch (per-pair returns one result per pair, as Megatron-Core's alltoall combine does).
+dispatch (flat returns one result per pair, as Megatron-Core's alltoall combine does).
 Since the time model takes max(sent, received) per GPU, combine time = dispatch time.
 
 **Time model** (per layer)::
@@ -42,7 +45,7 @@ Since the time model takes max(sent, received) per GPU, combine time = dispatch 
                                    inter bytes sent or received / inter bandwidth)
               + latency of the phase (the largest latency among the link types carrying bytes
                 in it; 0 if nothing moves)
-    dispatch_s = sum of phase_s (per-pair: one phase with both links; hierarchical: an
+    dispatch_s = sum of phase_s (flat: one phase with both links; hierarchical: an
                  inter-node phase, then an intra-node phase)
     compute_s = max GPU load (pairs) x expert_flops_per_token / gpu_flops
 
@@ -53,20 +56,25 @@ trace is treated as one batch per layer.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from megatron_grace._files import PathLike, load_npz, save_json_atomic, save_npz_atomic
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.placement import PlacementPlan
 from megatron_grace.plan.topology import MODEL_PRESETS, ModelShape, Topology
-from megatron_grace.simulation.policies import PolicyContext, PolicyFn, get_policy
+from megatron_grace.routing import RoutingOptions
+from megatron_grace.simulation.policies import DEFAULT_POLICY, CustomPolicy, PolicyContext, check_policy, choose_gpus
 from megatron_grace.trace.routing_trace import RoutingTrace
 
-DISPATCH_MODES: tuple[str, ...] = ("per-pair", "hierarchical")
+DISPATCH_MODES: tuple[str, ...] = ("flat", "hierarchical")
+#: Deprecated dispatch-mode names and the mode they mean.
+DISPATCH_ALIASES: dict[str, str] = {"per-pair": "flat"}
 TOKEN_PLACEMENTS: tuple[str, ...] = ("round-robin", "request")
 DECISIONS_FORMAT = "grace-decisions/1"
 
@@ -119,8 +127,13 @@ def resolve_model_shape(model_shape: ModelShape | str | None, model_name: str = 
 
 
 def parse_dispatch(dispatch: str | Sequence[str]) -> tuple[str, ...]:
-    """``"both"``, one mode name, or a sequence of them -> a tuple of mode names."""
+    """``"both"``, one mode name, or a sequence of them -> a tuple of mode names (deprecated names
+    of :data:`DISPATCH_ALIASES` are translated, with a DeprecationWarning)."""
     modes = DISPATCH_MODES if dispatch == "both" else (dispatch,) if isinstance(dispatch, str) else tuple(dispatch)
+    if any(m in DISPATCH_ALIASES for m in modes):
+        warnings.warn(f"dispatch mode names {', '.join(DISPATCH_ALIASES)} are deprecated; use "
+                      f"{', '.join(DISPATCH_ALIASES.values())}", DeprecationWarning, stacklevel=3)
+        modes = tuple(DISPATCH_ALIASES.get(m, m) for m in modes)
     bad = [m for m in modes if m not in DISPATCH_MODES]
     if bad or not modes:
         raise GraceInputError(f"unknown dispatch mode {bad[0] if bad else ''!r}; known: {', '.join(DISPATCH_MODES)}, both")
@@ -149,7 +162,7 @@ class DispatchCost:
     """Bytes and modelled time of one dispatch mode, per layer.
 
     Attributes:
-        mode: ``"per-pair"`` or ``"hierarchical"``.
+        mode: ``"flat"`` or ``"hierarchical"``.
         intra_bytes: int64 ``[L]`` NVLink bytes of the dispatch (the combine moves the same).
         inter_bytes: int64 ``[L]`` inter-node bytes of the dispatch (the combine moves the same).
         max_gpu_intra_bytes: int64 ``[L]`` max over GPUs and phases of NVLink bytes one GPU
@@ -309,7 +322,7 @@ class SimulationResult:
         save_json_atomic(path, self.to_dict())
 
     def dump_decisions(self, path: PathLike) -> None:
-        """Write the per-pair decisions as a pickle-free ``.npz`` (atomic).
+        """Write the decisions (the GPU of every token-expert pair) as a pickle-free ``.npz`` (atomic).
 
         Arrays: ``gpu`` int16 (int32 beyond 32767 GPUs) ``[T, L, k]`` chosen GPU (-1 none),
         ``src_gpu`` int32 ``[T]``, ``format`` and ``metadata`` (JSON: topology, model shape,
@@ -441,7 +454,7 @@ class _Accumulator:
         intra_l, inter_l = topo.intra_node, topo.inter_node
         for mode in self.modes:
             arrays = self.mode_arrays[mode]
-            if mode == "per-pair":
+            if mode == "flat":
                 n_intra, n_inter = int(c["pairs_intra_node"][layer]), int(c["pairs_inter_node"][layer])
                 intra_io = int(np.maximum(send[1], recv[1]).max(initial=0)) * tb
                 inter_io = int(np.maximum(send[2], recv[2]).max(initial=0)) * tb
@@ -513,11 +526,12 @@ def simulate(
     trace: RoutingTrace,
     model_shape: ModelShape | str | None = None,
     *,
-    policy: str | PolicyFn = "local-first",
+    policy: str | CustomPolicy = DEFAULT_POLICY,
     dispatch: str | Sequence[str] = "both",
     token_placement: str = "round-robin",
     expert_load: np.ndarray | None = None,
     seed: int = 0,
+    options: RoutingOptions | None = None,
     keep_decisions: bool = False,
     progress: bool = False,
 ) -> SimulationResult:
@@ -528,12 +542,14 @@ def simulate(
         trace: per-token expert ids ``[T, L, k]``.
         model_shape: a :class:`ModelShape` or preset name; None = the preset named in
             ``trace.model`` (else GraceInputError).
-        policy: name in :data:`~megatron_grace.simulation.policies.POLICIES` or a policy function.
-        dispatch: ``"per-pair"``, ``"hierarchical"``, ``"both"`` or a sequence of modes.
+        policy: a routing policy name (:data:`~megatron_grace.routing.POLICY_NAMES`; default
+            ``grace``) or a custom policy function (:data:`~megatron_grace.simulation.policies.CustomPolicy`).
+        dispatch: ``"flat"``, ``"hierarchical"``, ``"both"`` or a sequence of modes.
         token_placement: ``"round-robin"`` or ``"request"`` (see :func:`token_start_gpus`).
-        expert_load: float ``[L, E]`` predicted expert load given to the policy (e.g. the
+        expert_load: float ``[L, E]`` expert load behind the policy's load prediction (e.g. the
             planning statistics' ``load``); None = equal.
         seed: seed handed to randomized policies.
+        options: :class:`~megatron_grace.routing.RoutingOptions` of the ``grace`` policy (None = defaults).
         keep_decisions: keep the ``[T, L, k]`` decisions (needed for ``dump_decisions``).
         progress: show a progress bar over layers.
 
@@ -543,7 +559,7 @@ def simulate(
     check_compatible(plan, trace)
     shape = resolve_model_shape(model_shape, trace.model)
     modes = parse_dispatch(dispatch)
-    policy_name, policy_fn = get_policy(policy)
+    policy_name = check_policy(policy)
     topo = plan.topology
     T, L, k = trace.expert_ids.shape
     G, E = topo.num_gpus, plan.num_experts
@@ -553,6 +569,7 @@ def simulate(
             raise GraceInputError(f"expert_load must have shape {(L, E)} (layers, experts), got {expert_load.shape}")
     src = token_start_gpus(T, G, token_placement, trace.request_ids)
     token_index = np.arange(T, dtype=np.int64)
+    src_t, positions = torch.from_numpy(src.astype(np.int64)), torch.from_numpy(token_index)
     hosts_all = plan.expert_gpus
     acc = _Accumulator(L=L, G=G, modes=modes, topology=topo, shape=shape)
     decisions = np.full((T, L, k), -1, dtype=np.int32) if keep_decisions else None
@@ -564,9 +581,14 @@ def simulate(
         hosted = np.zeros((E, G), dtype=bool)
         e_idx, r_idx = np.nonzero(hosts >= 0)
         hosted[e_idx, hosts[e_idx, r_idx]] = True
-        ctx = PolicyContext(layer=layer, expert_load=None if expert_load is None else expert_load[layer],
-                            token_index=token_index, seed=seed, plan=plan)
-        gpu = _check_decisions(policy_fn(ids, src, hosts, topo, ctx), ids, hosted, layer, policy_name)
+        layer_load = None if expert_load is None else expert_load[layer]
+        if callable(policy):
+            ctx = PolicyContext(layer=layer, expert_load=layer_load, token_index=token_index, seed=seed, plan=plan)
+            gpu = policy(ids, src, hosts, topo, ctx)
+        else:
+            gpu = choose_gpus(policy, ids, src_t, plan, layer, expert_load=layer_load, seed=seed, positions=positions,
+                              options=options)
+        gpu = _check_decisions(gpu, ids, hosted, layer, policy_name)
         acc.add_layer(layer, gpu, src)
         if decisions is not None:
             decisions[:, layer, :] = gpu
