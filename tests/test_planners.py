@@ -17,7 +17,7 @@ from megatron_grace.plan.planners import (
     PLANNERS,
     UNBOUNDED_EXTRA_SLOTS,
     EplbOptions,
-    GraceOptions,
+    PlannerOptions,
     evaluate_plan,
     plan_placement,
 )
@@ -99,7 +99,7 @@ def test_registry_and_options_have_documented_defaults():
         assert isinstance(opts, spec.options_type)
         for knob in knobs:  # every knob is documented in its dataclass docstring
             assert f"{knob}:" in spec.options_type.__doc__, (name, knob)
-    assert GraceOptions().ratio == 0.15 and GraceOptions().interlayer_weight == 0.0
+    assert PlannerOptions().ratio == 0.15 and PlannerOptions().interlayer_weight == 0.0
     assert EplbOptions().allow_colocated_copies is False
 
 

@@ -37,7 +37,7 @@ are a frozen options dataclass whose fields all have documented defaults. The pl
 
     Beyond the paper: the memory budget (``Topology.capacity``) bounds every GPU, an optional
     between-layer affinity term (``interlayer_weight``), and ``replicas="auto"`` which stops
-    copying once a layer is predicted balanced. See :class:`GraceOptions`.
+    copying once a layer is predicted balanced. See :class:`PlannerOptions`.
 
 Capacity: a topology without a budget (``capacity() is None``) is planned with
 ``ceil(E / G) + UNBOUNDED_EXTRA_SLOTS`` slots per GPU; the plan's metadata says so.
@@ -175,7 +175,7 @@ class AffinityOptions:
 
 
 @dataclass(frozen=True)
-class GraceOptions:
+class PlannerOptions:
     """Knobs of the ``grace`` planner.
 
     Grouping (per layer: one group per node, then one group per GPU inside each node):
@@ -623,7 +623,7 @@ def _plan_affinity(ctx: _Context, opts: AffinityOptions) -> list[list[list[int]]
     return out
 
 
-def _plan_grace(ctx: _Context, opts: GraceOptions) -> list[list[list[int]]]:
+def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
     """GRACE-MoE: load-aware hierarchical affinity grouping, then replication into free slots."""
     E, G, L = ctx.num_experts, ctx.num_gpus, ctx.num_layers
     affinity = _affinity_or_fallback(ctx, "grace", opts.on_missing_coactivation)
@@ -776,7 +776,7 @@ PLANNERS: dict[str, Planner] = {
                     "DeepSeek EPLB: load-only hierarchical replication and packing, every slot used, no colocated copies"),
     "affinity": Planner("affinity", AffinityOptions, _plan_affinity,
                         "co-activation grouping, equal group sizes, no replicas (Occult / ExFlow style)"),
-    "grace": Planner("grace", GraceOptions, _plan_grace,
+    "grace": Planner("grace", PlannerOptions, _plan_grace,
                      "GRACE-MoE: load-aware hierarchical affinity grouping + locality-aware replication into the budget"),
 }
 
@@ -866,6 +866,6 @@ def plan_placement(stats: ExpertStats, topology: Topology, planner: str = "grace
 
 
 __all__ = [
-    "PLANNERS", "Planner", "PlanMetrics", "VanillaOptions", "EplbOptions", "AffinityOptions", "GraceOptions",
+    "PLANNERS", "Planner", "PlanMetrics", "VanillaOptions", "EplbOptions", "AffinityOptions", "PlannerOptions",
     "UNBOUNDED_EXTRA_SLOTS", "effective_capacity", "evaluate_plan", "plan_placement",
 ]
