@@ -50,7 +50,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
+from megatron_grace._segments import rank_in_group
 from megatron_grace.errors import GraceInputError
 from megatron_grace.statistics.expert_stats import ExpertStats
 from megatron_grace.trace.routing_trace import RoutingTrace
@@ -483,13 +485,9 @@ def _repair_loads(state: _Layer, rng: np.random.Generator) -> bool:
 
 
 def _rank_in_group(keys: np.ndarray) -> np.ndarray:
-    """int64 ``[n]``: how many earlier entries share each entry's key (order preserved)."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    first = np.searchsorted(sorted_keys, sorted_keys, side="left")
-    rank = np.empty(keys.size, dtype=np.int64)
-    rank[order] = np.arange(keys.size) - first
-    return rank
+    """int64 ``[n]``: how many earlier entries share each entry's key (order preserved);
+    :func:`megatron_grace._segments.rank_in_group` on a numpy array."""
+    return rank_in_group(torch.from_numpy(np.ascontiguousarray(keys, dtype=np.int64))).numpy()
 
 
 def _first_per_group(keys: np.ndarray) -> np.ndarray:
