@@ -1,14 +1,20 @@
-"""Benchmark the compiled dispatch kernels against the pure-torch path.
+"""Benchmark the dispatch ops: compiled kernels (``GRACE_OPS=native``) against the pure-torch references.
 
-CPU: permute (stable sort by destination + gather into the send buffer) and combine (un-permute +
-weighted top-k sum) for 4k/16k/64k tokens x top-8, hidden 2048, float32 and bfloat16, C++ kernels
-(``GRACE_OPS=native``) vs pure torch (``GRACE_OPS=torch``). Results: benchmarks/results/kernels_cpu.json.
+Every op is timed on every available device (CPU always; CUDA when there is a device and the
+CUDA kernels are built): destination_histogram, sort_by_key, permute_by_key, gather_rows,
+scatter_rows, weighted_combine (dense pair layout, value_index from permute_by_key, 10% dropped
+pairs) and grace_choose_copies. CPU times come from ``time.perf_counter``, GPU times from CUDA
+events (median of ``--repeats``). Outputs of the two implementations must be bit-identical.
 
-GPU (only with CUDA): permute and combine at 64k tokens x top-8, hidden 4096, bf16, as a fraction of
-the device memory bandwidth measured with a large copy, against torch's index_select / index_add_.
-Results: benchmarks/results/kernels_gpu.json (or ``$OUT/kernels_gpu.json`` when ``OUT`` is set).
+CPU: C++ vs pure torch for the dispatch path ``permute_by_key`` + ``weighted_combine`` (target
+>= 2x). CUDA: bandwidth of permute (reads and writes n rows) and combine (reads n rows, writes T
+rows) at 65,536 tokens x top-8 x hidden 4096 bf16 by default, against a device copy
+``y.copy_(x)`` of the same n rows.
 
-Usage: python scripts/bench_kernels.py [--tokens 4096 16384 65536] [--repeats 5] [--skip-cpu] [--skip-gpu]
+Results: a table on stdout and JSON in ``benchmarks/results/kernels.json`` (``--out``; also
+``$OUT/kernels.json`` when ``OUT`` is set).
+
+Usage: python scripts/bench_kernels.py [--tokens 1024 4096] [--repeats 5] [--hidden 1024] [--skip-cpu] [--skip-gpu]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,132 +36,190 @@ from megatron_grace import _ops  # noqa: E402
 from megatron_grace._files import save_json_atomic  # noqa: E402
 
 TOP_K = 8
-NUM_DEST = 64  # destination (rank, slot) keys
+NUM_RANKS, SLOTS = 16, 4  # destination keys: (rank, slot) pairs, plus one "not sent" key
+NUM_EXPERTS, NUM_GPUS, GPUS_PER_NODE, MAX_COPIES = 128, 16, 8, 3
+DROP = 0.1
+OPS = ("destination_histogram", "sort_by_key", "permute_by_key", "gather_rows", "scatter_rows", "weighted_combine", "grace_choose_copies")
 
 
-def _case(T: int, h: int, dtype: torch.dtype, device: str, seed: int = 0):
+def _case(T: int, h: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, h, generator=gen).to(dtype).to(device)
-    dest = torch.randint(0, NUM_DEST, (T * TOP_K,), generator=gen).to(device)
-    token = torch.arange(T).repeat_interleave(TOP_K).to(device)
-    choice = torch.arange(TOP_K).repeat(T).to(device)
-    weight = torch.rand(T * TOP_K, generator=gen).to(device)
-    return x, dest, token, choice, weight
+    n = T * TOP_K
+    sentinel = NUM_RANKS * SLOTS
+    key = torch.randint(0, sentinel, (n,), generator=gen)
+    dropped = torch.rand(n, generator=gen) < DROP
+    key[dropped] = sentinel
+    copies = torch.randint(1, MAX_COPIES + 1, (NUM_EXPERTS,), generator=gen)
+    hosts = torch.full((NUM_EXPERTS, MAX_COPIES), -1, dtype=torch.int64)
+    for e in range(NUM_EXPERTS):
+        hosts[e, : copies[e]] = torch.randperm(NUM_GPUS, generator=gen)[: copies[e]]
+    ids = torch.randint(0, NUM_EXPERTS, (T, TOP_K), generator=gen)
+    ids[dropped.view(T, TOP_K)] = -1
+    pred = torch.rand(NUM_GPUS, generator=gen, dtype=torch.float64) * 100
+    c = {
+        "x": torch.randn(T, h, generator=gen).to(dtype),
+        "key": key,
+        "dest": torch.where(dropped, torch.full_like(key, -1), key // SLOTS),
+        "dropped": dropped,
+        "token": torch.arange(T).repeat_interleave(TOP_K),
+        "choice": torch.arange(TOP_K).repeat(T),
+        "weight": torch.rand(n, generator=gen),
+        "ids": ids,
+        "src": torch.randint(0, NUM_GPUS, (T,), generator=gen),
+        "hosts": hosts,
+        "copies": copies,
+        "spare": torch.rand(NUM_GPUS, generator=gen, dtype=torch.float64) + 0.1,
+        "pred": pred,
+        "params": torch.tensor([5.0, float(pred.mean()), 1.3 * float(pred.mean())], dtype=torch.float64),
+    }
+    return {k: v.to(device) for k, v in c.items()} | {"T": T, "h": h, "num_keys": sentinel + 1}
 
 
-def _permute(x, dest, token):
-    order, counts = _ops.sort_by_key(dest, NUM_DEST)
-    return _ops.gather_rows(x, token, order), order
+def _calls(c: dict) -> dict[str, Callable[[], object]]:
+    """One closure per op; permute_by_key's outputs feed gather/scatter/combine."""
+    T, K = c["T"], c["num_keys"]
+    y, position, _ = _ops.permute_by_key(c["x"], c["key"], K, TOP_K)
+    order, _ = _ops.sort_by_key(c["key"], K)
+    vidx = torch.where(c["dropped"], torch.full_like(position, -1), position)
+    return {
+        "destination_histogram": lambda: _ops.destination_histogram(c["dest"], NUM_RANKS),
+        "sort_by_key": lambda: _ops.sort_by_key(c["key"], K),
+        "permute_by_key": lambda: _ops.permute_by_key(c["x"], c["key"], K, TOP_K),
+        "gather_rows": lambda: _ops.gather_rows(c["x"], c["token"], order),
+        "scatter_rows": lambda: _ops.scatter_rows(y, order),
+        "weighted_combine": lambda: _ops.weighted_combine(y, c["token"], c["choice"], c["weight"], T, TOP_K, y.dtype, vidx),
+        "grace_choose_copies": lambda: _ops.grace_choose_copies(c["ids"], c["src"], c["hosts"], c["copies"], c["spare"], c["pred"],
+                                                                c["params"], GPUS_PER_NODE, True),
+    }
 
 
-def _combine(y, order, token, choice, weight, T):
-    back = _ops.scatter_rows(y, order)  # to pair order
-    return _ops.weighted_combine(back, token, choice, weight, T, TOP_K, y.dtype)
-
-
-def _time(fn, repeats: int, sync=lambda: None) -> float:
+def _time_cpu(fn: Callable[[], object], repeats: int) -> float:
     fn()
-    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def bench_cpu(tokens: list[int], repeats: int, hidden: int = 2048) -> list[dict]:
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for T in tokens:
-            x, dest, token, choice, weight = _case(T, hidden, dtype, "cpu")
-            res = {"tokens": T, "top_k": TOP_K, "hidden": hidden, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
-            outs = {}
-            for mode in ("torch", "native"):
-                os.environ["GRACE_OPS"] = mode
-                y, order = _permute(x, dest, token)
-                outs[mode] = _combine(y, order, token, choice, weight, T)
-                res[f"{mode}_permute_ms"] = 1e3 * _time(lambda: _permute(x, dest, token), repeats)
-                res[f"{mode}_combine_ms"] = 1e3 * _time(lambda: _combine(y, order, token, choice, weight, T), repeats)
-                del y
-            res["identical"] = bool(torch.equal(outs["torch"], outs["native"]))
-            for part in ("permute", "combine"):
-                res[f"speedup_{part}"] = res[f"torch_{part}_ms"] / res[f"native_{part}_ms"]
-            res["speedup_total"] = (res["torch_permute_ms"] + res["torch_combine_ms"]) / (res["native_permute_ms"] + res["native_combine_ms"])
-            rows.append(res)
-            print(f"{res['dtype']:>9} {T:>6} | permute torch {res['torch_permute_ms']:8.1f} ms  C++ {res['native_permute_ms']:8.1f} ms "
-                  f"({res['speedup_permute']:4.1f}x) | combine torch {res['torch_combine_ms']:8.1f} ms  C++ {res['native_combine_ms']:8.1f} ms "
-                  f"({res['speedup_combine']:4.1f}x) | total {res['speedup_total']:4.1f}x | identical {res['identical']}", flush=True)
-            del x
+def _time_cuda(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple):
+        return all(_same(x, y) for x, y in zip(a, b))
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def bench_device(device: str, T: int, h: int, dtype: torch.dtype, repeats: int) -> dict:
+    timer = _time_cuda if device == "cuda" else _time_cpu
+    c = _case(T, h, dtype, device)
+    res = {"device": device, "tokens": T, "top_k": TOP_K, "hidden": h, "dtype": str(dtype).replace("torch.", ""),
+           "threads": torch.get_num_threads(), "ops": {}}
+    outs = {}
+    for mode in ("torch", "native"):
+        os.environ["GRACE_OPS"] = mode
+        calls = _calls(c)
+        outs[mode] = {name: calls[name]() for name in OPS}
+        for name in OPS:
+            res["ops"].setdefault(name, {})[f"{mode}_ms"] = 1e3 * timer(calls[name], repeats)
+        del calls
     os.environ.pop("GRACE_OPS", None)
-    return rows
-
-
-def bench_gpu(repeats: int, T: int = 65536, hidden: int = 4096) -> dict:
-    dev = "cuda"
-    sync = torch.cuda.synchronize
-    big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)  # 1 GiB copy: read + write
-    dst = torch.empty_like(big)
-    t = _time(lambda: dst.copy_(big), repeats, sync)
-    bandwidth = 2 * big.numel() / t
-    del big, dst
-    x, dest, token, choice, weight = _case(T, hidden, torch.bfloat16, dev)
-    row_bytes = hidden * 2
-    n = T * TOP_K
-    os.environ["GRACE_OPS"] = "native"
-    order, _ = _ops.sort_by_key(dest, NUM_DEST)
-    y = _ops.gather_rows(x, token, order)
-    res = {"tokens": T, "top_k": TOP_K, "hidden": hidden, "dtype": "bfloat16", "copy_bandwidth_GBps": bandwidth / 1e9,
-           "device": torch.cuda.get_device_name()}
-    # permute: read n rows, write n rows; combine: read n rows (+ un-permute read/write n rows), write T rows
-    t_gather = _time(lambda: _ops.gather_rows(x, token, order), repeats, sync)
-    t_sort = _time(lambda: _ops.sort_by_key(dest, NUM_DEST), repeats, sync)
-    t_comb = _time(lambda: _ops.weighted_combine(y, token[order], choice[order], weight[order], T, TOP_K, y.dtype), repeats, sync)
-    idx = token[order]
-    t_ref_gather = _time(lambda: x.index_select(0, idx), repeats, sync)
-
-    def ref_combine():
-        out = torch.zeros(T, hidden, dtype=torch.float32, device=dev)
-        out.index_add_(0, idx, y.float() * weight[order][:, None])
-        return out.to(torch.bfloat16)
-
-    t_ref_comb = _time(ref_combine, repeats, sync)
-    res.update({
-        "gather_ms": 1e3 * t_gather, "sort_ms": 1e3 * t_sort, "combine_ms": 1e3 * t_comb,
-        "gather_bw_fraction": 2 * n * row_bytes / t_gather / bandwidth,
-        "combine_bw_fraction": (n + T) * row_bytes / t_comb / bandwidth,
-        "torch_index_select_ms": 1e3 * t_ref_gather, "torch_index_add_combine_ms": 1e3 * t_ref_comb,
-        "torch_index_select_bw_fraction": 2 * n * row_bytes / t_ref_gather / bandwidth,
-        "torch_index_add_bw_fraction": (n + T) * row_bytes / t_ref_comb / bandwidth,
-    })
-    os.environ.pop("GRACE_OPS", None)
-    for key, val in res.items():
-        print(f"  {key:32s} {val:.3f}" if isinstance(val, float) else f"  {key:32s} {val}")
+    for name in OPS:
+        op = res["ops"][name]
+        op["speedup"] = op["torch_ms"] / op["native_ms"]
+        op["identical"] = _same(outs["torch"][name], outs["native"][name])
+    dispatch = ("permute_by_key", "weighted_combine")
+    res["dispatch_torch_ms"] = sum(res["ops"][o]["torch_ms"] for o in dispatch)
+    res["dispatch_native_ms"] = sum(res["ops"][o]["native_ms"] for o in dispatch)
+    res["dispatch_speedup"] = res["dispatch_torch_ms"] / res["dispatch_native_ms"]
+    if device == "cuda":
+        n, row_bytes = T * TOP_K, h * c["x"].element_size()
+        src = torch.empty(n, h, dtype=dtype, device=device)
+        dst = torch.empty_like(src)
+        t_copy = timer(lambda: dst.copy_(src), repeats)
+        del src, dst
+        copy_bw = 2 * n * row_bytes / t_copy
+        moved = {"permute_by_key": 2 * n * row_bytes, "gather_rows": 2 * n * row_bytes, "scatter_rows": 2 * n * row_bytes,
+                 "weighted_combine": (n + T) * row_bytes}
+        res["copy_GBps"] = copy_bw / 1e9
+        res["device_name"] = torch.cuda.get_device_name()
+        for name, nbytes in moved.items():
+            op = res["ops"][name]
+            for mode in ("native", "torch"):
+                op[f"{mode}_GBps"] = nbytes / (op[f"{mode}_ms"] / 1e3) / 1e9
+                op[f"{mode}_copy_fraction"] = op[f"{mode}_GBps"] / res["copy_GBps"]
+    del c, outs
     return res
+
+
+def _print(res: dict) -> None:
+    head = f"{res['device']}: {res['tokens']} tokens x top-{res['top_k']}, hidden {res['hidden']} {res['dtype']}"
+    if res["device"] == "cpu":
+        head += f", {res['threads']} threads"
+    else:
+        head += f", {res['device_name']}, copy {res['copy_GBps']:.0f} GB/s"
+    print(head)
+    gb = res["device"] == "cuda"
+    print(f"  {'op':22s} {'torch ms':>10s} {'native ms':>10s} {'speedup':>8s} {'identical':>9s}" + ("  native GB/s (of copy)" if gb else ""))
+    for name, op in res["ops"].items():
+        line = f"  {name:22s} {op['torch_ms']:10.3f} {op['native_ms']:10.3f} {op['speedup']:7.2f}x {str(op['identical']):>9s}"
+        if gb and "native_GBps" in op:
+            line += f"  {op['native_GBps']:8.0f} ({100 * op['native_copy_fraction']:3.0f}%)"
+        print(line)
+    print(f"  {'permute+combine':22s} {res['dispatch_torch_ms']:10.3f} {res['dispatch_native_ms']:10.3f} {res['dispatch_speedup']:7.2f}x",
+          flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--tokens", type=int, nargs="+", default=None,
+                    help="token counts (default: 1024 4096 on CPU, 65536 on CUDA)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--hidden", type=int, default=None, help="hidden size (default: 1024 on CPU, 4096 on CUDA)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--skip-gpu", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernels.json")
     args = ap.parse_args()
     if not _ops.has_kernel("cpu"):
-        print("megatron_grace._C is not built: nothing to compare (pip install --no-build-isolation -e .)")
+        print("megatron_grace._C is not built: nothing to compare (python setup.py build_ext --inplace)")
         sys.exit(1)
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "benchmarks" / "results"
+    dtype = getattr(torch, args.dtype)
+    report: dict = {"torch": torch.__version__, "cpu": [], "cuda": []}
+    start = time.time()
     if not args.skip_cpu:
-        print(f"CPU: permute = sort_by_key + gather_rows; combine = scatter_rows + weighted_combine; top-{TOP_K}, hidden 2048, "
-              f"{torch.get_num_threads()} threads")
-        rows = bench_cpu(args.tokens, args.repeats)
-        save_json_atomic(out_dir / "kernels_cpu.json", {"torch": torch.__version__, "rows": rows})
+        for T in args.tokens or [1024, 4096]:
+            res = bench_device("cpu", T, args.hidden or 1024, dtype, args.repeats)
+            report["cpu"].append(res)
+            _print(res)
     if not args.skip_gpu and torch.cuda.is_available() and _ops.has_kernel("cuda"):
-        print("GPU:")
-        save_json_atomic(out_dir / "kernels_gpu.json", {"torch": torch.__version__, **bench_gpu(args.repeats)})
+        for T in args.tokens or [65536]:
+            res = bench_device("cuda", T, args.hidden or 4096, dtype, args.repeats)
+            report["cuda"].append(res)
+            _print(res)
     elif not args.skip_gpu:
-        print("GPU part skipped (no CUDA device or no CUDA kernels built)")
+        print("CUDA part skipped (no CUDA device or no CUDA kernels built)")
+    report["wall_s"] = time.time() - start
+    save_json_atomic(args.out, report)
+    if os.environ.get("OUT"):
+        save_json_atomic(Path(os.environ["OUT"]) / "kernels.json", report)
+    print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
+    if not all(op["identical"] for res in report["cpu"] + report["cuda"] for op in res["ops"].values()):
+        print("ERROR: a compiled op differs from its pure-torch reference")
+        sys.exit(2)
 
 
 if __name__ == "__main__":
