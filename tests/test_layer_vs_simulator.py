@@ -50,7 +50,8 @@ def worker(rank: int, world: int) -> dict:
     out = {}
     for name, plan in plans.items():
         for mode in ("flat", "hierarchical"):
-            layer = GraceMoELayer.from_full_weights(plan, 0, weights, hidden_size=H, ffn_size=F, policy="grace", dispatch=mode)
+            layer = GraceMoELayer.from_full_weights(plan, 0, weights, hidden_size=H, ffn_size=F, policy="grace", dispatch=mode,
+                                                    counters=True)
             layer(hidden, mine, gates)
             c = layer.last_counters
             out[(name, mode)] = {"gpu": layer.last_route.gpu.numpy().copy(), "bytes": c.kind_bytes_sent_by_link("dispatch")}

@@ -34,7 +34,8 @@ def _worker(rank: int, world: int, plan: PlacementPlan, ids: np.ndarray, layers:
         expected = reference(x, mine, gates)
         for mode in modes:
             moe = GraceMoELayer.from_full_weights(plan, layer, weights, hidden_size=hidden, ffn_size=ffn, policy=policy, dispatch=mode,
-                                                  num_experts=plan.num_experts, num_model_layers=plan.num_layers)
+                                                  num_experts=plan.num_experts, num_model_layers=plan.num_layers,
+                                                  counters=True, timing=True)
             y = moe(x, mine, gates)
             err = float((y.double() - expected).norm() / expected.norm().clamp_min(1e-30))
             c = moe.last_counters
