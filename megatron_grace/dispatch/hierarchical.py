@@ -27,7 +27,17 @@ of its own node crosses NVLink once to each of them: exactly the bytes the simul
 stable sort or a segmented index operation (no loops over tokens), and every sum runs in a fixed
 order (no scatter-add), so results do not depend on timing. Both groups are ``dist.new_group``
 sub-groups (see :class:`HierarchicalGroups`); every phase is an uneven ``all_to_all_single``
-after one all-to-all of counts (one host sync per phase).
+after one all-to-all of counts.
+
+**Host synchronisation**: exactly one per phase, the batched device-to-host copy of the counts
+(:func:`_to_host`: the split sizes the uneven all-to-alls need, as in Megatron-Core), so two per
+forward; :meth:`HierarchicalDispatcher.combine` reuses those sizes and adds none. Everything else
+is device code with shapes known on the host: the pairs stay in the router's dense ``[T * k]``
+layout (dropped pairs sort past every real destination and are never sent), counts come from
+``destination_histogram``, the starts of runs (the deduplicated rows) are compacted to the front
+by a stable two-key ``sort_by_key`` and cut at a length read from the phase's one copy, and the
+summation widths are static (top-k, ``P``, ``N``). Per-step value checks that would read device
+values run only in debug mode (``GRACE_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -39,9 +49,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_grace import _ops
+from megatron_grace._debug import debug_enabled
+from megatron_grace._segments import position_in_run, rank_in_group, run_starts
+from megatron_grace.dispatch import all_to_all as _a2a
 from megatron_grace.dispatch.all_to_all import GroupSpec, TrafficLog, all_to_all_uneven, exchange_counts, mark_phase, row_nbytes
 from megatron_grace.dispatch.pairs import RoutedPairs
-from megatron_grace.dispatch.permute import Permutation, padded_weighted_sum, position_in_run, run_starts, sort_by_key, unpermute
 from megatron_grace.errors import GraceInputError
 
 _META_FIELDS = 4  # phase 1: (row in the message, gpu in node, slot, gate weight as float32 bits), int32
@@ -149,11 +162,45 @@ def _create(members: tuple[int, ...], gpus_per_node: int, me_global: int) -> Hie
 _GROUP_CACHE: dict[tuple[int, tuple[int, ...], int], HierarchicalGroups | None] = {}
 
 
+def _to_host(t: torch.Tensor) -> list[int]:
+    """The one device-to-host copy of a dispatch phase: an integer tensor's values as Python ints.
+
+    On a GPU this is the phase's only host synchronisation; every split size, row count and check
+    of the phase is read from its result. It goes through :func:`megatron_grace.dispatch.all_to_all.to_host`
+    (looked up at call time), so ``megatron_grace._sync_audit.count_host_copies`` counts it with the
+    flat dispatch's copies; tests may also count the calls of this function.
+    """
+    return _a2a.to_host(t)
+
+
+def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
+    """int64 ``[n]``: start offset of each chunk when chunks of ``counts [n]`` rows are laid out in order."""
+    return torch.cumsum(counts, 0) - counts
+
+
+def _chunk_of(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 ``[total]``: chunk index of each row, for chunks of ``counts [n]`` rows (``total`` = their sum, a host int)."""
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=total)
+
+
+def _compact_starts(starts: torch.Tensor) -> torch.Tensor:
+    """int64 ``[n]``: the positions where ``starts [n]`` is True first (ascending), then the others.
+
+    One stable two-key counting sort; the caller cuts the front at the number of starts, read on
+    the host from its phase's one copy (a boolean-mask index would synchronise here).
+    """
+    return _ops.sort_by_key((~starts).long(), 2)[0]
+
+
 @dataclass
 class HierarchicalHandle:
-    """What :meth:`HierarchicalDispatcher.combine` needs, from the three roles this rank plays."""
+    """What :meth:`HierarchicalDispatcher.combine` needs, from the three roles this rank plays.
 
-    pairs: RoutedPairs
+    Row counts are host ints from the two batched copies of :meth:`HierarchicalDispatcher.dispatch`,
+    so the combine needs no synchronisation.
+    """
+
+    num_tokens: int
     out_dtype: torch.dtype
     # source (phase 1 sender)
     row_token: torch.Tensor  # int64 [U] token of each row sent across (sorted by node, then token)
@@ -169,8 +216,8 @@ class HierarchicalHandle:
     in_row: torch.Tensor  # int64 [m] received (phase-2) row of each local pair (ascending)
     in_pos: torch.Tensor  # int64 [m] position of the pair inside its row (top-k order)
     in_weight: torch.Tensor  # float32 [m] gate weight of each local pair
-    in_width: int  # max pairs per received row
-    slot_perm: Permutation  # local pairs sorted by slot (the expert input order)
+    in_width: int  # positions per received row (top-k)
+    in_value: torch.Tensor  # int64 [m] row of the expert output (slot order) holding each local pair's result
 
 
 class HierarchicalDispatcher:
@@ -188,94 +235,112 @@ class HierarchicalDispatcher:
         self.groups = groups
         self.max_slots, self.local_slots = max_slots, local_slots
 
+    def _check_pairs(self, pairs: RoutedPairs) -> None:
+        """Debug mode only (reads device values): destinations in range, dropped pairs marked in both fields."""
+        G = self.groups.num_nodes * self.groups.gpus_per_node
+        gpu, slot = pairs.gpu, pairs.slot
+        if gpu.numel() != pairs.num_tokens * pairs.top_k or slot.shape != gpu.shape or pairs.weight.shape != gpu.shape:
+            raise GraceInputError(f"pairs must be dense [T * k] = [{pairs.num_tokens * pairs.top_k}]: gpu {tuple(gpu.shape)}, "
+                                  f"slot {tuple(slot.shape)}, weight {tuple(pairs.weight.shape)}")
+        if gpu.numel() and (bool(((gpu < -1) | (gpu >= G)).any()) or bool(((slot < -1) | (slot >= self.max_slots)).any())
+                            or bool(((gpu < 0) != (slot < 0)).any())):
+            raise GraceInputError(f"pairs out of range: gpu must be in [-1, {G}), slot in [-1, {self.max_slots}), "
+                                  "-1 in both or neither")
+
     def dispatch(self, hidden: torch.Tensor, pairs: RoutedPairs, log: TrafficLog | None = None
-                 ) -> tuple[torch.Tensor, list[int], HierarchicalHandle]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int], HierarchicalHandle]:
         """Phases 1 and 2: one row per (token, node) to the node peers, then one row per (token, GPU)
         to the expert GPUs inside each node, replicated there per pair.
 
+        Two host synchronisations (one batched count copy per phase), nothing else.
+
         Args:
             hidden: ``[T, h]``.
-            pairs: this rank's pairs.
+            pairs: this rank's pairs, dense ``[T * k]`` (dropped pairs, ``gpu = -1``, are not sent).
+            log: traffic log (None = no bookkeeping).
 
         Returns:
-            ``(expert input [m, h]`` grouped by local slot, ``slot_counts`` [S], handle).
+            ``(expert input [m, h]`` grouped by local slot, ``slot_counts`` int64 ``[S]`` on the
+            device, the same counts as host ints, handle).
         """
         N, P = self.groups.num_nodes, self.groups.gpus_per_node
         inter, intra = self.groups.inter, self.groups.intra
         S_max, S = self.max_slots, self.local_slots
-        T, dev = pairs.num_tokens, hidden.device
-        node = torch.div(pairs.gpu, P, rounding_mode="floor")
-        local = pairs.gpu - node * P
+        T, k, dev = pairs.num_tokens, pairs.top_k, hidden.device
+        if debug_enabled():
+            self._check_pairs(pairs)
         # ---- phase 1 (source): group the pairs by (destination node, token); one row per group crosses.
-        order = torch.sort(node * T + pairs.token, stable=True).indices  # keeps top-k order inside a token
+        # The pairs are token-major, so a stable sort by node alone orders them by (node, token, top-k
+        # position); dropped pairs get node N and sort last.
+        node = torch.where(pairs.gpu >= 0, torch.div(pairs.gpu, P, rounding_mode="floor"), torch.full_like(pairs.gpu, N))
+        order, pairs_per_node = _ops.sort_by_key(node, N + 1)  # pairs_per_node[N] = dropped pairs
         s_node = node.index_select(0, order)
-        s_token = pairs.token.index_select(0, order)
-        starts = run_starts(s_node * T + s_token)
-        row_id = torch.cumsum(starts.long(), 0) - 1  # [n] global row of each sorted pair
-        row_token = s_token[starts]
-        row_node = s_node[starts]
-        rows_per_node = torch.bincount(row_node, minlength=N)
-        pairs_per_node = torch.bincount(s_node, minlength=N)
-        row_start = torch.cumsum(rows_per_node, 0) - rows_per_node
+        s_token = torch.div(order, max(k, 1), rounding_mode="floor")
+        s_gpu = pairs.gpu.index_select(0, order)
+        starts = run_starts(s_node * T + s_token) & (s_node < N)  # first pair of each (node, token) row
+        row_id = torch.cumsum(starts.long(), 0) - 1  # [T*k] global row of each sorted (valid) pair
+        rows_per_node = _ops.destination_histogram(torch.where(starts, s_node, torch.full_like(s_node, -1)), N + 1)  # [N] = 0
+        row_start = _exclusive_cumsum(rows_per_node)
         meta = torch.stack([
             (row_id - row_start.index_select(0, s_node)).int(),
-            local.index_select(0, order).int(),
+            (s_gpu - s_node * P).int(),
             pairs.slot.index_select(0, order).int(),
             pairs.weight.index_select(0, order).float().view(torch.int32),
-        ], dim=1) if order.numel() else torch.zeros(0, _META_FIELDS, dtype=torch.int32, device=dev)
-        x_rows = hidden.index_select(0, row_token)
-        send_counts = torch.stack([rows_per_node, pairs_per_node, torch.full_like(rows_per_node, pairs.top_k)], dim=1)
+        ], dim=1)  # [T*k, 4]: the valid pairs first, in send order
+        row_pos = _compact_starts(starts)  # [T*k]: sorted position of each row's first pair, rows first
+        send_counts = torch.stack([rows_per_node[:N], pairs_per_node[:N], torch.full_like(rows_per_node[:N], k)], dim=1)
         mark_phase(log, "permute_pre")
         recv_counts = exchange_counts(send_counts, inter.group, N)
-        host = torch.cat([send_counts[:, :2].reshape(-1), recv_counts.reshape(-1)]).cpu().tolist()  # one device sync
+        host = _to_host(torch.cat([send_counts[:, :2].reshape(-1), recv_counts.reshape(-1)]))  # phase 1's one host sync
         send_rows, send_pairs = host[0:2 * N:2], host[1:2 * N:2]
         recv = host[2 * N:]
         recv_rows, recv_pairs, recv_k = recv[0::3], recv[1::3], recv[2::3]
+        U, V, R, Q = sum(send_rows), sum(send_pairs), sum(recv_rows), sum(recv_pairs)
+        row_pos = row_pos[:U]
+        row_token = s_token.index_select(0, row_pos)
+        row_node = s_node.index_select(0, row_pos)
+        x_rows = _ops.gather_rows(hidden, row_token)
         x_peer = all_to_all_uneven(x_rows, send_rows, recv_rows, inter.group, N)
-        meta_peer = all_to_all_uneven(meta, send_pairs, recv_pairs, inter.group, N)
+        meta_peer = all_to_all_uneven(meta[:V], send_pairs, recv_pairs, inter.group, N)
         mark_phase(log, "comm")
         if log is not None:
             log.record("meta", list(inter.peers), [3] * N, [3] * N, 8)
             log.record("dispatch", list(inter.peers), send_rows, recv_rows, row_nbytes(hidden))
             log.record("meta", list(inter.peers), send_pairs, recv_pairs, row_nbytes(meta))
-        # ---- phase 2 (peer): rows from every source node, pairs referencing them (ascending row,
-        # top-k order inside a row). Group the pairs by (destination GPU, row): one row per group.
-        R = sum(recv_rows)
-        recv_rows_t = torch.tensor(recv_rows, dtype=torch.int64, device=dev)
-        src = torch.repeat_interleave(torch.arange(N, device=dev), torch.tensor(recv_pairs, dtype=torch.int64, device=dev))
-        peer_row = (torch.cumsum(recv_rows_t, 0) - recv_rows_t).index_select(0, src) + meta_peer[:, 0].long()
+        # ---- phase 2 (peer): rows from every source node, pairs referencing them (ascending row, top-k
+        # order inside a row). A stable sort by destination GPU orders them by (GPU, row, top-k position);
+        # one row per (GPU, row) group is forwarded.
+        peer_src = _chunk_of(recv_counts[:, 1], Q)  # source node of each received pair
+        peer_row = _exclusive_cumsum(recv_counts[:, 0]).index_select(0, peer_src) + meta_peer[:, 0].long()
         dest = meta_peer[:, 1].long()
-        order2 = torch.sort(dest * R + peer_row, stable=True).indices  # keeps top-k order inside a row
+        slot = meta_peer[:, 2].long()
+        order2, pairs_per_dest = _ops.sort_by_key(dest, P)
         d_dest = dest.index_select(0, order2)
         d_row = peer_row.index_select(0, order2)
-        d_slot = meta_peer[:, 2].long().index_select(0, order2)
         starts2 = run_starts(d_dest * R + d_row)
-        fwd_id = torch.cumsum(starts2.long(), 0) - 1  # [nr] forwarded row of each sorted pair
-        fwd_row = d_row[starts2]
-        fwd_dest = d_dest[starts2]
-        fwd_per_dest = torch.bincount(fwd_dest, minlength=P)
-        fwd_start = torch.cumsum(fwd_per_dest, 0) - fwd_per_dest
+        fwd_id = torch.cumsum(starts2.long(), 0) - 1  # [Q] forwarded row of each sorted pair
+        fwd_per_dest = _ops.destination_histogram(torch.where(starts2, d_dest, torch.full_like(d_dest, -1)), P)
         meta2 = torch.stack([
-            (fwd_id - fwd_start.index_select(0, d_dest)).int(),
-            d_slot.int(),
+            (fwd_id - _exclusive_cumsum(fwd_per_dest).index_select(0, d_dest)).int(),
+            slot.index_select(0, order2).int(),
             meta_peer[:, 3].index_select(0, order2),
-        ], dim=1) if order2.numel() else torch.zeros(0, _FWD_META_FIELDS, dtype=torch.int32, device=dev)
-        # each forwarded row's rank among the GPUs its phase-1 row goes to (GPU order): the combine's summation order
-        by_row = torch.sort(fwd_row * P + fwd_dest).indices  # unique keys
-        fwd_pos = torch.empty_like(fwd_row)
-        fwd_pos[by_row] = position_in_run(fwd_row.index_select(0, by_row))
-        x_fwd = x_peer.index_select(0, fwd_row)
-        pair_slots = torch.bincount(d_dest * S_max + d_slot, minlength=P * S_max).view(P, S_max)
-        width = max(recv_k, default=1) if any(recv_pairs) else 1
+        ], dim=1)  # [Q, 3]
+        fwd_pos_full = _compact_starts(starts2)  # sorted position of each forwarded row's first pair, rows first
+        pair_slots = _ops.destination_histogram(dest * S_max + slot, P * S_max).view(P, S_max)
+        width = max(recv_k, default=1) if Q else 1  # host ints from phase 1's copy
         send_counts2 = torch.cat([fwd_per_dest[:, None], torch.full_like(fwd_per_dest, width)[:, None], pair_slots], dim=1)
         mark_phase(log, "permute")
         recv_counts2 = exchange_counts(send_counts2, intra.group, P)
-        host = torch.cat([fwd_per_dest, pair_slots.sum(1), recv_counts2[:, 0], recv_counts2[:, 1], recv_counts2[:, 2:].sum(1),
-                          recv_counts2[:, 2:].sum(0)]).cpu().tolist()  # one device sync
+        host = _to_host(torch.cat([fwd_per_dest, pairs_per_dest, recv_counts2[:, 0], recv_counts2[:, 1],
+                                   recv_counts2[:, 2:].sum(1), recv_counts2[:, 2:].sum(0)]))  # phase 2's one host sync
         fwd_send, fwd_send_pairs = host[:P], host[P:2 * P]
         fwd_recv, recv_width, fwd_recv_pairs, per_slot = host[2 * P:3 * P], host[3 * P:4 * P], host[4 * P:5 * P], host[5 * P:]
-        if any(per_slot[S:]):
+        if any(per_slot[S:]):  # free: already on the host
             raise RuntimeError(f"received rows for slots >= {S}, which this rank does not host: the ranks use different plans")
+        F, m = sum(fwd_send), sum(fwd_recv_pairs)
+        fwd_first = fwd_pos_full[:F]
+        fwd_row = d_row.index_select(0, fwd_first)
+        x_fwd = _ops.gather_rows(x_peer, fwd_row)
         x_in = all_to_all_uneven(x_fwd, fwd_send, fwd_recv, intra.group, P)
         meta_in = all_to_all_uneven(meta2, fwd_send_pairs, fwd_recv_pairs, intra.group, P)
         mark_phase(log, "comm")
@@ -283,37 +348,43 @@ class HierarchicalDispatcher:
             log.record("meta", list(intra.peers), [2 + S_max] * P, [2 + S_max] * P, 8)
             log.record("dispatch", list(intra.peers), fwd_send, fwd_recv, row_nbytes(hidden))
             log.record("meta", list(intra.peers), fwd_send_pairs, fwd_recv_pairs, row_nbytes(meta2))
+        # each forwarded row's rank among the GPUs its phase-1 row goes to (GPU order): the combine's summation order
+        fwd_pos = rank_in_group(fwd_row)  # fwd_row is GPU-major, so equal rows appear in GPU order
         # ---- expert GPU: replicate each received row for its pairs, in slot order.
-        fwd_recv_t = torch.tensor(fwd_recv, dtype=torch.int64, device=dev)
-        src2 = torch.repeat_interleave(torch.arange(P, device=dev), torch.tensor(fwd_recv_pairs, dtype=torch.int64, device=dev))
-        in_row = (torch.cumsum(fwd_recv_t, 0) - fwd_recv_t).index_select(0, src2) + meta_in[:, 0].long()  # ascending
-        slot_perm = sort_by_key(meta_in[:, 1].long(), S_max)
-        rows = x_in.index_select(0, in_row.index_select(0, slot_perm.order))  # one gather, grouped by slot
+        in_src = _chunk_of(recv_counts2[:, 2:].sum(1), m)  # GPU of the node each local pair came from
+        in_row = _exclusive_cumsum(recv_counts2[:, 0]).index_select(0, in_src) + meta_in[:, 0].long()  # ascending
+        slot_order, slot_counts = _ops.sort_by_key(meta_in[:, 1].long(), S_max)
+        rows = _ops.gather_rows(x_in, in_row, slot_order)  # one gather, grouped by slot
+        in_value = torch.empty_like(slot_order).scatter_(0, slot_order, torch.arange(m, device=dev))
+        # the static top-k, or a larger one a source announced (host ints of the same copy: free)
+        in_width = max([max(k, 1)] + [w for w, r in zip(recv_width, fwd_recv) if r])
         handle = HierarchicalHandle(
-            pairs=pairs, out_dtype=hidden.dtype, row_token=row_token, row_node=row_node, send_rows=send_rows, recv_rows=recv_rows,
+            num_tokens=T, out_dtype=hidden.dtype, row_token=row_token, row_node=row_node, send_rows=send_rows,
+            recv_rows=recv_rows,
             fwd_row=fwd_row, fwd_pos=fwd_pos, fwd_send=fwd_send, fwd_recv=fwd_recv,
             in_row=in_row, in_pos=position_in_run(in_row), in_weight=meta_in[:, 2].contiguous().view(torch.float32),
-            in_width=max((w for w, r in zip(recv_width, fwd_recv) if r), default=1), slot_perm=slot_perm,
+            in_width=in_width, in_value=in_value,
         )
         mark_phase(log, "permute")
-        return rows, per_slot[:S], handle
+        return rows, slot_counts[:S], per_slot[:S], handle
 
     def combine(self, expert_out: torch.Tensor, handle: HierarchicalHandle, log: TrafficLog | None = None) -> torch.Tensor:
         """Weighted partial sum per (token, GPU) row, back to the peers, sum per (token, node) row, back
-        across, sum over nodes.
+        across, sum over nodes. No host synchronisation (the sizes come from :meth:`dispatch`).
 
         Args:
             expert_out: ``[m, h]`` in the order of :meth:`dispatch`'s output.
+            log: traffic log (None = no bookkeeping).
 
         Returns:
             ``[T, h]`` in the hidden dtype.
         """
         N, P = self.groups.num_nodes, self.groups.gpus_per_node
         inter, intra = self.groups.inter, self.groups.intra
-        # expert GPU: one weighted partial sum per received row, pairs in top-k order
-        y = unpermute(expert_out, handle.slot_perm)  # [m, h] in received pair order
-        part_gpu = padded_weighted_sum(y, handle.in_row, handle.in_pos, handle.in_weight, sum(handle.fwd_recv), handle.in_width,
-                                       handle.out_dtype)
+        # expert GPU: one weighted partial sum per received row, pairs in top-k order (the un-permutation
+        # from slot order is fused into the sum)
+        part_gpu = _ops.weighted_combine(expert_out, handle.in_row, handle.in_pos, handle.in_weight, sum(handle.fwd_recv),
+                                         handle.in_width, handle.out_dtype, handle.in_value)
         mark_phase(log, "combine")
         back_gpu = all_to_all_uneven(part_gpu, handle.fwd_recv, handle.fwd_send, intra.group, P)  # [F, h] forwarded-row order
         mark_phase(log, "comm")
@@ -321,7 +392,8 @@ class HierarchicalDispatcher:
             log.record("combine", list(intra.peers), handle.fwd_recv, handle.fwd_send, row_nbytes(part_gpu))
         # peer: one partial sum per phase-1 row, GPUs in order
         ones = torch.ones(back_gpu.shape[0], dtype=torch.float32, device=back_gpu.device)
-        part_node = padded_weighted_sum(back_gpu, handle.fwd_row, handle.fwd_pos, ones, sum(handle.recv_rows), P, handle.out_dtype)
+        part_node = _ops.weighted_combine(back_gpu, handle.fwd_row, handle.fwd_pos, ones, sum(handle.recv_rows), P,
+                                          handle.out_dtype)
         mark_phase(log, "combine")
         back = all_to_all_uneven(part_node, handle.recv_rows, handle.send_rows, inter.group, N)  # [U, h] in row order
         mark_phase(log, "comm")
@@ -329,6 +401,6 @@ class HierarchicalDispatcher:
             log.record("combine", list(inter.peers), handle.recv_rows, handle.send_rows, row_nbytes(part_node))
         # source: sum over nodes, in node order
         ones = torch.ones(back.shape[0], dtype=torch.float32, device=back.device)
-        out = padded_weighted_sum(back, handle.row_token, handle.row_node, ones, handle.pairs.num_tokens, N, handle.out_dtype)
+        out = _ops.weighted_combine(back, handle.row_token, handle.row_node, ones, handle.num_tokens, N, handle.out_dtype)
         mark_phase(log, "combine")
         return out
