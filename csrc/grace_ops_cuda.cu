@@ -76,6 +76,13 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
   TORCH_CHECK(a.device() == b.device(), op, ": ", name, " is on ", b.device(), ", expected ", a.device());
 }
 
+// Bytes of one row (dim 0 slice) of a contiguous tensor, also when it has no rows.
+int64_t row_bytes_of(const at::Tensor& x) {
+  int64_t elems = 1;
+  for (int64_t d = 1; d < x.dim(); ++d) elems *= x.size(d);
+  return elems * x.element_size();
+}
+
 // The widest vector (16/8/4/1 bytes) that divides the row size and both base pointers.
 template <typename F>
 void with_vector_type(const void* a, const void* b, int64_t row_bytes, F&& f) {
@@ -380,8 +387,7 @@ void counting_sort_cuda(const at::Tensor& key, int64_t K, const at::Tensor& coun
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    const int64_t N = x->size(0);
-    const int64_t row_bytes = N ? x->numel() / N * x->element_size() : 0;
+    const int64_t row_bytes = row_bytes_of(*x);
     with_vector_type(x->data_ptr(), out->data_ptr(), row_bytes, [&](auto vec, int64_t row_vecs) {
       using vec_t = decltype(vec);
       key_place_kernel<key_t, vec_t><<<static_cast<unsigned>(B), kSortThreads, place_smem, stream>>>(
@@ -627,7 +633,7 @@ at::Tensor gather_rows_cuda(const at::Tensor& x_in, const at::Tensor& index_in, 
   auto out = at::empty(shape, x.options());
   if (n == 0 || out.numel() == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t row_bytes = x.numel() / N * x.element_size();
+  const int64_t row_bytes = row_bytes_of(x);  // x may have no rows (then every index asserts)
   const int64_t* ord = order.defined() ? order.data_ptr<int64_t>() : nullptr;
   with_vector_type(x.data_ptr(), out.data_ptr(), row_bytes, [&](auto vec, int64_t row_vecs) {
     using vec_t = decltype(vec);
@@ -652,7 +658,7 @@ at::Tensor scatter_rows_cuda(const at::Tensor& y_in, const at::Tensor& order_in)
   // order is a permutation by contract (checked in debug mode by the Python wrapper); values out
   // of range assert here, repeats are not detected.
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t row_bytes = y.numel() / n * y.element_size();
+  const int64_t row_bytes = row_bytes_of(y);
   with_vector_type(y.data_ptr(), out.data_ptr(), row_bytes, [&](auto vec, int64_t row_vecs) {
     using vec_t = decltype(vec);
     scatter_rows_kernel<vec_t><<<blocks_for(n, kThreads / 32), kThreads, 0, stream>>>(

@@ -520,6 +520,37 @@ def test_cuda_device_asserts_in_subprocess(name):
     assert torch.cuda.is_available()  # this process's CUDA context is untouched
 
 
+_CHILD_THROW = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {root!r})
+    from megatron_grace import _C  # noqa: F401  (registers torch.ops.grace)
+    for device in ("cpu", "cuda"):
+        try:  # a 2-D key: a shape TORCH_CHECK thrown from the kernel's own translation unit
+            torch.ops.grace.sort_by_key(torch.zeros(2, 2, dtype=torch.int64, device=device), 3)
+        except RuntimeError as exc:
+            print("RAISED", device, str(exc).splitlines()[0], flush=True)
+    torch.cuda.synchronize()
+""")
+
+
+@needs_cuda_kernels
+def test_cuda_op_exception_is_a_python_error_in_subprocess():
+    """A TORCH_CHECK thrown from the CUDA translation unit must become a RuntimeError.
+
+    An earlier build crashed the interpreter (SIGSEGV) on such a throw; this runs it in a child so a
+    crash is reported here instead of killing the test session.
+    """
+    code = _CHILD_THROW.format(root=str(ROOT))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the child hung after a C++ exception")
+    assert proc.returncode == 0, (f"exit {proc.returncode} (a negative value is the signal): a C++ exception from the compiled ops "
+                                  f"crashed the interpreter\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    assert "RAISED cpu sort_by_key: key must be 1-D" in proc.stdout
+    assert "RAISED cuda sort_by_key: key must be 1-D" in proc.stdout
+
+
 @needs_cuda_kernels
 @pytest.mark.parametrize("mode", ["native", "torch"])
 def test_cuda_ops_do_not_synchronize(mode, monkeypatch):
@@ -560,6 +591,51 @@ def test_cuda_ops_do_not_synchronize(mode, monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@needs_cuda_kernels
+def test_cuda_ops_capture_in_a_cuda_graph(monkeypatch):
+    """The compiled ops record into a CUDA graph; a replay on new inputs gives the eager results."""
+    monkeypatch.setenv("GRACE_OPS", "native")
+    _ops.set_debug(False)
+    d = "cuda"
+    gen = torch.Generator().manual_seed(1)
+    T, k, h, K = 256, 8, 128, 33
+    x = torch.randn(T, h, generator=gen).bfloat16().to(d)
+    key = torch.randint(0, K, (T * k,), generator=gen).to(d)
+    weight = torch.rand(T * k, generator=gen).to(d)
+    token = torch.arange(T, device=d).repeat_interleave(k)
+    choice = torch.arange(k, device=d).repeat(T)
+    table = _to(_table(16, 8, 3, gen, 4), d)
+    ids = _routing(T, k, 16, gen).to(d)
+    src = torch.randint(0, 8, (T,), generator=gen).to(d)
+    spare = torch.rand(8, dtype=torch.float64, generator=gen).to(d) + 0.1
+    pred = torch.rand(8, dtype=torch.float64, generator=gen).to(d)
+    params = torch.tensor([0.0, 0.5, 0.65], dtype=torch.float64, device=d)
+
+    def step():
+        y, position, counts = _ops.permute_by_key(x, key, K, k)
+        out = _ops.weighted_combine(y, token, choice, weight, T, k, torch.bfloat16, position)
+        order, _ = _ops.sort_by_key(key, K)
+        g = _ops.gather_rows(x, token, order)
+        copy = _ops.grace_choose_copies(ids, src, table.hosts, table.copies, spare, pred, params, 4, True)
+        return out, counts, _ops.scatter_rows(g, order), _ops.destination_histogram(key, K), copy
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    key.copy_(torch.randint(0, K, (T * k,), generator=gen).to(d))
+    x.copy_(torch.randn(T, h, generator=gen).bfloat16().to(d))
+    params[0] = 9.0
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, step()):
+        assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------------------------------------- switch, layer path, compile
