@@ -14,7 +14,7 @@ rows) at 65,536 tokens x top-8 x hidden 4096 bf16 by default, against a device c
 Results: a table on stdout and JSON in ``benchmarks/results/kernels.json`` (``--out``; also
 ``$OUT/kernels.json`` when ``OUT`` is set).
 
-Usage: python scripts/bench_kernels.py [--tokens 1024 4096] [--repeats 5] [--hidden 1024] [--skip-cpu] [--skip-gpu]
+Usage: python scripts/bench_kernels.py [--tokens 1024 4096] [--gpu-tokens 65536] [--repeats 5] [--hidden H] [--skip-cpu] [--skip-gpu]
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def _print(res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, nargs="+", default=None,
-                    help="token counts (default: 1024 4096 on CPU, 65536 on CUDA)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="CPU token counts (default: 1024 4096)")
+    ap.add_argument("--gpu-tokens", type=int, nargs="+", default=[65536], help="CUDA token counts (default: 65536)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--hidden", type=int, default=None, help="hidden size (default: 1024 on CPU, 4096 on CUDA)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -201,12 +201,12 @@ def main() -> None:
     report: dict = {"torch": torch.__version__, "cpu": [], "cuda": []}
     start = time.time()
     if not args.skip_cpu:
-        for T in args.tokens or [1024, 4096]:
+        for T in args.tokens:
             res = bench_device("cpu", T, args.hidden or 1024, dtype, args.repeats)
             report["cpu"].append(res)
             _print(res)
     if not args.skip_gpu and torch.cuda.is_available() and _ops.has_kernel("cuda"):
-        for T in args.tokens or [65536]:
+        for T in args.gpu_tokens:
             res = bench_device("cuda", T, args.hidden or 4096, dtype, args.repeats)
             report["cuda"].append(res)
             _print(res)
