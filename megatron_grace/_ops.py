@@ -113,6 +113,7 @@ def use_native() -> bool:
     return available
 
 
+@torch.compiler.assume_constant_result  # a fixed property of the build: torch.compile bakes it in (no graph break)
 def native_for(device: torch.device | str, op: str = "gather_rows") -> bool:
     """Whether ``op`` runs compiled for tensors on ``device``: per ``GRACE_OPS``, the extension and its kernels.
 

@@ -164,7 +164,8 @@ def rank_main(rank: int, world: int, plans: dict[str, tuple[dict, str]], routing
         policies = [p for p in args["policies"] if has_copies or p == "primary"] or ["primary"]
         for policy in policies:
             for mode in args["modes"]:
-                layers = [GraceMoELayer(plan, l, experts[l], policy=policy, dispatch=mode, num_experts=E) for l in range(L)]
+                layers = [GraceMoELayer(plan, l, experts[l], policy=policy, dispatch=mode, num_experts=E, counters=True, timing=True)
+                          for l in range(L)]
                 step_times, phase_sum = [], {}
                 link_bytes = {kind: np.zeros(3) for kind in ("dispatch", "combine", "meta")}
                 link_rows = np.zeros(3)

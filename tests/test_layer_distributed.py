@@ -150,7 +150,7 @@ def _counter_checks(rank: int, world: int, plan, weights, num_experts: int, k: i
         for mode in ("flat", "hierarchical"):
             hg = hier[gpn] if hier and mode == "hierarchical" else None
             layer = GraceMoELayer.from_full_weights(plan, 0, weights, hidden_size=H, ffn_size=F, policy=policy, dispatch=mode,
-                                                    group=group, hierarchical_groups=hg)
+                                                    group=group, hierarchical_groups=hg, counters=True)
             x, ids, w = _batch(77 + rank, 20 + 7 * rank, num_experts, k, hot=0)
             layer(x, ids, w)
             c, route = layer.last_counters, layer.last_route
@@ -422,7 +422,15 @@ def test_slot_experts_check_weights_and_shapes():
     with pytest.raises(GraceInputError, match="activation"):
         SlotExperts([0], H, F, activation="relu")
     with pytest.raises(GraceInputError, match="slot_counts"):
-        experts(x, [3, 3])
+        experts(x, [3, 1, 1])  # three counts for two slots
+    from megatron_grace._debug import set_debug
+
+    set_debug(True)  # the sum is a value check: debug mode only
+    try:
+        with pytest.raises(GraceInputError, match="slot_counts sum to 6"):
+            experts(x, [3, 3])
+    finally:
+        set_debug(None)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

@@ -103,8 +103,23 @@ def test_static_local_is_fixed_per_source_and_expert_and_position_cycles():
 
 
 def test_policy_bad_input_is_named():
+    """Shapes are checked always; values (a host sync on a GPU) in debug mode."""
+    from megatron_grace._debug import set_debug
+
     table = ReplicaTable.from_hosts(torch.tensor([[0, 1]]), gpus_per_node=2, num_gpus=2)
     ids = torch.zeros((4, 1), dtype=torch.int64)
+    with pytest.raises(GraceInputError, match="one entry per GPU"):
+        choose_copies("grace", ids, 0, table, predicted_load=torch.ones(3))
+    with pytest.raises(GraceInputError, match="unknown replica-choice policy"):
+        choose_copies("nearest", ids, 0, table)
+    set_debug(True)
+    try:
+        _bad_values_are_named(table, ids)
+    finally:
+        set_debug(None)
+
+
+def _bad_values_are_named(table, ids):
     with pytest.raises(GraceInputError, match="NaN"):
         choose_copies("grace", ids, 0, table, predicted_load=torch.tensor([float("nan"), 1.0]))
     with pytest.raises(GraceInputError, match="one entry per GPU"):
@@ -176,8 +191,8 @@ def _integer_optimum(ids, src, hosts, topo, shape):
         gpu = np.full(ids.shape, -1)
         for (t, j), g in zip(pairs, choice):
             gpu[t, j] = g
-        res = count_decisions(gpu[:, None, :], src, topo, shape, dispatch="per-pair")
-        best = min(best, res.modes["per-pair"].totals()["layer_s"])
+        res = count_decisions(gpu[:, None, :], src, topo, shape, dispatch="flat")
+        best = min(best, res.modes["flat"].totals()["layer_s"])
     return best
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_grace._debug import debug_enabled
 from megatron_grace.errors import GraceInputError
 
 ACTIVATIONS = ("swiglu", "gelu")
@@ -251,22 +252,26 @@ class SlotExperts(nn.Module):
         return experts
 
     # ------------------------------------------------------------------ compute
-    def forward(self, x: torch.Tensor, slot_counts: torch.Tensor, max_rows_per_slot: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot_counts: torch.Tensor | Sequence[int], max_rows_per_slot: int | None = None) -> torch.Tensor:
         """Run every slot's MLP on its rows: two grouped GEMMs (gate/up fused, then down), no loop over slots.
 
         Args:
             x: ``[n, h]`` rows grouped by slot (``slot_counts[0]`` rows of slot 0, then slot 1, ...);
                 rows past ``slot_counts.sum()`` (padding) are allowed and give unspecified output.
-            slot_counts: int ``[S]`` rows per slot, on ``x``'s device.
+            slot_counts: int ``[S]`` rows per slot, on ``x``'s device (or host ints).
             max_rows_per_slot: a host bound on the largest slot count, used only by the padded
                 fallback (default: ``n``, always safe).
 
         Returns:
             ``[n, h]`` expert outputs in the same order, dtype of ``x``.
         """
+        if not isinstance(slot_counts, torch.Tensor):  # host ints (tests, tools): no device read involved
+            slot_counts = torch.as_tensor(list(slot_counts), dtype=torch.int64, device=x.device)
         if slot_counts.shape != (self.num_slots,):
-            raise GraceInputError(f"slot_counts must be [{self.num_slots}], got shape {tuple(slot_counts.shape)}")
+            raise GraceInputError(f"slot_counts must be [{self.num_slots}] (one count per slot), got shape {tuple(slot_counts.shape)}")
         n = x.shape[0]
+        if debug_enabled() and int(slot_counts.sum()) > n:
+            raise GraceInputError(f"slot_counts sum to {int(slot_counts.sum())} rows but x has {n}")
         if n == 0 or self.num_slots == 0:
             return torch.zeros_like(x)
         counts = slot_counts.to(torch.int64)

@@ -334,7 +334,7 @@ class GraceMoELayer(nn.Module):
         mark_phase(log, "route")
         if log is not None:
             self._record_counters(log, T, pairs, pairs_per_gpu, host_counts)
-        self.last_route = RouteDecision(copy=copy, gpu=pairs.gpu.view(T, -1), slot=pairs.slot.view(T, -1))
+        self.last_route = RouteDecision(copy=copy, gpu=pairs.gpu.view(T, pairs.top_k), slot=pairs.slot.view(T, pairs.top_k))
         self.step += 1
         return out.reshape(shape)
 
@@ -384,7 +384,7 @@ class GraceMoELayer(nn.Module):
         out = self.static_dispatcher.combine(y, handle)
         self.overflow_pairs.add_(handle.overflow[0])
         self._observe(pairs_per_gpu)
-        self.last_route = RouteDecision(copy=copy, gpu=pairs.gpu.view(T, -1), slot=pairs.slot.view(T, -1))
+        self.last_route = RouteDecision(copy=copy, gpu=pairs.gpu.view(T, pairs.top_k), slot=pairs.slot.view(T, pairs.top_k))
         self.step += 1
         return out
 

@@ -34,27 +34,9 @@ import torch
 from megatron_grace._debug import debug_enabled
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.placement import PlacementPlan
+from megatron_grace.plan.replication import predicted_gpu_load
 
 PREDICTOR_MODES = ("ema", "window", "static")
-
-
-def predicted_gpu_load(layer_hosts: np.ndarray, num_gpus: int, expert_load: np.ndarray | None = None) -> np.ndarray:
-    """float64 ``[G]``: one layer's GPU loads if every copy takes an equal share of its expert's load.
-
-    Args:
-        layer_hosts: int ``[E, R]`` hosting GPUs, -1 padded (``PlacementPlan.expert_gpus[layer]``).
-        num_gpus: G.
-        expert_load: float ``[E]`` or None (= 1 per expert).
-    """
-    hosts = np.asarray(layer_hosts)
-    E = hosts.shape[0]
-    load = np.ones(E) if expert_load is None else np.asarray(expert_load, dtype=np.float64).reshape(-1)
-    if load.shape != (E,):
-        raise GraceInputError(f"expert_load has {load.shape[0]} entries, the plan has {E} experts")
-    present = hosts >= 0
-    copies = np.maximum(present.sum(axis=1), 1)
-    share = np.broadcast_to((load / copies)[:, None], hosts.shape)
-    return np.bincount(hosts[present], weights=share[present], minlength=num_gpus).astype(np.float64)
 
 
 def static_gpu_load(plan: PlacementPlan, expert_load: np.ndarray | None = None) -> np.ndarray:

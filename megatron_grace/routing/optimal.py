@@ -2,7 +2,7 @@
 
 For a batch (router choices and the GPU each token starts on), a plan's layer and a topology,
 find the split of every (source GPU, expert) group of token-expert pairs over the expert's
-copies that minimises the modelled MoE-layer time of per-pair dispatch, the same model the
+copies that minimises the modelled MoE-layer time of flat dispatch, the same model the
 simulator uses::
 
     layer_s = 2 * dispatch_s + compute_s          (combine mirrors dispatch)
@@ -52,7 +52,7 @@ class OptimalAssignment:
 
 def optimal_assignment(topk_ids: np.ndarray, src_gpu: np.ndarray, layer_hosts: np.ndarray, topology: Topology,
                        shape: ModelShape) -> OptimalAssignment:
-    """Minimum modelled per-pair layer time over all fractional copy choices (see module doc).
+    """Minimum modelled flat-dispatch layer time over all fractional copy choices (see module doc).
 
     Args:
         topk_ids: int ``[T, k]`` expert ids, -1 = dropped.
