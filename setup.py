@@ -40,19 +40,20 @@ def _extensions() -> tuple[list, dict]:
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     include = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]  # no FMA: bit-exact vs pure torch
+    # no FMA (bit-exact vs pure torch). No -fopenmp: linking a second OpenMP runtime beside torch's own made every
+    # torch op after a grace op up to 100x slower on 2 cores (spinning thread pools); the CPU kernels run serially.
+    cxx_flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
     with_cuda = bool(cu_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "megatron_grace._C", cpp_sources + cu_sources, include_dirs=include,
             define_macros=[("GRACE_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--fmad=false"]},
-            extra_link_args=["-fopenmp"],
         )
     else:
         ext = cpp_extension.CppExtension(
             "megatron_grace._C", cpp_sources, include_dirs=include,
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags},
         )
     print(f"megatron-grace: building extension with {'CUDA + C++' if with_cuda else 'C++ only'}", file=sys.stderr)
 
