@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_grace import _ops
+from megatron_grace._segments import position_in_run, run_starts  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -59,38 +60,6 @@ def permute(x: torch.Tensor, perm: Permutation) -> torch.Tensor:
 def unpermute(y: torch.Tensor, perm: Permutation) -> torch.Tensor:
     """Inverse of :func:`permute`: ``out[perm.order[i]] = y[i]``; ``y`` is ``[n, ...]`` in key order."""
     return _ops.scatter_rows(y, perm.order)
-
-
-def labels_from_counts(counts: torch.Tensor) -> torch.Tensor:
-    """int64 ``[counts.sum()]``: for chunk sizes ``counts [..., C]`` laid out row-major, the last index
-    (the column ``c``) of the chunk each row belongs to.
-
-    Used on the receiving side: rows arrive grouped by source, then by slot, with the chunk
-    sizes ``[sources, slots]``; this gives each row's slot.
-    """
-    C = counts.shape[-1]
-    flat = counts.reshape(-1).long()
-    cols = torch.arange(C, device=counts.device).repeat(flat.numel() // C if C else 0)
-    return torch.repeat_interleave(cols, flat)
-
-
-def run_starts(sorted_key: torch.Tensor) -> torch.Tensor:
-    """bool ``[n]``: True where a run of equal values starts in the (sorted) ``sorted_key [n]``."""
-    n = sorted_key.numel()
-    starts = torch.ones(n, dtype=torch.bool, device=sorted_key.device)
-    if n > 1:
-        starts[1:] = sorted_key[1:] != sorted_key[:-1]
-    return starts
-
-
-def position_in_run(sorted_key: torch.Tensor) -> torch.Tensor:
-    """int64 ``[n]``: index of each entry inside its run of equal values of ``sorted_key [n]``."""
-    n = sorted_key.numel()
-    idx = torch.arange(n, device=sorted_key.device)
-    start = torch.where(run_starts(sorted_key), idx, torch.zeros_like(idx))
-    if n:
-        start = torch.cummax(start, dim=0).values
-    return idx - start
 
 
 def padded_weighted_sum(values: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, weight: torch.Tensor, num_rows: int,

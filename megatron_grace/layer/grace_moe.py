@@ -3,16 +3,21 @@
 Per forward pass, on every rank of the expert-parallel group (rank ``g`` = GPU ``g`` of the plan):
 
 1. **route**: pick a copy of every chosen expert with a replica-choice policy
-   (:func:`megatron_grace.routing.choose_copies`) and look up its (GPU, slot);
-2. **dispatch**: one stable sort of the pairs by (destination rank, slot), a count exchange and
-   an uneven ``all_to_all_single`` (``flat``), or once per node to the peer GPU and then inside
-   the node (``hierarchical``, see :mod:`megatron_grace.dispatch.hierarchical`);
-3. **experts**: the rank's slots run their MLP on their rows (one matmul chain per slot);
+   (:func:`megatron_grace.routing.choose_copies`) and look up its (GPU, slot), on the device;
+2. **dispatch**: one fused permutation of the pairs by (destination rank, slot), a count exchange,
+   one batched copy of the split sizes to the host and an uneven ``all_to_all_single`` (``flat``),
+   or once per node to the peer GPU and then inside the node (``hierarchical``, see
+   :mod:`megatron_grace.dispatch.hierarchical`, one host copy per phase); or, on the static
+   decode path, equal-split all-to-alls into fixed-capacity buffers with no host copy at all
+   (:mod:`megatron_grace.dispatch.static`);
+3. **experts**: the rank's slots run as two grouped GEMMs (gate/up fused, then down);
 4. **combine**: results return by the inverse all-to-all(s) and are summed per token with the
-   gate weights in top-k order (deterministic, float32 accumulation).
+   gate weights in top-k order (deterministic, float32 accumulation, un-permutation fused in).
 
-After each pass the rank's load predictor observes how many pairs this rank sent to each GPU,
-and :attr:`GraceMoELayer.last_counters` holds the traffic, per-slot load and phase times.
+After each pass the rank's load predictor (device tensors) observes how many pairs this rank
+sent to each GPU. With ``counters=True``, :attr:`GraceMoELayer.last_counters` holds the
+traffic, per-slot load and (``timing=True``) phase times; off by default, since building them
+reads values on the host. Per-step value checks run only in debug mode (``GRACE_DEBUG=1``).
 
 The layer is forward-only (inference): it runs under ``torch.no_grad``. It imports neither
 Megatron nor DeepSpeed; adapters wrap it.
@@ -152,7 +157,7 @@ class GraceMoELayer(nn.Module):
         self.policy, self.dispatch_mode, self.seed = policy, dispatch, seed
         self.grace_options = grace_options or RoutingOptions()
         self.owns_predictor = predictor is None
-        self.predictor = predictor if predictor is not None else LoadPredictor(plan, device=experts.device)
+        self.predictor = predictor if predictor is not None else LoadPredictor(plan, device=experts.device, group=group)
         if self.predictor.device != experts.device:
             self.predictor.to(experts.device)
         self.table = ReplicaTable.from_plan(plan, layer, device=experts.device)
