@@ -1,7 +1,7 @@
 """megatron-grace: GRACE-MoE expert placement, replication and locality-aware routing.
 
 The data flows trace -> statistics -> plan -> routing -> dispatch -> experts; framework
-adapters (Megatron-Core, DeepSpeed) and the checkpoint tool sit at the edge. The core imports
+adapter for Megatron-Core sits at the edge (a DeepSpeed adapter and a checkpoint tool do not exist yet). The core imports
 neither Megatron nor DeepSpeed.
 """
 
