@@ -43,32 +43,7 @@ _LOADED: bool | None = None
 _OP_NAMES = ("destination_histogram", "sort_by_key", "permute_by_key", "gather_rows", "scatter_rows", "weighted_combine",
              "grace_choose_copies")
 
-try:  # the package-wide debug switch, when this tree has it
-    from megatron_grace import _debug as _debug_switch
-except ImportError:  # pragma: no cover - older tree
-    _debug_switch = None
-_DEBUG_OVERRIDE: bool | None = None
-
-
-def debug_enabled() -> bool:
-    """Whether the wrappers validate values (``GRACE_DEBUG=1`` in the environment, or :func:`set_debug`).
-
-    The environment is read at every call (cheap), unless :func:`set_debug` forced a value.
-    """
-    if _debug_switch is not None:
-        return bool(_debug_switch.debug_enabled())
-    if _DEBUG_OVERRIDE is not None:
-        return _DEBUG_OVERRIDE
-    return os.environ.get("GRACE_DEBUG", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def set_debug(enabled: bool | None) -> None:
-    """Force debug mode on or off; ``None`` goes back to the ``GRACE_DEBUG`` environment variable."""
-    global _DEBUG_OVERRIDE
-    if _debug_switch is not None:
-        _debug_switch.set_debug(enabled)
-    else:
-        _DEBUG_OVERRIDE = enabled
+from megatron_grace._debug import debug_enabled, set_debug  # noqa: E402,F401 - the package's one debug switch, re-exported
 
 
 def extension_available() -> bool:

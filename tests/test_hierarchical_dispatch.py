@@ -15,7 +15,7 @@ Host synchronisations are counted with the project's ``SyncAudit`` (a ``TorchDis
 recording every aten call that synchronises on CUDA: ``_local_scalar_dense``, ``nonzero``,
 ``bincount``, a boolean index, a ``repeat_interleave`` without ``output_size``, ...), plus every
 ``tolist``/``numpy``/``cpu`` call (invisible to a dispatch mode on CPU tensors); the dispatcher's
-one batched copy per phase, ``hierarchical._to_host``, is counted apart, as is the
+one batched copy per phase, ``all_to_all.to_host``, is counted apart, as is the
 ``all_to_all.to_host`` it goes through (``count_host_copies``).
 """
 
@@ -122,7 +122,7 @@ class _Counter:
     def __init__(self):
         self.sync_ops: dict[str, int] = {}  # SyncAudit: aten calls that block the host on a GPU
         self.host_reads: list[str] = []  # tolist / numpy / cpu / to("cpu") outside the intended copies
-        self.to_host = 0  # calls of hierarchical._to_host
+        self.to_host = 0  # calls of all_to_all.to_host, the one intended copy per phase
         self.host_copies = 0  # calls of all_to_all.to_host (what count_host_copies sees)
 
 
@@ -130,11 +130,11 @@ def _counting(fn):
     """Run ``fn()`` under :class:`~megatron_grace._sync_audit.SyncAudit` (through the ops of :mod:`megatron_grace._ops`
     too), counting the intended copies and any other read of tensor values on the host; ``(result, counter)``."""
     from megatron_grace._sync_audit import SyncAudit, count_host_copies
-    from megatron_grace.dispatch import hierarchical
+    from megatron_grace.dispatch import all_to_all
 
     c = _Counter()
     inside = [0]  # > 0 while inside the intended copy
-    original_to_host = hierarchical._to_host
+    original_to_host = all_to_all.to_host
 
     def to_host(t):
         c.to_host += 1
@@ -151,7 +151,7 @@ def _counting(fn):
             return f(self, *a, **kw)
         return wrapper
 
-    patched = [(hierarchical, "_to_host", to_host)]
+    patched = [(all_to_all, "to_host", to_host)]
     patched += [(torch.Tensor, n, host_read(n, getattr(torch.Tensor, n))) for n in ("tolist", "numpy", "cpu", "to")]
     missing = object()
     saved = [(obj, n, vars(obj).get(n, missing)) for obj, n, _ in patched]  # Tensor methods may live on a base class

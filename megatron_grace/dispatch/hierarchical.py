@@ -30,7 +30,7 @@ sub-groups (see :class:`HierarchicalGroups`); every phase is an uneven ``all_to_
 after one all-to-all of counts.
 
 **Host synchronisation**: exactly one per phase, the batched device-to-host copy of the counts
-(:func:`_to_host`: the split sizes the uneven all-to-alls need, as in Megatron-Core), so two per
+(:func:`megatron_grace.dispatch.all_to_all.to_host`: the split sizes the uneven all-to-alls need, as in Megatron-Core), so two per
 forward; :meth:`HierarchicalDispatcher.combine` reuses those sizes and adds none. Everything else
 is device code with shapes known on the host: the pairs stay in the router's dense ``[T * k]``
 layout (dropped pairs sort past every real destination and are never sent), counts come from
@@ -162,17 +162,6 @@ def _create(members: tuple[int, ...], gpus_per_node: int, me_global: int) -> Hie
 _GROUP_CACHE: dict[tuple[int, tuple[int, ...], int], HierarchicalGroups | None] = {}
 
 
-def _to_host(t: torch.Tensor) -> list[int]:
-    """The one device-to-host copy of a dispatch phase: an integer tensor's values as Python ints.
-
-    On a GPU this is the phase's only host synchronisation; every split size, row count and check
-    of the phase is read from its result. It goes through :func:`megatron_grace.dispatch.all_to_all.to_host`
-    (looked up at call time), so ``megatron_grace._sync_audit.count_host_copies`` counts it with the
-    flat dispatch's copies; tests may also count the calls of this function.
-    """
-    return _a2a.to_host(t)
-
-
 def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     """int64 ``[n]``: start offset of each chunk when chunks of ``counts [n]`` rows are laid out in order."""
     return torch.cumsum(counts, 0) - counts
@@ -291,7 +280,7 @@ class HierarchicalDispatcher:
         send_counts = torch.stack([rows_per_node[:N], pairs_per_node[:N], torch.full_like(rows_per_node[:N], k)], dim=1)
         mark_phase(log, "permute_pre")
         recv_counts = exchange_counts(send_counts, inter.group, N)
-        host = _to_host(torch.cat([send_counts[:, :2].reshape(-1), recv_counts.reshape(-1)]))  # phase 1's one host sync
+        host = _a2a.to_host(torch.cat([send_counts[:, :2].reshape(-1), recv_counts.reshape(-1)]))  # phase 1's one host sync
         send_rows, send_pairs = host[0:2 * N:2], host[1:2 * N:2]
         recv = host[2 * N:]
         recv_rows, recv_pairs, recv_k = recv[0::3], recv[1::3], recv[2::3]
@@ -331,7 +320,7 @@ class HierarchicalDispatcher:
         send_counts2 = torch.cat([fwd_per_dest[:, None], torch.full_like(fwd_per_dest, width)[:, None], pair_slots], dim=1)
         mark_phase(log, "permute")
         recv_counts2 = exchange_counts(send_counts2, intra.group, P)
-        host = _to_host(torch.cat([fwd_per_dest, pairs_per_dest, recv_counts2[:, 0], recv_counts2[:, 1],
+        host = _a2a.to_host(torch.cat([fwd_per_dest, pairs_per_dest, recv_counts2[:, 0], recv_counts2[:, 1],
                                    recv_counts2[:, 2:].sum(1), recv_counts2[:, 2:].sum(0)]))  # phase 2's one host sync
         fwd_send, fwd_send_pairs = host[:P], host[P:2 * P]
         fwd_recv, recv_width, fwd_recv_pairs, per_slot = host[2 * P:3 * P], host[3 * P:4 * P], host[4 * P:5 * P], host[5 * P:]

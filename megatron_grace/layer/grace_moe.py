@@ -335,12 +335,10 @@ class GraceMoELayer(nn.Module):
         y = self.experts(rows, slot_counts, max(host_counts, default=0))
         mark_phase(log, "experts")
         out = self.dispatcher.combine(y, handle, log)
-        self._observe(pairs_per_gpu)
+        self._end_pass(copy, pairs, pairs_per_gpu)
         mark_phase(log, "route")
         if log is not None:
-            self._record_counters(log, T, pairs, pairs_per_gpu, host_counts)
-        self.last_route = RouteDecision(copy=copy, gpu=pairs.gpu.view(T, pairs.top_k), slot=pairs.slot.view(T, pairs.top_k))
-        self.step += 1
+            self._record_counters(log, T, pairs_per_gpu, host_counts)
         return out.reshape(shape)
 
     def _check_inputs(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,12 +367,14 @@ class GraceMoELayer(nn.Module):
         pairs = RoutedPairs.from_router(gpu, slot, topk_weights)
         return pairs, _ops.destination_histogram(pairs.gpu, self.world_size), copy
 
-    def _observe(self, pairs_per_gpu: torch.Tensor) -> None:
-        """Feed the load predictor (device add) and advance the device step counter."""
+    def _end_pass(self, copy: torch.Tensor, pairs: RoutedPairs, pairs_per_gpu: torch.Tensor) -> None:
+        """Both paths' bookkeeping: feed the load predictor (device add), keep the route, advance the step counters."""
         self.predictor.observe(pairs_per_gpu, layer=self.layer_index)
         if self.owns_predictor:
             self.predictor.end_step()
         self.step_counter.add_(1)
+        self.last_route = RouteDecision(copy=copy, gpu=pairs.gpu.view(copy.shape), slot=pairs.slot.view(copy.shape))
+        self.step += 1
 
     def _forward_static(self, x: torch.Tensor, ids: torch.Tensor, topk_weights: torch.Tensor, positions: torch.Tensor | None
                         ) -> torch.Tensor:
@@ -388,9 +388,7 @@ class GraceMoELayer(nn.Module):
         y = self.experts(rows, slot_counts, rows.shape[0])
         out = self.static_dispatcher.combine(y, handle)
         self.overflow_pairs.add_(handle.overflow[0])
-        self._observe(pairs_per_gpu)
-        self.last_route = RouteDecision(copy=copy, gpu=pairs.gpu.view(T, pairs.top_k), slot=pairs.slot.view(T, pairs.top_k))
-        self.step += 1
+        self._end_pass(copy, pairs, pairs_per_gpu)
         return out
 
     def overflowed(self, reset: bool = True) -> bool:
@@ -406,7 +404,7 @@ class GraceMoELayer(nn.Module):
             self.overflow_pairs.zero_()
         return value > 0
 
-    def _record_counters(self, log: TrafficLog, T: int, pairs: RoutedPairs, pairs_per_gpu: torch.Tensor, slot_counts: list[int]) -> None:
+    def _record_counters(self, log: TrafficLog, T: int, pairs_per_gpu: torch.Tensor, slot_counts: list[int]) -> None:
         """Opt-in bookkeeping (host reads): :attr:`last_counters`."""
         log.times["total"] = sum(log.times.values())
         per_gpu = pairs_per_gpu.cpu().numpy().astype(np.int64)

@@ -179,8 +179,7 @@ class LoadPredictor:
             self._history[self._history_pos].copy_(share)
             self._history_pos = (self._history_pos + 1) % self.window
             self._history_len = min(self._history_len + 1, self.window)
-            self._share.copy_(self._history[: self._history_len].mean(dim=0) if self._history_len < self.window
-                              else self._history.mean(dim=0))
+            self._share.copy_(self._history[: self._history_len].mean(dim=0))
 
     # ------------------------------------------------------------------ predict
     def predict_share(self, layer: int) -> torch.Tensor:

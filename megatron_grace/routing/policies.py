@@ -103,17 +103,21 @@ def _pick_by_quota(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (cw <= target).sum(dim=1).clamp(max=weights.shape[1] - 1)
 
 
-def tier_masks(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def tier_masks(ids: torch.Tensor, src: torch.Tensor, hosts: torch.Tensor, gpus_per_node: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidate copies per pair by locality.
+
+    Args:
+        ids: int64 ``[T, k]`` experts (-1 dropped); src: int64 ``[T]`` source GPU;
+        hosts: int64 ``[E, R]`` hosting GPUs (-1 padded); gpus_per_node: GPUs per node (node-major numbering).
 
     Returns ``(cand [T, k, R] hosting GPUs, present, on_gpu, on_node)`` where the masks are bool
     ``[T, k, R]``: copy exists; copy is on the token's GPU; copy is on the token's node.
     """
-    safe = ids.clamp(min=0)
-    cand = table.hosts[safe]  # [T, k, R]
+    cand = hosts[ids.clamp(min=0)]  # [T, k, R]
     present = (cand >= 0) & (ids >= 0)[..., None]
     on_gpu = present & (cand == src[:, None, None])
-    gpn = table.gpus_per_node
+    gpn = gpus_per_node
     on_node = present & (torch.div(cand, gpn, rounding_mode="floor") == torch.div(src, gpn, rounding_mode="floor")[:, None, None])
     return cand, present, on_gpu, on_node
 
@@ -131,8 +135,7 @@ def choose_copies(
 ) -> torch.Tensor:
     """Pick a copy for every (token, expert) pair.
 
-    Runs entirely on ``topk_ids``' device with no host synchronisation for ``primary``,
-    ``position``, ``static-local`` and ``grace`` (``random`` draws on the host generator), so it
+    Runs entirely on ``topk_ids``' device with no host synchronisation for every policy, so it
     can be captured in a CUDA graph. Value checks (ids and GPUs in range, finite predictions)
     run only in debug mode (:mod:`megatron_grace._debug`).
 
@@ -165,9 +168,7 @@ def choose_copies(
     elif policy == "static-local":
         out = torch.where(copies > 1, _static_local(ids, src, table), torch.zeros_like(ids))
     elif policy == "random":
-        step_value = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
-        gen = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + step_value)
-        u = torch.rand((T, k), generator=gen, dtype=torch.float64).to(ids.device)
+        u = _counter_uniform(int(seed), step, T * k, ids.device).view(T, k)
         out = torch.minimum((u * copies).long(), copies - 1)
     elif policy == "position":
         pos = torch.arange(T, device=ids.device) if positions is None else torch.as_tensor(positions, device=ids.device).long()
@@ -187,6 +188,27 @@ def copy_destinations(topk_ids: torch.Tensor, copy: torch.Tensor, table: Replica
     slot = table.slots[safe_e, safe_c]
     dropped = ids < 0
     return gpu.masked_fill(dropped, -1), slot.masked_fill(dropped, -1)
+
+
+def _wrap64(x: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 torch stores."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_MIX_A, _MIX_B, _MIX_C = _wrap64(0x9E3779B97F4A7C15), _wrap64(0xBF58476D1CE4E5B9), _wrap64(0x94D049BB133111EB)
+
+
+def _counter_uniform(seed: int, step: int | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """float64 ``[n]`` pseudo-uniform values in [0, 1) for ``(seed, step, index)``: a splitmix64-style hash on the
+    device (int64 arithmetic wraps), so the ``random`` policy needs no host generator, no host copy and no
+    host read of a device ``step``; the same ``(seed, step)`` gives the same draws on every device."""
+    step_t = step.to(device=device, dtype=torch.int64) if isinstance(step, torch.Tensor) else \
+        torch.full((), int(step), dtype=torch.int64, device=device)
+    h = (torch.arange(n, dtype=torch.int64, device=device) + 1) * _MIX_A + (step_t * 1_000_003 + seed) * _MIX_B
+    h = (h ^ (h >> 30)) * _MIX_B
+    h = (h ^ (h >> 27)) * _MIX_C
+    h = h ^ (h >> 31)
+    return ((h >> 10) & ((1 << 53) - 1)).double() * (1.0 / (1 << 53))  # bit 63 is 0 after the last xor-shift
 
 
 def _hash_uniform(key: torch.Tensor) -> torch.Tensor:
@@ -209,7 +231,7 @@ def _check_predicted_load(predicted_load: torch.Tensor | None, num_gpus: int, de
 
 def _static_local(ids: torch.Tensor, src: torch.Tensor, table: ReplicaTable) -> torch.Tensor:
     """The ``static-local`` copy of every pair ``ids [T, k]`` from ``src [T]`` (dense; callers mask single-copy and dropped pairs)."""
-    cand, present, on_gpu, on_node = tier_masks(ids, src, table)
+    cand, present, on_gpu, on_node = tier_masks(ids, src, table.hosts, table.gpus_per_node)
     mask = torch.where(on_gpu.any(-1, keepdim=True), on_gpu, torch.where(on_node.any(-1, keepdim=True), on_node, present))
     key = src[:, None] * table.num_experts + ids.clamp(min=0)  # fixed per (source GPU, expert)
     u = _hash_uniform(key).reshape(-1)
@@ -255,10 +277,7 @@ def grace_choose_copies_torch(ids: torch.Tensor, src: torch.Tensor, hosts: torch
     step, mean, hot_threshold = params[0], params[1], params[2]
     valid = ids >= 0
     safe = ids.clamp(min=0)
-    cand = hosts[safe]  # [T, k, R]
-    present = (cand >= 0) & valid[..., None]
-    on_gpu = present & (cand == src[:, None, None])
-    on_node = present & (torch.div(cand, gpn, rounding_mode="floor") == torch.div(src, gpn, rounding_mode="floor")[:, None, None])
+    cand, present, on_gpu, on_node = tier_masks(ids, src, hosts, gpn)
     has_gpu = on_gpu.any(-1, keepdim=True)
     has_node = on_node.any(-1, keepdim=True)
     mask = torch.where(has_gpu, on_gpu, torch.where(has_node, on_node, present))
