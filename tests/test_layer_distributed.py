@@ -462,7 +462,7 @@ def test_two_rank_groups_counters(four_rank):
 
 def test_hierarchical_on_a_subgroup_needs_prebuilt_groups(four_rank):
     for r in four_rank:
-        assert r["two"]["no_groups"] is not None and "build_all" in r["two"]["no_groups"], r["two"]["no_groups"]
+        assert r["two"]["no_groups"] is not None and "for_group" in r["two"]["no_groups"], r["two"]["no_groups"]
 
 
 def test_four_ranks_match_dense_reference_every_policy_and_mode(four_rank):

@@ -99,6 +99,37 @@ class HierarchicalGroups:
         return out
 
     @staticmethod
+    def for_group(ep_group: Any, gpus_per_node: int | None) -> HierarchicalGroups | None:
+        """This process's sub-groups for its expert-parallel group ``ep_group``, created for every EP group of the world.
+
+        Collective over the default group: every process calls it (with None for
+        ``gpus_per_node`` or ``ep_group`` when it has no GRACE layer). One ``all_gather_object``
+        collects each process's (EP group members, GPUs per node); then :meth:`build_all` runs
+        on the distinct entries, in the same order everywhere.
+
+        Raises:
+            GraceInputError: an EP group whose size is not a multiple of its GPUs per node
+                (raised on every process).
+        """
+        mine = None
+        if gpus_per_node is not None:
+            members = tuple(dist.get_process_group_ranks(ep_group)) if ep_group is not None else tuple(range(dist.get_world_size()))
+            mine = (members, int(gpus_per_node))
+        entries: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(entries, mine)
+        distinct = sorted({e for e in entries if e is not None})
+        for members, gpn in distinct:
+            if gpn < 1 or len(members) % gpn:
+                raise GraceInputError(f"hierarchical dispatch needs the expert-parallel group size ({len(members)}) to be a "
+                                      f"multiple of the plan's GPUs per node ({gpn})")
+        result = None
+        for gpn in sorted({g for _, g in distinct}):
+            built = HierarchicalGroups.build_all([m for m, g in distinct if g == gpn], gpn)
+            if mine is not None and gpn == mine[1]:
+                result = built
+        return result
+
+    @staticmethod
     def build_all(ep_groups: Sequence[Sequence[int]], gpus_per_node: int) -> HierarchicalGroups | None:
         """Create (or reuse) the sub-groups of every expert-parallel group; return this process's.
 

@@ -58,6 +58,29 @@ def fetch_expert(weights: WeightSource, expert: int) -> ExpertState:
     return state
 
 
+def check_expert_state(state: ExpertState, expert: int, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """Raise GraceInputError unless ``state`` has exactly the names and shapes of ``shapes``, in floating point."""
+    if set(state) != set(shapes):
+        raise GraceInputError(f"weights of expert {expert} have names {sorted(state)}, expected {sorted(shapes)}")
+    for name, shape in shapes.items():
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            raise GraceInputError(f"weight {name!r} of expert {expert} is a {type(t).__name__}, not a tensor")
+        if tuple(t.shape) != tuple(shape):
+            raise GraceInputError(f"weight {name!r} of expert {expert} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if not t.is_floating_point():
+            raise GraceInputError(f"weight {name!r} of expert {expert} has dtype {t.dtype}, expected a floating type")
+
+
+def unpack_expert(flat: torch.Tensor, shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """``[floats_per_expert]`` wire row (matrices flattened and concatenated in ``shapes`` order) -> ``{name: view}``."""
+    out, offset = {}, 0
+    for name, (a, b) in shapes.items():
+        out[name] = flat[offset: offset + a * b].view(a, b)
+        offset += a * b
+    return out
+
+
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, compiling: bool = False) -> bool:
     """Whether ``torch._grouped_mm`` runs for ``dtype`` on ``device`` (probed once per combination).
 
@@ -188,18 +211,7 @@ class SlotExperts(nn.Module):
     # ------------------------------------------------------------------ weights
     def check_expert_state(self, state: ExpertState, expert: int) -> None:
         """Raise GraceInputError unless ``state`` has exactly this layer's weight names and shapes."""
-        names = set(state)
-        if names != set(self.shapes):
-            raise GraceInputError(f"weights of expert {expert} have names {sorted(names)}, a {self.activation} expert needs {sorted(self.shapes)}")
-        for name, shape in self.shapes.items():
-            t = state[name]
-            if not isinstance(t, torch.Tensor):
-                raise GraceInputError(f"weight {name!r} of expert {expert} is a {type(t).__name__}, not a tensor")
-            if tuple(t.shape) != shape:
-                raise GraceInputError(f"weight {name!r} of expert {expert} has shape {tuple(t.shape)}, expected {shape} "
-                                      f"(hidden {self.hidden_size}, ffn {self.ffn_size})")
-            if not t.is_floating_point():
-                raise GraceInputError(f"weight {name!r} of expert {expert} has dtype {t.dtype}, expected a floating type")
+        check_expert_state(state, expert, self.shapes)
 
     @torch.no_grad()
     def load_slot(self, slot: int, state: ExpertState) -> None:
@@ -229,11 +241,7 @@ class SlotExperts(nn.Module):
     @torch.no_grad()
     def load_flat_slot(self, slot: int, flat: torch.Tensor) -> None:
         """Inverse of :meth:`flat_slot`."""
-        offset, state = 0, {}
-        for name, (a, b) in self.shapes.items():
-            state[name] = flat[offset: offset + a * b].view(a, b)
-            offset += a * b
-        self.load_slot(slot, state)
+        self.load_slot(slot, unpack_expert(flat, self.shapes))
 
     @staticmethod
     def from_full_weights(expert_ids: Sequence[int], weights: WeightSource, hidden_size: int, ffn_size: int,
