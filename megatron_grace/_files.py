@@ -94,11 +94,26 @@ def load_npz(path: PathLike) -> dict[str, np.ndarray]:
         raise GraceInputError(f"not a readable .npz file (truncated or corrupt: {exc})", path) from None
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, so that it is strict JSON (RFC 8259)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {key: strict_json(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(value) for value in obj]
+    return obj
+
+
 def save_json_atomic(target: PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically and check it parses back."""
+    """Write ``obj`` as indented strict JSON atomically (NaN and infinities become null) and check it parses back."""
     with atomic_path(target, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        json.loads(tmp.read_text())
+        tmp.write_text(json.dumps(strict_json(obj), indent=1, allow_nan=False) + "\n")
+        json.loads(tmp.read_text(), parse_constant=_reject_constant)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
 
 
 def load_json(path: PathLike) -> Any:

@@ -1,7 +1,8 @@
 """``grace plan``: plan the expert placement of every layer with a named planner.
 
     grace plan --stats S.npz --topology a100-2x4 --extra-slots 1 --planner grace --out plan.json
-    grace plan --trace T.npz --topology h200-4x8 --memory-gb 40 --model-shape qwen3-30b-a3b \\
+    grace plan --topology 1x4 --extra-slots 1 --out plan.json        # for a 4-GPU (4-rank) job
+    grace plan --trace T.npz --topology 4x8 --links h200-ib --memory-gb 40 --model-shape qwen3-30b-a3b \\
         --planner grace --replicas auto --set interlayer_weight=0.5 --out plan.json
     grace plan --list
 
@@ -9,21 +10,33 @@ Input: ``--stats`` or ``--trace`` (any format the importers read; a trace is red
 statistics), ``--default-data`` (the bundled Qwen3-30B-A3B statistics), or nothing (the same).
 Budget: ``--slots N``, ``--extra-slots N`` (an even split plus N), or ``--memory-gb X`` with
 ``--expert-bytes B`` or ``--model-shape NAME``; without any, one extra slot per GPU.
-Prints a per-layer summary (predicted max/mean GPU and node load, copies, kept affinity).
+Cluster: ``--topology NxG`` (nodes x GPUs per node) or a preset, ``--links`` a link profile or
+explicit bandwidths (see :func:`megatron_grace.plan.topology.parse_topology`).
+Prints a per-layer summary (predicted max/mean GPU and node load, copies, kept affinity). A plan
+made from a per-token trace records a sample of its tokens' fingerprints, so that
+``grace simulate`` can warn when it measures on the tokens the plan was made on.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_grace.cli._common import (
+    DEFAULT_EXTRA_SLOTS,
+    add_extra_slots_argument,
+    add_model_argument,
+    add_topology_arguments,
+    note,
+    topology_from_args,
+)
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.topology import Topology
 from megatron_grace.statistics.expert_stats import ExpertStats
+from megatron_grace.trace.routing_trace import RoutingTrace
 
-DEFAULT_EXTRA_SLOTS = 1
+COMMANDS = {"plan": "plan expert placement (grouping, replicas) with a named planner; writes a plan JSON"}
 
 # shortcut flags: (flag, knob, type, help); each applies only to planners that have the knob
 _SHORTCUTS: tuple[tuple[str, str, type, str], ...] = (
@@ -41,10 +54,10 @@ _SHORTCUTS: tuple[tuple[str, str, type, str], ...] = (
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``plan`` to the ``grace`` parser."""
     from megatron_grace.plan.planners import PLANNERS
-    from megatron_grace.plan.topology import MODEL_PRESETS, TOPOLOGY_PRESETS
+    from megatron_grace.plan.topology import MODEL_PRESETS
 
     p = subparsers.add_parser(
-        "plan", help="plan expert placement (grouping, replicas) with a named planner; writes a plan JSON",
+        "plan", help=COMMANDS["plan"],
         description="Plan which experts every GPU hosts, per MoE layer, with one of the planners "
         f"({', '.join(PLANNERS)}), and print the predicted per-layer balance, copies and kept affinity. "
         "Input defaults to the bundled Qwen3-30B-A3B statistics.",
@@ -54,11 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--trace", type=Path, default=None, help="per-token routing trace (any importable format)")
     src.add_argument("--default-data", action="store_true", help="the bundled Qwen3-30B-A3B statistics (also the default)")
     p.add_argument("--format", default="auto", help="input format for --stats/--trace (default: detected)")
-    p.add_argument("--topology", choices=sorted(TOPOLOGY_PRESETS), default="a100-2x4", help="cluster preset (default a100-2x4)")
+    add_model_argument(p)
+    add_topology_arguments(p)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--slots", type=int, default=None, help="expert slots per GPU")
-    budget.add_argument("--extra-slots", type=int, default=None,
-                        help=f"slots per GPU above an even split of the experts (default {DEFAULT_EXTRA_SLOTS})")
+    add_extra_slots_argument(budget, default=None)
     budget.add_argument("--memory-gb", type=float, default=None, help="memory for expert weights per GPU, GB (1e9 bytes)")
     p.add_argument("--expert-bytes", type=float, default=None, help="bytes of one expert (with --memory-gb)")
     p.add_argument("--model-shape", choices=sorted(MODEL_PRESETS), default=None,
@@ -81,22 +94,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------ inputs
-def read_stats(args: argparse.Namespace) -> ExpertStats:
-    """The statistics to plan on (a trace is reduced with :meth:`ExpertStats.from_trace`); default: bundled."""
+def read_stats(args: argparse.Namespace) -> tuple[ExpertStats, RoutingTrace | None]:
+    """The statistics to plan on (a trace is reduced with :meth:`ExpertStats.from_trace`; default: bundled)
+    and the trace itself when the input is one."""
     from megatron_grace.cli.cmd_data import read_stats as read_any_stats
 
     path = args.stats if args.stats is not None else args.trace
-    stats, trace = read_any_stats(path, args.format)
+    stats, trace = read_any_stats(path, args.format, args.model)
     if args.trace is not None and trace is None:
-        print(f"note: {path} holds statistics, not a per-token trace; planning on them", file=sys.stderr)
-    return stats
+        note(f"{path} holds statistics, not a per-token trace; planning on them")
+    return stats, trace
 
 
 def build_topology(args: argparse.Namespace, num_experts: int) -> Topology:
-    """The topology preset with the requested expert budget."""
+    """The cluster of ``--topology``/``--links`` with the requested expert budget."""
     from megatron_grace.plan.topology import ModelShape
 
-    topology = Topology.preset(args.topology)
+    topology = topology_from_args(args)
     shape = ModelShape.preset(args.model_shape) if args.model_shape else None
     if shape is not None and shape.num_experts != num_experts:
         raise GraceInputError(f"--model-shape {shape.name} has {shape.num_experts} experts per layer, the statistics {num_experts}")
@@ -202,12 +216,16 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.list:
         print(list_planners())
         return 0
-    stats = read_stats(args)
+    stats, trace = read_stats(args)
     topology = build_topology(args, stats.num_experts)
     options = planner_options(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the summary prints the planner's warnings once
         plan = plan_placement(stats, topology, args.planner, **options)
+    if trace is not None:
+        from megatron_grace.cli._provenance import planning_record
+
+        plan.metadata["planned_on"] = planning_record(trace, str(args.trace if args.trace is not None else args.stats))
     print(format_summary(plan, per_layer=args.per_layer))
     if args.out is not None:
         plan.save(args.out)

@@ -22,8 +22,15 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``grace`` parser with every available command registered."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``grace`` parser; ``command`` (the sub-command about to run) is registered in full.
+
+    A command module may list its sub-commands with their one-line help in a module-level
+    ``COMMANDS`` dict; its ``register`` (which may import heavy modules for choices and help)
+    then runs only when one of them is ``command`` or ``command`` is None, and the others get a
+    stub entry for ``grace --help``. That keeps ``grace --help``, ``--version`` and the commands
+    that need no torch fast. Modules without ``COMMANDS`` are always registered in full.
+    """
     import importlib
 
     parser = argparse.ArgumentParser(
@@ -40,13 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name == name:  # command group not present in this build
                 continue
             raise
-        module.register(subparsers)
+        commands: dict[str, str] | None = getattr(module, "COMMANDS", None)
+        if commands is None or command is None or command in commands:
+            module.register(subparsers)
+        else:
+            for sub, text in commands.items():
+                subparsers.add_parser(sub, help=text)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str:
+    """The sub-command named in ``argv`` (its first non-option word), or ``""`` when none is."""
+    return next((a for a in argv if not a.startswith("-")), None) or ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``grace``; returns the exit code (0 ok, 2 bad input or usage)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

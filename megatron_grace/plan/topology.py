@@ -12,6 +12,7 @@ A :class:`ModelShape` gives the sizes that turn token counts into bytes and FLOP
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -205,6 +206,11 @@ class Topology:
             raise GraceInputError(f"invalid topology description ({exc})") from None
 
     @staticmethod
+    def parse(spec: str, links: str | None = None) -> Topology:
+        """``NxG`` or a preset name, with an optional link profile; see :func:`parse_topology`."""
+        return parse_topology(spec, links)
+
+    @staticmethod
     def preset(name: str) -> Topology:
         """A named cluster; see :data:`TOPOLOGY_PRESETS`. Unknown names raise GraceInputError listing the known ones."""
         if name in TOPOLOGY_PRESETS:
@@ -213,29 +219,171 @@ class Topology:
 
 
 _GB = 1e9
-TOPOLOGY_PRESETS: dict[str, Topology] = {
-    # The GRACE-MoE paper's cluster: 2 nodes x 4 A100-80GB, NVLink (~300 GB/s per direction per
-    # GPU), 25 Gbit/s Ethernet per node shared by its 4 GPUs; A100 bf16 dense ~312 TFLOP/s peak,
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """Named hardware for ``NxG`` topologies: links, per-node or per-GPU NIC, and GPU speed.
+
+    Attributes:
+        name: profile name (``--links NAME``).
+        intra_node: NVLink model per GPU and direction.
+        inter_bandwidth_bytes_per_s: inter-node bandwidth per direction, per GPU or per node.
+        inter_latency_s: latency of one inter-node phase.
+        inter_per_node: True when ``inter_bandwidth_bytes_per_s`` is one NIC shared by all GPUs
+            of a node (each GPU then gets it divided by ``gpus_per_node``).
+        gpu_flops: sustained dense bf16 FLOP/s of one GPU for expert MLPs.
+        description: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    intra_node: LinkModel
+    inter_bandwidth_bytes_per_s: float
+    inter_latency_s: float
+    inter_per_node: bool
+    gpu_flops: float
+    description: str = ""
+
+    def topology(self, num_nodes: int, gpus_per_node: int, name: str | None = None) -> Topology:
+        """``num_nodes x gpus_per_node`` GPUs with these links (no expert budget yet)."""
+        inter = self.inter_bandwidth_bytes_per_s / (gpus_per_node if self.inter_per_node else 1)
+        return Topology(name=name or f"{num_nodes}x{gpus_per_node}/{self.name}", num_nodes=num_nodes,
+                        gpus_per_node=gpus_per_node, intra_node=self.intra_node,
+                        inter_node=LinkModel(inter, self.inter_latency_s), gpu_flops=self.gpu_flops)
+
+
+LINK_PROFILES: dict[str, LinkProfile] = {
+    # The GRACE-MoE paper's cluster: A100-80GB nodes, NVLink (~300 GB/s per direction per GPU),
+    # one 25 Gbit/s Ethernet NIC per node shared by its GPUs; A100 bf16 dense ~312 TFLOP/s peak,
     # modelled at 50% for small expert GEMMs.
-    "a100-2x4": Topology(
-        name="a100-2x4", num_nodes=2, gpus_per_node=4,
-        intra_node=LinkModel(300 * _GB, 5e-6),
-        inter_node=LinkModel(25e9 / 8 / 4, 20e-6),
-        gpu_flops=156e12,
-    ),
-    # A modern cluster: 4 nodes x 8 H200, NVLink 4 (~450 GB/s per direction per GPU), one
-    # 400 Gbit/s InfiniBand NIC per GPU; H200 bf16 dense ~989 TFLOP/s peak, modelled at 50%.
-    "h200-4x8": Topology(
-        name="h200-4x8", num_nodes=4, gpus_per_node=8,
-        intra_node=LinkModel(450 * _GB, 3e-6),
-        inter_node=LinkModel(400e9 / 8, 5e-6),
-        gpu_flops=495e12,
-    ),
-    # DeepSeek-V3-sized deployment used for planning-time benchmarks: 32 nodes x 8 H200.
-    "h200-32x8": Topology(
-        name="h200-32x8", num_nodes=32, gpus_per_node=8,
-        intra_node=LinkModel(450 * _GB, 3e-6),
-        inter_node=LinkModel(400e9 / 8, 5e-6),
-        gpu_flops=495e12,
-    ),
+    "a100-25g": LinkProfile("a100-25g", LinkModel(300 * _GB, 5e-6), 25e9 / 8, 20e-6, True, 156e12,
+                            "A100, NVLink 300 GB/s, one 25 Gbit/s Ethernet NIC per node (the GRACE-MoE paper's cluster)"),
+    # A DGX-A100-like node: one 200 Gbit/s HDR InfiniBand NIC per GPU.
+    "a100-ib": LinkProfile("a100-ib", LinkModel(300 * _GB, 5e-6), 200e9 / 8, 5e-6, False, 156e12,
+                           "A100, NVLink 300 GB/s, one 200 Gbit/s InfiniBand NIC per GPU"),
+    # A modern cluster: H200, NVLink 4 (~450 GB/s per direction per GPU), one 400 Gbit/s
+    # InfiniBand NIC per GPU; H200 bf16 dense ~989 TFLOP/s peak, modelled at 50%.
+    "h200-ib": LinkProfile("h200-ib", LinkModel(450 * _GB, 3e-6), 400e9 / 8, 5e-6, False, 495e12,
+                           "H200, NVLink 450 GB/s, one 400 Gbit/s InfiniBand NIC per GPU"),
 }
+DEFAULT_LINKS = "a100-25g"
+
+# Presets: shorthands for NxG with a link profile (the names are kept for plans and scripts).
+_PRESET_SHAPES: dict[str, tuple[int, int, str]] = {
+    "a100-2x4": (2, 4, "a100-25g"),   # the GRACE-MoE paper's cluster
+    "h200-4x8": (4, 8, "h200-ib"),
+    "h200-32x8": (32, 8, "h200-ib"),  # DeepSeek-V3-sized deployment for planning-time benchmarks
+}
+TOPOLOGY_PRESETS: dict[str, Topology] = {
+    name: LINK_PROFILES[links].topology(nodes, gpus, name=name) for name, (nodes, gpus, links) in _PRESET_SHAPES.items()
+}
+
+_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+_TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+_QUANTITY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z/]*)\s*$", re.IGNORECASE)
+LINK_KEYS = ("intra", "inter", "intra-latency", "inter-latency", "flops")
+TOPOLOGY_HELP = (
+    "cluster: NxG (N nodes x G GPUs per node, e.g. 1x4, 2x8) or a preset "
+    + ", ".join(f"{name} (= {n}x{g} --links {links})" for name, (n, g, links) in _PRESET_SHAPES.items())
+)
+LINKS_HELP = (
+    "link and GPU model: a profile name (" + ", ".join(LINK_PROFILES) + f"; default {DEFAULT_LINKS}, or the preset's own), "
+    "and/or KEY=VALUE overrides separated by commas: intra=450GB/s, inter=400Gbit/s (per GPU; add /node for a NIC "
+    "shared by the node's GPUs: inter=25Gbit/s/node), intra-latency=3us, inter-latency=5us, flops=495T; "
+    "e.g. h200-ib,inter=200Gbit/s or intra=400GB/s,inter=25GB/s"
+)
+
+
+def _quantity(key: str, text: str) -> float:
+    """The value of one ``--links`` item in SI units: bytes/s, seconds or FLOP/s.
+
+    Bandwidth: a number with ``B/s`` (bytes) or ``b/s`` / ``bit/s`` (bits) and an optional
+    k/M/G/T prefix (``400GB/s``, ``25Gbit/s``); latency: ``ns``, ``us``, ``ms`` or ``s``; flops: a
+    number with an optional k/M/G/T/P prefix and an optional ``FLOP/s`` (``495T``).
+    """
+    match = _QUANTITY.match(text)
+    unit = match.group(2) if match else ""
+    value = float(match.group(1)) if match else float("nan")
+    if key in ("intra", "inter"):
+        bandwidth = re.fullmatch(r"([kKmMgGtT]?)(B|b|bit)/s", unit)
+        if bandwidth is None:
+            raise GraceInputError(f"--links {key}={text!r}: expected a bandwidth such as 400GB/s (bytes) or 25Gbit/s (bits)")
+        value *= _PREFIX[bandwidth.group(1).lower()] / (1 if bandwidth.group(2) == "B" else 8)
+    elif key.endswith("latency"):
+        if unit.lower() not in _TIME_UNITS:
+            raise GraceInputError(f"--links {key}={text!r}: expected a time such as 5us ({', '.join(_TIME_UNITS)})")
+        value *= _TIME_UNITS[unit.lower()]
+    else:
+        flops = re.fullmatch(r"([kmgtp]?)(flop/s|flops)?", unit.lower())
+        if flops is None:
+            raise GraceInputError(f"--links {key}={text!r}: expected FLOP/s such as 495T or 4.95e14")
+        value *= _PREFIX[flops.group(1)]
+    if not math.isfinite(value) or value < 0 or (value == 0 and not key.endswith("latency")):
+        raise GraceInputError(f"--links {key}={text!r}: must be a {'non-negative' if key.endswith('latency') else 'positive'}, finite number")
+    return value
+
+
+def parse_links(text: str | None, base: LinkProfile | None = None) -> LinkProfile:
+    """A link profile from ``--links`` text: ``NAME``, ``KEY=VALUE,...`` or ``NAME,KEY=VALUE,...``.
+
+    Keys (see :data:`LINKS_HELP`): ``intra`` and ``inter`` bandwidths per GPU and direction
+    (``inter=25Gbit/s/node``: one NIC shared by the node's GPUs), ``intra-latency``,
+    ``inter-latency``, ``flops``. Keys not given keep the value of the named profile, else of
+    ``base``, else of :data:`DEFAULT_LINKS`. Bad text raises GraceInputError naming the problem.
+    """
+    profile = base or LINK_PROFILES[DEFAULT_LINKS]
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    if items and "=" not in items[0]:
+        name = items.pop(0)
+        if name not in LINK_PROFILES:
+            raise GraceInputError(f"unknown link profile {name!r}; known: {', '.join(LINK_PROFILES)} (or KEY=VALUE: {', '.join(LINK_KEYS)})")
+        profile = LINK_PROFILES[name]
+    if not items:
+        return profile
+    intra, fields = profile.intra_node, {}
+    for item in items:
+        if "=" not in item:
+            raise GraceInputError(f"--links: expected KEY=VALUE after the profile name, got {item!r}")
+        key, value = (part.strip() for part in item.split("=", 1))
+        if key == "intra":
+            intra = LinkModel(_quantity(key, value), intra.latency_s)
+        elif key == "intra-latency":
+            intra = LinkModel(intra.bandwidth_bytes_per_s, _quantity(key, value))
+        elif key == "inter":
+            low = value.lower()
+            per_node = low.endswith("/node")
+            value = value[: len(value) - 5] if per_node else value[: len(value) - 4] if low.endswith("/gpu") else value
+            fields["inter_bandwidth_bytes_per_s"] = _quantity(key, value)
+            fields["inter_per_node"] = per_node
+        elif key == "inter-latency":
+            fields["inter_latency_s"] = _quantity(key, value)
+        elif key == "flops":
+            fields["gpu_flops"] = _quantity(key, value)
+        else:
+            raise GraceInputError(f"--links: unknown key {key!r}; known: {', '.join(LINK_KEYS)}")
+    return replace(profile, name=",".join([profile.name, *items]), intra_node=intra, **fields)
+
+
+def parse_topology(spec: str, links: str | None = None) -> Topology:
+    """A cluster from ``--topology`` and ``--links`` text (no expert budget yet).
+
+    ``spec`` is ``NxG`` (``num_nodes x gpus_per_node``, e.g. ``"1x4"``) or a preset name of
+    :data:`TOPOLOGY_PRESETS`. Without ``links``, ``NxG`` uses :data:`DEFAULT_LINKS` and a preset
+    its own profile; with ``links``, the profile (and overrides) of :func:`parse_links`, on top of
+    the preset's own profile for a preset. Bad text raises GraceInputError naming the problem.
+    """
+    text = spec.strip().lower()
+    if text in _PRESET_SHAPES:
+        nodes, gpus, own = _PRESET_SHAPES[text]
+        if not links:
+            return TOPOLOGY_PRESETS[text]
+        profile = parse_links(links, LINK_PROFILES[own])
+        return profile.topology(nodes, gpus)
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise GraceInputError(f"unknown topology {spec!r}: give NxG (nodes x GPUs per node, e.g. 1x4, 2x8) or a preset "
+                              f"({', '.join(_PRESET_SHAPES)})")
+    nodes, gpus = (int(p) for p in parts)
+    if nodes < 1 or gpus < 1:
+        raise GraceInputError(f"topology {spec!r}: needs at least 1 node and 1 GPU per node")
+    return parse_links(links).topology(nodes, gpus)

@@ -44,7 +44,7 @@ from megatron_grace._segments import rank_in_group
 from megatron_grace.errors import GraceInputError
 from megatron_grace.routing.replica_table import ReplicaTable
 
-POLICY_NAMES = ("primary", "random", "position", "static-local", "grace")
+from megatron_grace.names import POLICY_NAMES  # noqa: E402  (the names live in the light vocabulary module)
 
 _PHI = 0.6180339887498949  # golden ratio conjugate
 _R2_A, _R2_B = 0.7548776662466927, 0.5698402909980532  # plastic-number (R2) sequence constants

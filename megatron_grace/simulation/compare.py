@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from megatron_grace._files import PathLike, save_json_atomic
+from megatron_grace._files import PathLike, atomic_path, save_json_atomic
 from megatron_grace._progress import progress as _progress
 from megatron_grace.errors import GraceInputError
+from megatron_grace.names import DEFAULT_PLANNERS
 from megatron_grace.plan.placement import PlacementPlan
 from megatron_grace.plan.topology import ModelShape, Topology
 from megatron_grace.simulation.policies import DEFAULT_POLICY
@@ -32,8 +33,16 @@ from megatron_grace.simulation.simulator import SimulationResult, resolve_model_
 from megatron_grace.statistics.expert_stats import ExpertStats
 from megatron_grace.trace.routing_trace import RoutingTrace
 
-DEFAULT_PLANNERS: tuple[str, ...] = ("vanilla", "eplb", "affinity", "grace")
 PlannerFn = Callable[..., PlacementPlan]
+
+#: What the columns of :meth:`Comparison.format_table` mean.
+TABLE_NOTES = (
+    "messages: deduplicated, summed over layers, decided by the replica policy alone, so the same under both dispatch "
+    "modes; MB: bytes per direction of the dispatch summed over layers (the combine moves the same); busiest inter MB: "
+    "the inter-node bytes of the busiest GPU, summed over layers (the modelled time follows it, not the total); "
+    "ms/layer: modelled time of one MoE layer (dispatch + expert compute on the busiest GPU + combine) with all "
+    "measured tokens in one batch, mean over layers"
+)
 
 
 def default_planner_fn() -> PlannerFn:
@@ -135,12 +144,15 @@ class Comparison:
                     "pairs_remote": int(r.pairs_intra_node.sum() + r.pairs_inter_node.sum()),
                     "intra_bytes": int(cost.intra_bytes.sum()),
                     "inter_bytes": int(cost.inter_bytes.sum()),
+                    "max_gpu_intra_bytes": int(cost.max_gpu_intra_bytes.sum()),
+                    "max_gpu_inter_bytes": int(cost.max_gpu_inter_bytes.sum()),
                     "load_max_over_mean": float(r.load_imbalance.mean()),
                     "dispatch_s": float(cost.dispatch_s.sum()),
+                    "combine_s": float(cost.combine_s.sum()),
                     "compute_s": float(r.compute_s.sum()),
                     "layer_s": t,
                     "mean_layer_s": t / max(r.num_layers, 1),
-                    "speedup": float(base / t) if t > 0 else float("inf"),
+                    "speedup": float(base / t) if t > 0 else None,
                     "copies": int(self.plans[planner].copy_count.sum() - self.plans[planner].num_experts * self.plans[planner].num_layers),
                 })
         return out
@@ -160,14 +172,14 @@ class Comparison:
                 f"{self.topology.capacity()} slots/GPU = even split + {self.extra_slots}), {self.model_shape.name}, "
                 f"{r0.num_tokens} measured tokens x {r0.num_layers} layers, policy {self.policy}")
         cols = (f"{'planner':<10}{'dispatch':<13}{'copies':>7}{'x-node msgs':>13}{'x-GPU msgs':>13}{'NVLink MB':>11}"
-                f"{'inter MB':>10}{'max/mean':>9}{'ms/layer':>10}{'speedup':>9}")
+                f"{'inter MB':>10}{'busiest inter MB':>17}{'max/mean':>9}{'ms/layer':>10}{'speedup':>9}")
         lines = [head, cols, "-" * len(cols)]
         for r in self.rows():
+            speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
             lines.append(f"{r['planner']:<10}{r['dispatch']:<13}{r['copies']:>7}{r['msgs_node']:>13}{r['msgs_gpu']:>13}"
-                         f"{r['intra_bytes'] / 1e6:>11.1f}{r['inter_bytes'] / 1e6:>10.1f}{r['load_max_over_mean']:>9.3f}"
-                         f"{r['mean_layer_s'] * 1e3:>10.3f}{r['speedup']:>8.2f}x")
-        lines.append(f"(messages deduplicated, summed over layers; bytes per direction of the dispatch, the combine "
-                     f"moves the same; speedup vs {base_planner} {base_mode})")
+                         f"{r['intra_bytes'] / 1e6:>11.1f}{r['inter_bytes'] / 1e6:>10.1f}{r['max_gpu_inter_bytes'] / 1e6:>17.1f}"
+                         f"{r['load_max_over_mean']:>9.3f}{r['mean_layer_s'] * 1e3:>10.3f}{speedup:>9}")
+        lines.append(f"({TABLE_NOTES}; speedup vs {base_planner} {base_mode})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +203,8 @@ class Comparison:
 
     def plot(self, directory: PathLike) -> list[Path]:
         """Write ``load.png`` (per-GPU load and per-layer max/mean per planner) and ``traffic.png``
-        (messages, bytes per link and modelled time per planner and dispatch mode); returns the paths."""
+        (messages per planner; bytes per link, busiest GPU's inter-node bytes and the modelled
+        time split into dispatch, compute and combine per planner and dispatch mode); returns the paths."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -199,52 +212,82 @@ class Comparison:
 
         out_dir = Path(directory)
         out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        G = self.topology.num_gpus
+        paths = [out_dir / "load.png", out_dir / "traffic.png"]
+        for path, draw in zip(paths, (self._plot_load, self._plot_traffic)):
+            fig = draw(plt)
+            with atomic_path(path, suffix=".png") as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
+            plt.close(fig)
+        return paths
+
+    def _plot_load(self, plt):
+        G, n = self.topology.num_gpus, len(self.planners)
         fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, G * 0.35), 8))
-        width = 0.8 / len(self.planners)
+        width = 0.8 / n
+        top = 1.0
         for i, planner in enumerate(self.planners):
             r = self.results[planner]
             load = r.gpu_load.sum(axis=0).astype(float)
-            ax1.bar(np.arange(G) + i * width, load / max(load.mean(), 1e-12), width, label=planner)
+            rel = load / max(load.mean(), 1e-12)
+            top = max(top, float(rel.max()))
+            ax1.bar(np.arange(G) + (i - (n - 1) / 2) * width, rel, width, label=planner)
             ax2.plot(np.arange(r.num_layers), r.load_imbalance, marker=".", label=planner)
         for node in range(1, self.topology.num_nodes):
-            ax1.axvline(node * self.topology.gpus_per_node - 0.5 + 0.4, color="grey", lw=0.8, ls="--")
+            ax1.axvline(node * self.topology.gpus_per_node - 0.5, color="grey", lw=0.8, ls="--")
+        ax1.set_xticks(np.arange(G))
+        ax1.set_xlim(-0.6, G - 0.4)
+        ax1.set_ylim(0, top * 1.25)  # room for the legend above the bars
+        ax1.axhline(1.0, color="k", lw=0.6, ls=":")
         ax1.set_xlabel("GPU (dashed lines: node boundaries)")
         ax1.set_ylabel("pairs processed / mean (all layers)")
-        ax1.set_title(f"Expert load per GPU, {self.topology.name}, +{self.extra_slots} slots")
-        ax1.legend()
+        ax1.set_title(f"Expert load per GPU, {self.topology.name}, +{self.extra_slots} slots, policy {self.policy}")
+        ax1.legend(ncol=n, loc="upper center", fontsize=8)
         ax2.set_xlabel("MoE layer")
         ax2.set_ylabel("max / mean GPU load")
         ax2.set_title("Load imbalance per layer")
-        ax2.legend()
+        ax2.legend(ncol=n, fontsize=8)
         fig.tight_layout()
-        paths.append(out_dir / "load.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        return fig
 
+    def _plot_traffic(self, plt):
         rows = self.rows()
-        labels = [f"{r['planner']}\n{'hier' if r['dispatch'] == 'hierarchical' else r['dispatch']}" for r in rows]
-        fig, axes = plt.subplots(1, 3, figsize=(max(12, len(rows) * 1.2), 4.5))
-        x = np.arange(len(rows))
-        axes[0].bar(x - 0.2, [r["msgs_node"] for r in rows], 0.4, label="token->node (cross-node)")
-        axes[0].bar(x + 0.2, [r["msgs_gpu"] for r in rows], 0.4, label="token->GPU (cross-GPU)")
-        axes[0].set_title("Deduplicated messages")
-        axes[1].bar(x - 0.2, [r["inter_bytes"] / 1e6 for r in rows], 0.4, label="inter-node")
-        axes[1].bar(x + 0.2, [r["intra_bytes"] / 1e6 for r in rows], 0.4, label="NVLink")
-        axes[1].set_title("Dispatch MB per link type")
-        axes[2].bar(x, [r["mean_layer_s"] * 1e3 for r in rows], 0.6, color="tab:green")
-        axes[2].set_title("Modelled MoE-layer time (ms; hier = hierarchical)", fontsize=9)
-        for ax in axes:
-            ax.set_xticks(x)
+        modes = list(dict.fromkeys(r["dispatch"] for r in rows))
+        fig, axes = plt.subplots(1, 3, figsize=(max(13, len(rows) * 1.6), 5))
+        # messages: decided by the policy, the same for every dispatch mode -> one group per planner
+        x = np.arange(len(self.planners))
+        first = {r["planner"]: r for r in rows if r["dispatch"] == modes[0]}
+        axes[0].bar(x - 0.2, [first[p]["msgs_node"] / 1e6 for p in self.planners], 0.4, label="token -> remote node")
+        axes[0].bar(x + 0.2, [first[p]["msgs_gpu"] / 1e6 for p in self.planners], 0.4, label="token -> other GPU")
+        axes[0].set_xticks(x)
+        axes[0].set_xticklabels(self.planners, fontsize=8)
+        axes[0].set_ylabel("messages, millions (all layers)")
+        axes[0].set_title("Deduplicated messages\n(same for every dispatch mode)", fontsize=10)
+        labels = [f"{r['planner']}\n{r['dispatch']}" for r in rows]
+        xr = np.arange(len(rows))
+        axes[1].bar(xr - 0.27, [r["inter_bytes"] / 1e9 for r in rows], 0.27, label="inter-node, all GPUs")
+        axes[1].bar(xr, [r["max_gpu_inter_bytes"] / 1e9 for r in rows], 0.27, label="inter-node, busiest GPU")
+        axes[1].bar(xr + 0.27, [r["intra_bytes"] / 1e9 for r in rows], 0.27, label="NVLink, all GPUs")
+        axes[1].set_ylabel("GB per direction (all layers)")
+        axes[1].set_title("Dispatch traffic per link", fontsize=10)
+        bottom = np.zeros(len(rows))
+        for key, label, color in (("dispatch_s", "dispatch", "tab:blue"), ("compute_s", "expert compute", "tab:green"),
+                                  ("combine_s", "combine", "tab:orange")):
+            values = np.array([r[key] * 1e3 / max(self.results[r["planner"]].num_layers, 1) for r in rows])
+            axes[2].bar(xr, values, 0.6, bottom=bottom, label=label, color=color)
+            bottom += values
+        axes[2].set_ylabel("modelled ms per MoE layer")
+        axes[2].set_title("Modelled MoE-layer time", fontsize=10)
+        for ax in axes[1:]:
+            ax.set_xticks(xr)
             ax.set_xticklabels(labels, fontsize=7)
-        axes[0].legend(fontsize=7)
-        axes[1].legend(fontsize=7)
+        for ax in axes:
+            ymax = ax.get_ylim()[1]
+            ax.set_ylim(0, ymax * 1.3)  # room for the legend above the bars
+            ax.legend(fontsize=7, loc="upper center", ncol=1)
+        fig.suptitle(f"{self.topology.name}, +{self.extra_slots} slots/GPU, {self.model_shape.name}, policy {self.policy}",
+                     fontsize=10)
         fig.tight_layout()
-        paths.append(out_dir / "traffic.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-        return paths
+        return fig
 
 
 def compare_planners(

@@ -33,7 +33,7 @@ from megatron_grace.routing import POLICY_NAMES, ReplicaTable, RoutingOptions, c
 if TYPE_CHECKING:
     from megatron_grace.plan.placement import PlacementPlan
 
-DEFAULT_POLICY = "grace"
+from megatron_grace.names import DEFAULT_POLICY  # noqa: E402
 
 
 @dataclass(frozen=True)

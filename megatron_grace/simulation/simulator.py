@@ -72,10 +72,7 @@ from megatron_grace.routing import RoutingOptions
 from megatron_grace.simulation.policies import DEFAULT_POLICY, CustomPolicy, PolicyContext, check_policy, choose_gpus
 from megatron_grace.trace.routing_trace import RoutingTrace
 
-DISPATCH_MODES: tuple[str, ...] = ("flat", "hierarchical")
-#: Deprecated dispatch-mode names and the mode they mean.
-DISPATCH_ALIASES: dict[str, str] = {"per-pair": "flat"}
-TOKEN_PLACEMENTS: tuple[str, ...] = ("round-robin", "request")
+from megatron_grace.names import DISPATCH_ALIASES, DISPATCH_MODES, TOKEN_PLACEMENTS  # noqa: E402
 DECISIONS_FORMAT = "grace-decisions/1"
 
 
@@ -361,13 +358,15 @@ class SimulationResult:
             f"(intra-node {s['msgs_gpu_intra_node']}, inter-node {s['msgs_gpu_inter_node']})",
             f"load max/mean: {s['load_max_over_mean']:.3f} mean over layers, {s['load_max_over_mean_worst_layer']:.3f} worst layer",
         ]
-        header = f"{'dispatch':<13}{'NVLink MB':>12}{'inter MB':>12}{'dispatch ms':>13}{'compute ms':>12}{'combine ms':>12}{'layers ms':>12}"
+        header = f"{'dispatch':<13}{'NVLink MB':>12}{'inter MB':>12}{'dispatch ms':>13}{'compute ms':>12}{'combine ms':>12}{'ms/layer':>12}"
         lines += ["", header, "-" * len(header)]
+        per_layer = 1e3 / max(self.num_layers, 1)  # seconds summed over layers -> ms per layer
         for mode in (modes or list(self.modes)):
             t = self.modes[mode].totals()
-            lines.append(f"{mode:<13}{t['intra_bytes'] / 1e6:>12.2f}{t['inter_bytes'] / 1e6:>12.2f}{t['dispatch_s'] * 1e3:>13.3f}"
-                         f"{s['compute_s'] * 1e3:>12.3f}{t['combine_s'] * 1e3:>12.3f}{t['layer_s'] * 1e3:>12.3f}")
-        lines.append("(bytes per direction of the dispatch; the combine moves the same; times summed over layers)")
+            lines.append(f"{mode:<13}{t['intra_bytes'] / 1e6:>12.2f}{t['inter_bytes'] / 1e6:>12.2f}{t['dispatch_s'] * per_layer:>13.3f}"
+                         f"{s['compute_s'] * per_layer:>12.3f}{t['combine_s'] * per_layer:>12.3f}{t['layer_s'] * per_layer:>12.3f}")
+        lines.append("(bytes per direction of the dispatch, summed over layers; the combine moves the same; times in ms per "
+                     "layer, mean over layers)")
         return "\n".join(lines)
 
 

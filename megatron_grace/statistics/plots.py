@@ -30,59 +30,83 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_stats(stats: ExpertStats, out_dir: PathLike, layers: list[int] | None = None) -> list[Path]:
+def plot_stats(stats: ExpertStats, out_dir: PathLike, layers: list[int] | None = None, progress: bool = False) -> list[Path]:
     """Write load and co-activation plots of ``stats`` into ``out_dir``; return the paths.
 
-    Files: ``load_heatmap.png`` (load / layer mean, all layers), ``load_bars.png`` (sorted
-    per-expert load of the chosen layers), ``coactivation.png`` (lift heatmaps of the chosen
-    layers, experts ordered by load; only when co-activation data exists).
+    Files: ``load_heatmap.png`` (load / layer mean, all layers), ``load_bars.png`` (per-expert
+    load of the chosen layers, busiest first), ``coactivation.png`` (lift heatmaps of the chosen
+    layers, experts ordered busiest first; only when co-activation data exists). ``progress``
+    shows a bar over the figures (after 1 s).
     """
-    plt = _pyplot()
+    from megatron_grace._progress import progress as _progress
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = layers if layers is not None else representative_layers(stats.num_layers)
+    figures = [("load_heatmap.png", _load_heatmap), ("load_bars.png", _load_bars)]
+    if stats.coactivation is not None:
+        figures.append(("coactivation.png", _coactivation))
     written: list[Path] = []
-    mean = stats.load.mean(axis=1, keepdims=True)
-    rel = np.divide(stats.load, mean, out=np.zeros_like(stats.load), where=mean > 0)
+    for name, draw in _progress(figures, desc="plotting", total=len(figures), enabled=progress):
+        plt = _pyplot()
+        fig = draw(plt, stats, layers)
+        written.append(_save(fig, out / name))
+        plt.close(fig)
+    return written
 
+
+def _relative_load(stats: ExpertStats) -> np.ndarray:
+    """float64 ``[L, E]``: load / layer mean (0 for an empty layer)."""
+    mean = stats.load.mean(axis=1, keepdims=True)
+    return np.divide(stats.load, mean, out=np.zeros_like(stats.load, dtype=np.float64), where=mean > 0)
+
+
+def _grid(plt, count: int, width: float, height: float):
+    cols = min(3, count)
+    rows = int(np.ceil(count / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    return fig, axes
+
+
+def _load_heatmap(plt, stats: ExpertStats, layers: list[int]):
     fig, ax = plt.subplots(figsize=(10, max(3, stats.num_layers * 0.12 + 1.5)))
-    im = ax.imshow(rel, aspect="auto", cmap="magma", interpolation="nearest")
+    im = ax.imshow(_relative_load(stats), aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xlabel("expert id")
     ax.set_ylabel("MoE layer")
     ax.set_title(f"{stats.model}: expert load / layer mean")
     fig.colorbar(im, ax=ax, label="load / mean")
-    written.append(_save(fig, out / "load_heatmap.png"))
-    plt.close(fig)
+    return fig
 
-    cols = min(3, len(layers))
-    rows = int(np.ceil(len(layers) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3 * rows), squeeze=False)
+
+def _load_bars(plt, stats: ExpertStats, layers: list[int]):
+    rel = _relative_load(stats)
+    fig, axes = _grid(plt, len(layers), 5, 3)
     for ax, layer in zip(axes.flat, layers):
-        order = np.argsort(-stats.load[layer])
+        order = np.argsort(-stats.load[layer], kind="stable")
         ax.bar(np.arange(stats.num_experts), rel[layer, order], width=1.0, color="tab:blue")
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_title(f"layer {layer}: max/mean {rel[layer].max():.2f}")
-        ax.set_xlabel("experts (sorted by load)")
+        ax.set_xlabel("expert rank by load (0 = busiest)")
         ax.set_ylabel("load / mean")
-    for ax in list(axes.flat)[len(layers):]:
-        ax.axis("off")
     fig.tight_layout()
-    written.append(_save(fig, out / "load_bars.png"))
-    plt.close(fig)
+    return fig
 
-    if stats.coactivation is not None:
-        lift = stats.lift()
-        fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4 * rows), squeeze=False)
-        for ax, layer in zip(axes.flat, layers):
-            order = np.argsort(-stats.load[layer])
-            sub = np.log2(np.nan_to_num(lift[layer][np.ix_(order, order)], nan=1.0).clip(min=1e-3))
-            im = ax.imshow(sub, cmap="RdBu_r", vmin=-4, vmax=4, interpolation="nearest")
-            ax.set_title(f"layer {layer}: log2 lift")
-            ax.set_xlabel("expert (by load)")
-            ax.set_ylabel("expert (by load)")
-        for ax in list(axes.flat)[len(layers):]:
-            ax.axis("off")
-        fig.colorbar(im, ax=list(axes.flat), label="log2 P(i,j)/(P(i)P(j)); unmeasured = 0", shrink=0.8)
-        written.append(_save(fig, out / "coactivation.png"))
-        plt.close(fig)
-    return written
+
+def _coactivation(plt, stats: ExpertStats, layers: list[int]):
+    lift = stats.lift()
+    fig, axes = _grid(plt, len(layers), 4.6, 4)
+    im = None
+    for ax, layer in zip(axes.flat, layers):
+        order = np.argsort(-stats.load[layer], kind="stable")
+        sub = np.log2(np.nan_to_num(lift[layer][np.ix_(order, order)], nan=1.0).clip(min=1e-3))
+        im = ax.imshow(sub, cmap="RdBu_r", vmin=-4, vmax=4, interpolation="nearest")
+        ax.set_title(f"layer {layer}: log2 lift")
+        ax.set_xlabel("expert rank by load (0 = busiest)")
+    for row in axes:
+        row[0].set_ylabel("expert rank by load (0 = busiest)")
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
+    fig.colorbar(im, cax=cax, label="log2 P(i,j)/(P(i)P(j)); unmeasured = 0")
+    return fig

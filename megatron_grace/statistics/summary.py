@@ -37,17 +37,25 @@ class LayerSummary:
     median_lift: np.ndarray
     mutual_info_bits: np.ndarray
 
-    def overall(self) -> dict[str, dict[str, float]]:
-        """min / median / max of each per-layer metric (NaNs ignored)."""
-        out: dict[str, dict[str, float]] = {}
-        for name in ("skew", "zero_load", "top_share", "max_lift", "median_lift", "mutual_info_bits"):
+    METRICS = ("skew", "zero_load", "top_share", "max_lift", "median_lift", "mutual_info_bits")
+
+    def overall(self) -> dict[str, dict[str, float | None]]:
+        """min / median / max of each per-layer metric over the layers that have it (None where none has:
+        strict JSON)."""
+        out: dict[str, dict[str, float | None]] = {}
+        for name in self.METRICS:
             values = np.asarray(getattr(self, name), dtype=np.float64)
             finite = values[np.isfinite(values)]
             out[name] = (
                 {"min": float(finite.min()), "median": float(np.median(finite)), "max": float(finite.max())}
-                if finite.size else {"min": float("nan"), "median": float("nan"), "max": float("nan")}
+                if finite.size else {"min": None, "median": None, "max": None}
             )
         return out
+
+    def per_layer(self) -> dict[str, list[float | None]]:
+        """Each metric per layer as a list, None where the source lacks the data (strict JSON)."""
+        return {name: [float(v) if np.isfinite(v) else None for v in np.asarray(getattr(self, name), dtype=np.float64)]
+                for name in self.METRICS}
 
 
 def load_skew(load: np.ndarray) -> np.ndarray:
@@ -150,8 +158,8 @@ def format_table(stats: ExpertStats, summary: LayerSummary) -> str:
     head = f"{'layer':>6} {'tokens':>8} {'max/mean':>8} {'zero':>5} {'top10%':>7} {'maxlift':>8} {'medlift':>8} {'MI(l,l+1)':>9}"
     rows = [head, "-" * len(head)]
 
-    def fmt(x: float, spec: str) -> str:
-        return format(x, spec) if np.isfinite(x) else "-".rjust(len(format(0.0, spec)))
+    def fmt(x: float | None, spec: str) -> str:
+        return format(x, spec) if x is not None and np.isfinite(x) else "-".rjust(len(format(0.0, spec)))
 
     for l in range(stats.num_layers):
         rows.append(
@@ -167,4 +175,16 @@ def format_table(stats: ExpertStats, summary: LayerSummary) -> str:
             f"{stat:>6} {'':>8} {fmt(o['skew'], '8.2f')} {fmt(o['zero_load'], '5.0f')} {fmt(o['top_share'], '7.3f')} "
             f"{fmt(o['max_lift'], '8.1f')} {fmt(o['median_lift'], '8.2f')} {fmt(o['mutual_info_bits'], '9.3f')}"
         )
+    rows.append("- = not in this source: " + "; ".join(missing_reasons(summary))
+                if missing_reasons(summary) else "MI(l,l+1) of the last layer is -: it has no next layer")
     return "\n".join(rows)
+
+
+def missing_reasons(summary: LayerSummary) -> list[str]:
+    """Why whole columns of the summary are empty (one phrase per empty column)."""
+    reasons = []
+    if not np.isfinite(summary.max_lift).any():
+        reasons.append("lift needs co-activation counts (per-token ids or pair lists)")
+    if not np.isfinite(summary.mutual_info_bits).any():
+        reasons.append("MI(l,l+1) needs per-token ids or layer-to-layer transition counts")
+    return reasons

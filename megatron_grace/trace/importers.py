@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from megatron_grace._files import PathLike, load_json, load_npz
+from megatron_grace._progress import progress as _progress
 from megatron_grace.errors import GraceInputError
 from megatron_grace.statistics.expert_stats import STATS_FORMAT, ExpertStats
 from megatron_grace.trace.routing_trace import PHASE_DECODE, PHASE_PREFILL, TRACE_FORMAT, RoutingTrace
@@ -109,7 +110,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, parsed_object)`` for each non-blank line of a JSONL file."""
     seen = False
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+        for lineno, raw in _progress(enumerate(fh, 1), desc=f"reading {path.name}"):  # a bar only after 1 s
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
