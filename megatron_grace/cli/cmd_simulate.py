@@ -136,7 +136,6 @@ def run_simulate(args: argparse.Namespace) -> int:
                       token_placement=args.token_placement, expert_load=expert_load, seed=args.seed,
                       keep_decisions=args.dump_decisions is not None, progress=True)
     print(result.format_table())
-    print(f"({MS_PER_LAYER})")
     if args.per_layer:
         print()
         print(_per_layer_table(result))

@@ -365,8 +365,8 @@ class SimulationResult:
             t = self.modes[mode].totals()
             lines.append(f"{mode:<13}{t['intra_bytes'] / 1e6:>12.2f}{t['inter_bytes'] / 1e6:>12.2f}{t['dispatch_s'] * per_layer:>13.3f}"
                          f"{s['compute_s'] * per_layer:>12.3f}{t['combine_s'] * per_layer:>12.3f}{t['layer_s'] * per_layer:>12.3f}")
-        lines.append("(bytes per direction of the dispatch, summed over layers; the combine moves the same; times in ms per "
-                     "layer, mean over layers)")
+        lines.append("(bytes per direction of the dispatch, summed over layers; the combine moves the same; times: modelled "
+                     "ms of one MoE layer with all tokens in one batch, mean over layers)")
         return "\n".join(lines)
 
 
