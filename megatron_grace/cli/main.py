@@ -35,8 +35,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="grace",
-        description="GRACE-MoE for Megatron-Core and DeepSpeed: routing statistics, expert placement, "
-        "replication and locality-aware routing.",
+        description="GRACE-MoE for expert-parallel MoE inference: routing statistics, expert placement, "
+        "replication and locality-aware routing. Run 'grace COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"megatron-grace {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
