@@ -49,6 +49,9 @@ Since the time model takes max(sent, received) per GPU, combine time = dispatch 
                  inter-node phase, then an intra-node phase)
     compute_s = max GPU load (pairs) x expert_flops_per_token / gpu_flops
 
+With ``simulate(..., shared_nic=True)`` the inter-node bytes of a phase are counted per node and
+divided by the GPUs per node (one NIC per node, shared), instead of taken from the busiest GPU.
+
 Bandwidths and latencies are the topology's per-GPU, per-direction link models. The whole
 trace is treated as one batch per layer.
 """
@@ -388,6 +391,7 @@ class _Accumulator:
     modes: tuple[str, ...]
     topology: Topology
     shape: ModelShape
+    shared_nic: bool = False
     counts: dict[str, np.ndarray] = field(default_factory=dict)
     mode_arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -451,12 +455,19 @@ class _Accumulator:
             return np.bincount(np.where(mask, where, G).reshape(-1), minlength=G + 1)[:G]
 
         intra_l, inter_l = topo.intra_node, topo.inter_node
+
+        def inter_load(sent: np.ndarray, recv: np.ndarray) -> int:
+            """Inter-node rows that set the phase time: the busiest GPU's, or with a shared NIC its node's share per GPU."""
+            if self.shared_nic:
+                sent, recv = (v.reshape(-1, gpn).sum(axis=1) / gpn for v in (sent, recv))
+            return int(np.ceil(np.maximum(sent, recv).max(initial=0)))
+
         for mode in self.modes:
             arrays = self.mode_arrays[mode]
             if mode == "flat":
                 n_intra, n_inter = int(c["pairs_intra_node"][layer]), int(c["pairs_inter_node"][layer])
                 intra_io = int(np.maximum(send[1], recv[1]).max(initial=0)) * tb
-                inter_io = int(np.maximum(send[2], recv[2]).max(initial=0)) * tb
+                inter_io = inter_load(send[2], recv[2]) * tb
                 latency = max(intra_l.latency_s if n_intra else 0.0, inter_l.latency_s if n_inter else 0.0)
                 dispatch = max(intra_io / intra_l.bandwidth_bytes_per_s, inter_io / inter_l.bandwidth_bytes_per_s) + latency
             else:  # hierarchical: inter-node phase to the peer GPUs, then intra-node phase
@@ -464,7 +475,7 @@ class _Accumulator:
                 fwd = u_inter & (g != peer)  # the peer forwards over NVLink
                 n_inter = int(c["msgs_node"][layer])
                 n_intra = int(c["msgs_gpu_intra_node"][layer]) + int(np.count_nonzero(fwd))
-                inter_io = int(np.maximum(hist(u_node), hist(u_node, peer)).max(initial=0)) * tb
+                inter_io = inter_load(hist(u_node), hist(u_node, peer)) * tb
                 intra_send = hist(u_intra) + hist(fwd, peer)
                 intra_recv = hist(u_intra | fwd, g)
                 intra_io = int(np.maximum(intra_send, intra_recv).max(initial=0)) * tb
@@ -533,6 +544,7 @@ def simulate(
     options: RoutingOptions | None = None,
     keep_decisions: bool = False,
     progress: bool = False,
+    shared_nic: bool = False,
 ) -> SimulationResult:
     """Replay ``trace`` through ``plan`` with a replica-choice ``policy``.
 
@@ -551,6 +563,10 @@ def simulate(
         options: :class:`~megatron_grace.routing.RoutingOptions` of the ``grace`` policy (None = defaults).
         keep_decisions: keep the ``[T, L, k]`` decisions (needed for ``dump_decisions``).
         progress: show a progress bar over layers.
+        shared_nic: the inter-node link of a node is one NIC shared by its GPUs: an inter-node
+            phase takes (the node's bytes / GPUs per node) / the per-GPU bandwidth, however the
+            node's GPUs split them (default: the busiest GPU's bytes / the per-GPU bandwidth).
+            ``max_gpu_inter_bytes`` then holds that per-GPU share.
 
     Returns:
         :class:`SimulationResult`.
@@ -570,7 +586,7 @@ def simulate(
     token_index = np.arange(T, dtype=np.int64)
     src_t, positions = torch.from_numpy(src.astype(np.int64)), torch.from_numpy(token_index)
     hosts_all = plan.expert_gpus
-    acc = _Accumulator(L=L, G=G, modes=modes, topology=topo, shape=shape)
+    acc = _Accumulator(L=L, G=G, modes=modes, topology=topo, shape=shape, shared_nic=shared_nic)
     decisions = np.full((T, L, k), -1, dtype=np.int32) if keep_decisions else None
     from megatron_grace._progress import progress as _progress
 
