@@ -22,9 +22,9 @@ the same seed:
 Step ``s`` of a phase serves trace tokens ``[s*T*G, (s+1)*T*G)``, token ``i`` on rank ``i mod G``
 (the simulator's round-robin placement), so the simulator can replay exactly the same batches.
 Configurations are interleaved (repeat 1 of all, then repeat 2, ...) so that load from other
-users of the machine spreads over them. Before the configurations, a micro-benchmark measures
-intra-node and inter-node all-to-alls and the expert GEMM rate with all ranks busy; rank 0 then
-fits the simulator's link and compute model to it (:mod:`megatron_grace.simulation.calibration`),
+users of the machine spreads over them. Before and after the configurations, a micro-benchmark
+measures intra-node and inter-node all-to-alls and the expert GEMM rate with all ranks busy;
+rank 0 then fits the simulator's link and compute model to both sets of samples (:mod:`megatron_grace.simulation.calibration`),
 predicts every configuration's layer time with the simulator and writes one JSON (``--out``)
 plus a plot next to it.
 
@@ -288,13 +288,17 @@ def run_rank(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any] | Non
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     inputs = build_inputs(cfg, world)
-    micro = microbench(rank, world, cfg, repeats=cfg.get("micro_repeats", 5)) if cfg["microbench"] else None
+    reps = cfg.get("micro_repeats", 5)
+    before = microbench(rank, world, cfg, repeats=reps) if cfg["microbench"] else None
     records = run_configs(rank, world, cfg, inputs)
+    after = microbench(rank, world, cfg, repeats=reps) if cfg["microbench"] else None
+    # the machine's load drifts over a long run: fit on the samples from before and after the configurations
+    micro = None if before is None else {key: before[key] + after[key] for key in before}
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, records)
     if rank != 0:
         return None
-    return {"inputs": inputs, "micro": micro, "records": [r for part in gathered for r in part],
+    return {"inputs": inputs, "micro": micro, "micro_runs": [before, after], "records": [r for part in gathered for r in part],
             "wall_s": time.perf_counter() - t0}
 
 
@@ -472,7 +476,7 @@ def report(raw: dict[str, Any], cfg: dict[str, Any], args: argparse.Namespace, w
                   "dtype": "float32", "activation": "swiglu"},
         "routing_source": inputs["source"], "settings": dict(cfg),
         "machine": {"cpus": os.cpu_count(), "threads_per_rank": 1, "loadavg_before": args.load_before, "loadavg_after": _uptime()},
-        "microbench": raw["micro"], "calibration": calib, "results": rows, "wall_s": raw["wall_s"],
+        "microbench": raw["micro"], "microbench_before_and_after": raw["micro_runs"], "calibration": calib, "results": rows, "wall_s": raw["wall_s"],
     }
     return write_report(result, args.out, args.plot)
 
