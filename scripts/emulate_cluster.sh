@@ -9,7 +9,7 @@
 # removed on exit, failure, Ctrl-C or SIGTERM (trap), and --cleanup removes leftovers of an
 # earlier run (idempotent).
 #
-#   sudo bash scripts/emulate_cluster.sh            # full set (about 15-25 min on 2 shared cores)
+#   sudo bash scripts/emulate_cluster.sh            # full set (about 10-12 min on 2 shared cores)
 #   sudo bash scripts/emulate_cluster.sh --quick    # reduced set, under 4 minutes
 #   sudo bash scripts/emulate_cluster.sh --rate 10gbit --delay 0 --out /tmp/x.json
 #   sudo bash scripts/emulate_cluster.sh --cleanup  # remove what an interrupted run left

@@ -67,6 +67,14 @@ def test_fit_cluster_recovers_links_and_flops():
     t = fit.topology(topo(2, 4))
     assert (t.num_nodes, t.gpus_per_node, t.intra_node, t.inter_node) == (2, 4, fit.intra_node, fit.inter_node)
     assert fit.to_dict()["inter_node"]["latency_s"] == pytest.approx(6e-3, rel=1e-6)
+    # the fit as --links text parses back to the same model
+    from megatron_grace.plan.topology import parse_links
+
+    parsed = parse_links(fit.links_spec()).topology(2, 4)
+    for got, want in ((parsed.intra_node, fit.intra_node), (parsed.inter_node, fit.inter_node)):
+        assert got.bandwidth_bytes_per_s == pytest.approx(want.bandwidth_bytes_per_s, rel=1e-5)
+        assert got.latency_s == pytest.approx(want.latency_s, rel=1e-5)
+    assert parsed.gpu_flops == pytest.approx(2e10, rel=1e-5)
     # one GPU per node: no intra samples, the base topology keeps its intra-node link
     one = cal.fit_cluster({**micro, "intra": []}, SHAPE)
     assert one.intra_node is None and one.topology(topo(2, 1)).intra_node == topo(2, 1).intra_node

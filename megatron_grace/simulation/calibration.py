@@ -107,13 +107,22 @@ class ClusterFit:
         return dataclasses.replace(base, intra_node=self.intra_node or base.intra_node, inter_node=self.inter_node,
                                    gpu_flops=self.gpu_flops)
 
+    def links_spec(self) -> str:
+        """The fit as ``--links`` text for the ``grace`` command (``KEY=VALUE,...``; see
+        :func:`megatron_grace.plan.topology.parse_links`), e.g. ``inter=24.5MB/s,inter-latency=3.08ms,...``."""
+        items = []
+        for key, link in (("intra", self.intra_node), ("inter", self.inter_node)):
+            if link is not None:
+                items += [f"{key}={link.bandwidth_bytes_per_s / 1e6:.6g}MB/s", f"{key}-latency={link.latency_s * 1e6:.6g}us"]
+        return ",".join(items + [f"flops={self.gpu_flops / 1e9:.6g}G"])
+
     def to_dict(self) -> dict[str, Any]:
         def link(m: LinkModel | None) -> dict[str, float] | None:
             return None if m is None else {"bandwidth_bytes_per_s": m.bandwidth_bytes_per_s, "latency_s": m.latency_s}
 
         return {
             "intra_node": link(self.intra_node), "inter_node": link(self.inter_node),
-            "gpu_flops": self.gpu_flops, "compute_fixed_s": self.compute_fixed_s,
+            "gpu_flops": self.gpu_flops, "compute_fixed_s": self.compute_fixed_s, "links": self.links_spec(),
             "fit_max_rel_error": {name: f.max_rel_error for name, f in self.fits.items()},
         }
 
