@@ -62,8 +62,10 @@ def check_space(dst: Path, needed: int) -> None:
 def atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces ``dst``; on failure it is removed.
 
-    With ``overwrite`` an existing ``dst`` is moved aside, the new one renamed in, then the old
-    one deleted (a crash between the two renames leaves the old copy under ``.NAME.grace-old-*``).
+    With ``overwrite`` an existing ``dst`` is swapped with the new one in one atomic
+    ``renameat2(RENAME_EXCHANGE)`` (Linux), then the old one is deleted; where that call is
+    missing, the old one is renamed aside first (a crash between the two renames then leaves it
+    under ``.NAME.grace-old-*``).
     """
     dst = Path(dst)
     remove_stale(dst)
@@ -74,16 +76,32 @@ def atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
         yield tmp
         _fsync_tree(tmp)
         if dst.exists():
-            old = dst.parent / f".{dst.name}.grace-old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(tmp, dst):
+                shutil.rmtree(tmp, ignore_errors=True)  # now the old copy
+            else:
+                old = dst.parent / f".{dst.name}.grace-old-{uuid.uuid4().hex[:8]}"
+                os.replace(dst, old)
+                os.replace(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
         _fsync_dir(dst.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _fsync_dir(path: Path) -> None:

@@ -16,11 +16,15 @@ with bytes and sha256, format facts for unpatch, what was dropped), ``plan`` (fi
 GPUs, layers, experts), ``layers`` (per MoE layer: source name, experts, tensor names with shape
 and dtype), ``expert_sha256[l][e][name]`` (the source expert tensor's bytes), ``dense_sha256``,
 ``slots`` (one row per slot: layer, rank, slot, expert, file, and each tensor's key, shape,
-dtype) and ``files`` (every other file of DST with bytes and sha256).
+dtype), ``files`` (every other file of DST with bytes and sha256) and ``manifest_sha256``, the
+sha256 of the rest of the manifest as canonical JSON (sorted keys, no spaces), so a changed
+manifest value is caught too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,12 @@ def slot_key(layer: int, slot: int, name: str) -> str:
     return f"layer.{layer}.slot.{slot}.{name}"
 
 
+def content_sha256(m: dict[str, Any]) -> str:
+    """sha256 of the manifest without its ``manifest_sha256`` field, as canonical JSON."""
+    body = {k: v for k, v in m.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_manifest(dst: Path) -> dict[str, Any]:
     """Load and sanity-check ``DST/grace-checkpoint.json``."""
     dst = Path(dst)
@@ -55,9 +65,11 @@ def read_manifest(dst: Path) -> dict[str, Any]:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise GraceInputError(f"not a GRACE checkpoint manifest (format {m.get('format') if isinstance(m, dict) else None!r}, "
                               f"expected {FORMAT!r})", path)
-    for key in ("source", "plan", "layers", "slots", "files", "expert_sha256"):
+    for key in ("manifest_sha256", "source", "plan", "layers", "slots", "files", "expert_sha256"):
         if key not in m:
             raise GraceInputError(f"manifest lacks {key!r}", path)
+    if m.get("manifest_sha256") != content_sha256(m):
+        raise GraceInputError("manifest content does not match its manifest_sha256 (edited or corrupt)", path)
     return m
 
 

@@ -164,6 +164,7 @@ class MegatronTorchReader:
                 for j in range(n):
                     check_expert(self.info, li, r * n + j, local[j], str(path))
                     yield li, r * n + j, local[j]
+            experts = local = None  # unmap this file before the next one is mapped
 
     def iter_dense(self) -> Iterator[tuple[str, torch.Tensor]]:
         _, dense, _ = _split(_model(load_torch_file(self.files[0]), self.files[0]), self.files[0])

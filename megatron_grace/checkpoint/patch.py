@@ -75,14 +75,17 @@ def _rank_layouts(info: SourceInfo, plan: PlacementPlan) -> list[SafetensorsLayo
     return layouts
 
 
-def _file_record(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+def _file_record(path: Path, hashed: bool = True) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, **({"sha256": sha256_file(path)} if hashed else {})}
 
 
 def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan: PlacementPlan | str | os.PathLike[str], *,
                      fmt: str = "auto", overwrite: bool = False, hidden_size: int | None = None, ffn_size: int | None = None,
-                     dtype: str | None = None, show_progress: bool = True) -> PatchSummary:
+                     dtype: str | None = None, hash_source: bool = False, show_progress: bool = True) -> PatchSummary:
     """Write ``dst``: the experts of checkpoint ``src`` placed as ``plan`` says (see the package docstring).
+
+    The manifest records every source file's size, and its sha256 with ``hash_source`` (one more
+    read of the source).
 
     Raises:
         GraceInputError: bad source, plan mismatch (layers, experts, hidden or ffn size, dtype),
@@ -105,7 +108,8 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
     needed = sum(lay.size for lay in layouts) + dense_layout.size + (extra_layout.size if extra_layout else 0)
     needed += 200 * sum(len(r) for layer in plan_obj.gpu_experts for r in layer) + (1 << 20)  # manifest
     check_space(dst, needed)
-    source_files = {rel: _file_record(src / rel) for rel in progress(info.files, "hashing source", len(info.files), show_progress)}
+    source_files = {rel: _file_record(src / rel, hash_source)
+                    for rel in progress(info.files, "hashing source" if hash_source else "listing source", len(info.files), show_progress)}
 
     expert_sha: list[list[dict[str, str]]] = [[{} for _ in range(layer.num_experts)] for layer in info.layers]
     dense_sha: dict[str, str] = {}
@@ -126,6 +130,7 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
                     for g, s in zip(hosts.tolist(), slots.tolist(), strict=True):
                         if g >= 0:
                             write_tensor(fds[g], layouts[g].entries[mf.slot_key(li, s, name)], data)
+                tensors = t = data = None  # let the reader unmap a finished source file
         finally:
             for fd in fds:
                 os.close(fd)
@@ -174,6 +179,7 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
             "slots": slots,
             "files": files,
         }
+        manifest["manifest_sha256"] = mf.content_sha256(manifest)
         save_json_atomic(tmp / mf.MANIFEST, manifest)
     return PatchSummary(info.format, sum(r["bytes"] for r in source_files.values()), sum(r["bytes"] for r in files.values()),
                         len(files) + 1, len(slots), time.perf_counter() - t0)

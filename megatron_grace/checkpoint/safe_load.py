@@ -1,8 +1,8 @@
 """Loading framework files without executing untrusted pickles.
 
 - :func:`load_torch_file`: ``torch.load(..., weights_only=True, mmap=True)`` (tensors stay on
-  disk until touched); ``argparse.Namespace`` (Megatron's ``args``) is the only extra class
-  allowed. Anything else the file would need is refused with one line naming the file and the
+  disk until touched); ``argparse.Namespace`` (Megatron's ``args``) and plain numpy arrays
+  (Megatron's RNG state) are the only extra classes allowed. Anything else the file would need is refused with one line naming the file and the
   class, never unpickled.
 - :func:`load_torch_bytes`: the same for one in-memory ``torch.save`` blob (a DCP item).
 - :func:`load_dcp_metadata`: PyTorch distributed checkpoint ``.metadata`` files are plain
@@ -32,8 +32,23 @@ def _refusal(exc: Exception) -> str:
     for marker in ("Unsupported global:", "Unsupported operand", "GLOBAL "):
         at = text.find(marker)
         if at >= 0:
-            return text[at: at + 200].strip()
+            return text[at: at + 200].split(". Please use")[0].strip()
     return text[:200]
+
+
+def _safe_globals() -> list[Any]:
+    """Classes a weights_only load may build besides tensors: Megatron's ``args`` namespace and plain
+    numpy arrays (Megatron's RNG state), under the names numpy 1.x and 2.x pickle them with."""
+    import numpy as np
+
+    allowed: list[Any] = [argparse.Namespace, np.ndarray, np.dtype]
+    core = getattr(np, "_core", None) or np.core
+    rec = core.multiarray._reconstruct
+    allowed += [(rec, "numpy.core.multiarray._reconstruct"), (rec, "numpy._core.multiarray._reconstruct")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
 
 
 def load_torch_file(path: Path) -> Any:
@@ -52,7 +67,7 @@ def load_torch_file(path: Path) -> Any:
     if head != _ZIP:
         raise GraceInputError("not a torch.save zip file (empty, truncated, or a legacy/other format); refused", path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise GraceInputError("cannot be loaded with weights_only=True (it needs arbitrary code to unpickle; refused): "

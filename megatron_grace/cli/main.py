@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "megatron_grace.cli.cmd_plan",
     "megatron_grace.cli.cmd_simulate",
     "megatron_grace.cli.cmd_demo",
+    "megatron_grace.cli.cmd_checkpoint",
 )
 
 

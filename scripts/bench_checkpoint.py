@@ -1,0 +1,150 @@
+"""Benchmark ``grace checkpoint patch``: throughput against ``cp -r``, peak memory, Qwen3-30B-A3B estimate.
+
+Generates (and deletes afterwards) a Megatron legacy per-rank ``torch`` checkpoint with
+Qwen3-30B-A3B expert shapes (h 2048, f 768, bfloat16, 128 experts per layer, random weights) for
+``--layers`` MoE layers at expert-parallel size ``--ep`` (the files Megatron-LM writes:
+``iter_0000001/mp_rank_00_EEE/model_optim_rng.pt`` with ``decoder.layers.{i}.mlp.experts.
+local_experts.{j}.linear_fc{1,2}.weight``; written here with ``torch.save`` because a 1 GB+
+Megatron model is too slow to build on this CPU). A GRACE plan for the bundled Qwen3-30B-A3B
+statistics (``--topology``, ``--extra-slots``; its first ``--layers`` layers) is applied with the
+CLI in a subprocess. Measured in the same run: ``cp -r`` of the same checkpoint on the same
+disk, the patch (wall time, peak RSS of the process), ``verify``, and a Python process that only
+imports the package (baseline RSS). The Qwen3-30B-A3B (48 layers) time is extrapolated
+linearly per layer from the measured subset. Prints a table, writes JSON.
+
+    python scripts/bench_checkpoint.py --layers 2 --ep 4 --out benchmarks/results/checkpoint.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN = {"layers": 48, "experts": 128, "hidden": 2048, "ffn": 768}
+
+
+def _child(argv: list[str]) -> tuple[float, int, int]:
+    """Run a command; return (seconds, exit code, peak RSS in bytes of that child)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), GRACE_NO_PROGRESS="1")
+    code = ("import resource, subprocess, sys, time; t = time.perf_counter(); rc = subprocess.call(sys.argv[1:]); "
+            "dt = time.perf_counter() - t; print(dt, rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, check=True)
+    dt, rc, rss = out.stdout.split()[-3:]
+    return float(dt), int(rc), int(rss)
+
+
+def make_checkpoint(root: Path, layers: int, ep: int, seed: int = 0) -> list[Path]:
+    """Megatron legacy files, EP ``ep``, Qwen3 expert shapes in bfloat16; returns the rank files."""
+    E, h, f = QWEN["experts"], QWEN["hidden"], QWEN["ffn"]
+    n = E // ep
+    it = root / "iter_0000001"
+    files = []
+    g = torch.Generator().manual_seed(seed)
+    for r in range(ep):
+        model = {"embedding.word_embeddings.weight": torch.randn(1024, h, generator=g).to(torch.bfloat16)}
+        for li in range(layers):
+            p = f"decoder.layers.{li}.mlp."
+            model[p + "router.weight"] = torch.randn(E, h, generator=g).to(torch.bfloat16)
+            for j in range(n):
+                model[f"{p}experts.local_experts.{j}.linear_fc1.weight"] = torch.randn(2 * f, h, generator=g).to(torch.bfloat16)
+                model[f"{p}experts.local_experts.{j}.linear_fc2.weight"] = torch.randn(h, f, generator=g).to(torch.bfloat16)
+        d = it / f"mp_rank_00_{r:03d}"
+        d.mkdir(parents=True)
+        torch.save({"model": model, "iteration": 1, "checkpoint_version": 3.0}, d / "model_optim_rng.pt")
+        files.append(d / "model_optim_rng.pt")
+        del model
+    (root / "latest_checkpointed_iteration.txt").write_text("1")
+    return files
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2, help="MoE layers generated (of Qwen3-30B-A3B's 48)")
+    ap.add_argument("--ep", type=int, default=4, help="expert-parallel size of the generated checkpoint")
+    ap.add_argument("--topology", default="a100-2x4", help="topology preset of the plan")
+    ap.add_argument("--extra-slots", type=int, default=2, help="replica slots per GPU in the plan")
+    ap.add_argument("--workdir", type=Path, default=None, help="where to generate (default: a temporary directory on /tmp's disk)")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "checkpoint.json")
+    args = ap.parse_args()
+
+    from megatron_grace.data import load_bundled_stats
+    from megatron_grace.plan.placement import PlacementPlan
+    from megatron_grace.plan.planners import plan_placement
+    from megatron_grace.plan.topology import Topology
+
+    work = Path(tempfile.mkdtemp(prefix="grace-bench-ckpt-", dir=args.workdir))
+    try:
+        stats = load_bundled_stats()
+        topo = Topology.preset(args.topology).with_extra_slots(QWEN["experts"], args.extra_slots)
+        full = plan_placement(stats, topo, "grace")
+        plan = PlacementPlan(full.topology, full.num_experts, full.gpu_experts[: args.layers], planner=full.planner)
+        plan.save(work / "plan.json")
+        src = work / "src"
+        t = time.perf_counter()
+        files = make_checkpoint(src, args.layers, args.ep)
+        gen_s = time.perf_counter() - t
+        src_bytes = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+        largest = max(p.stat().st_size for p in files)
+        cp_s, _, _ = _child(["cp", "-r", str(src), str(work / "copy")])
+        shutil.rmtree(work / "copy")
+        base_s, _, base_rss = _child([sys.executable, "-c", "import torch, megatron_grace.checkpoint, megatron_grace.cli.main"])
+        grace = [sys.executable, "-m", "megatron_grace", "checkpoint"]
+        patch_s, rc, patch_rss = _child([*grace, "patch", str(src), str(work / "dst"), "--plan", str(work / "plan.json")])
+        if rc != 0:
+            raise SystemExit(f"patch failed with exit code {rc}")
+        dst_bytes = sum(p.stat().st_size for p in (work / "dst").rglob("*") if p.is_file())
+        verify_s, rc_v, _ = _child([*grace, "verify", str(work / "dst")])
+        slots = sum(len(g) for layer in plan.gpu_experts for g in layer)
+        # patch time without the ~fixed start-up (interpreter, imports): the baseline process's time
+        per_layer = max(patch_s - base_s, 1e-9) / args.layers
+        qwen_s = base_s + per_layer * QWEN["layers"]
+        result = {
+            "command": " ".join(["python", "scripts/bench_checkpoint.py", *sys.argv[1:]]),
+            "layers": args.layers, "ep": args.ep, "plan": {"topology": args.topology, "extra_slots": args.extra_slots, "slots": slots,
+                                                           "gpus": plan.num_gpus},
+            "source_bytes": src_bytes, "largest_source_file": largest, "patched_bytes": dst_bytes, "generate_s": gen_s,
+            "cp_r_s": cp_s, "patch_s": patch_s, "verify_s": verify_s, "verify_rc": rc_v, "startup_s": base_s,
+            "patch_mb_per_s": src_bytes / patch_s / 1e6, "cp_mb_per_s": src_bytes / cp_s / 1e6,
+            "throughput_vs_cp": cp_s / patch_s,
+            "peak_rss": patch_rss, "baseline_rss": base_rss, "peak_rss_over_largest_file": patch_rss / largest,
+            "rss_above_baseline_over_largest_file": (patch_rss - base_rss) / largest,
+            "qwen3_30b_a3b_estimate_s": qwen_s,
+            "qwen3_30b_a3b_source_bytes": src_bytes / args.layers * QWEN["layers"],
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = [("source (generated, Qwen3 shapes, bf16)", f"{args.layers} layers x 128 experts, EP {args.ep}: {src_bytes / 1e9:.2f} GB, "
+             f"largest file {largest / 1e9:.2f} GB"),
+            ("plan", f"grace on the bundled Qwen3 statistics, {args.topology} +{args.extra_slots} slots: {slots} slots on {plan.num_gpus} GPUs"),
+            ("cp -r", f"{cp_s:.2f} s ({result['cp_mb_per_s']:.0f} MB/s)"),
+            ("grace checkpoint patch", f"{patch_s:.2f} s ({result['patch_mb_per_s']:.0f} MB/s of source; {dst_bytes / 1e9:.2f} GB written)"),
+            ("patch throughput / cp -r", f"{result['throughput_vs_cp']:.2f}x (target >= 0.5x)"),
+            ("peak RSS of patch", f"{patch_rss / 1e9:.2f} GB = {result['peak_rss_over_largest_file']:.2f}x the largest file "
+             f"({(patch_rss - base_rss) / 1e9:.2f} GB above the {base_rss / 1e9:.2f} GB of a process that only imports = "
+             f"{result['rss_above_baseline_over_largest_file']:.2f}x; target < 1.5x)"),
+            ("grace checkpoint verify", f"{verify_s:.2f} s (exit {rc_v})"),
+            ("Qwen3-30B-A3B, 48 layers (estimate)", f"{qwen_s:.0f} s for {result['qwen3_30b_a3b_source_bytes'] / 1e9:.0f} GB "
+             f"(start-up {base_s:.1f} s + {per_layer:.1f} s per layer, linear in layers)")]
+    width = max(len(a) for a, _ in rows)
+    for a, b in rows:
+        print(f"{a:<{width}}  {b}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    sys.exit(main())
