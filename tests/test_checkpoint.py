@@ -500,6 +500,7 @@ def test_kill_9_leaves_no_half_written_checkpoint(ckpts, tmp_path):
         assert i % 2 == 0 or target.exists(), "an interrupted --overwrite lost the previous complete copy"
     assert mid_write >= 2, "fewer than 2 kills landed while the checkpoint was being written"
     # the next run removes the temporaries the killed runs left and succeeds
-    patch_checkpoint(src, tmp_path / "dst0", plan, overwrite=True, show_progress=False)
-    assert not [p for p in tmp_path.iterdir() if ".grace-tmp-" in p.name]
-    assert not verify_checkpoint(tmp_path / "dst0", show_progress=False).problems
+    for name in ("dst0", "dst1"):
+        patch_checkpoint(src, tmp_path / name, plan, overwrite=True, show_progress=False)
+        assert not verify_checkpoint(tmp_path / name, show_progress=False).problems
+    assert not [p for p in tmp_path.iterdir() if ".grace-tmp-" in p.name or ".grace-old-" in p.name]

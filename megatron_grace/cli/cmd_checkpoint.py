@@ -55,8 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_unpatch)
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+def _mb(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def run_patch(args: argparse.Namespace) -> int:
@@ -66,7 +69,7 @@ def run_patch(args: argparse.Namespace) -> int:
                          ffn_size=args.ffn_size, dtype=args.dtype, hash_source=args.hash_source)
     print(f"patched {s.format} checkpoint {args.src} -> {args.dst}: {s.slots} slots, {s.files} files, "
           f"{_mb(s.source_bytes)} read, {_mb(s.written_bytes)} written in {s.seconds:.1f} s "
-          f"({s.source_bytes / max(s.seconds, 1e-9) / 1e6:.0f} MB/s of source)")
+          f"({_mb(s.source_bytes / max(s.seconds, 1e-9))}/s of source)")
     return 0
 
 
@@ -76,7 +79,7 @@ def run_verify(args: argparse.Namespace) -> int:
     r = verify_checkpoint(args.dst, against=args.against)
     r.raise_if_failed()
     extra = f", {r.experts_against_source} experts equal to {args.against}" if args.against is not None else ""
-    print(f"ok: {r.files} files ({_mb(r.bytes)}), {r.slots} slots agree with the manifest and plan{extra}")
+    print(f"ok: {r.files} files ({_mb(r.bytes)}) and the manifest, {r.slots} slots agree with the manifest and plan{extra}")
     return 0
 
 
