@@ -105,6 +105,16 @@ def main() -> int:
             raise SystemExit(f"patch failed with exit code {rc}")
         dst_bytes = sum(p.stat().st_size for p in (work / "dst").rglob("*") if p.is_file())
         verify_s, rc_v, _ = _child([*grace, "verify", str(work / "dst")])
+        from megatron_grace.checkpoint import load_rank_slots
+
+        per_rank = []
+        for g in range(plan.num_gpus):  # what each rank reads to load its slots of layer 0
+            t = time.perf_counter()
+            slots_g = load_rank_slots(work / "dst", 0, g, plan=plan)
+            per_rank.append({"rank": g, "slots": len(slots_g), "bytes_read": slots_g.bytes_read,
+                             "rank_file_bytes": (work / "dst" / "experts" / f"rank_{g:05d}.safetensors").stat().st_size,
+                             "manifest_bytes": slots_g.manifest_bytes, "seconds": time.perf_counter() - t})
+            del slots_g
         slots = sum(len(g) for layer in plan.gpu_experts for g in layer)
         # patch time without the ~fixed start-up (interpreter, imports): the baseline process's time
         per_layer = max(patch_s - base_s, 1e-9) / args.layers
@@ -119,7 +129,7 @@ def main() -> int:
             "throughput_vs_cp": cp_s / patch_s,
             "peak_rss": patch_rss, "baseline_rss": base_rss, "peak_rss_over_largest_file": patch_rss / largest,
             "rss_above_baseline_over_largest_file": (patch_rss - base_rss) / largest,
-            "qwen3_30b_a3b_estimate_s": qwen_s,
+            "qwen3_30b_a3b_estimate_s": qwen_s, "load_rank_slots_layer0": per_rank,
             "qwen3_30b_a3b_source_bytes": src_bytes / args.layers * QWEN["layers"],
         }
     finally:
@@ -134,6 +144,10 @@ def main() -> int:
              f"({(patch_rss - base_rss) / 1e9:.2f} GB above the {base_rss / 1e9:.2f} GB of a process that only imports = "
              f"{result['rss_above_baseline_over_largest_file']:.2f}x; target < 1.5x)"),
             ("grace checkpoint verify", f"{verify_s:.2f} s (exit {rc_v})"),
+            ("load_rank_slots, layer 0, per rank", f"{min(r['bytes_read'] for r in per_rank) / 1e6:.1f}-"
+             f"{max(r['bytes_read'] for r in per_rank) / 1e6:.1f} MB read ({min(r['slots'] for r in per_rank)}-"
+             f"{max(r['slots'] for r in per_rank)} slots) of {src_bytes / 1e9:.2f} GB; + manifest "
+             f"{per_rank[0]['manifest_bytes'] / 1e6:.2f} MB"),
             ("Qwen3-30B-A3B, 48 layers (estimate)", f"{qwen_s:.0f} s for {result['qwen3_30b_a3b_source_bytes'] / 1e9:.0f} GB "
              f"(start-up {base_s:.1f} s + {per_layer:.1f} s per layer, linear in layers)")]
     width = max(len(a) for a, _ in rows)
@@ -146,5 +160,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up of the generated files
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     sys.exit(main())

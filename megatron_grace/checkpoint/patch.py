@@ -1,9 +1,9 @@
 """``patch``: a framework checkpoint -> the GRACE layout of a placement plan.
 
 Streams the source one expert at a time (one source file at most in memory, memory-mapped),
-writing each expert's bytes into every slot the plan gives it (replicas included); then reads
-every output file back once, checking each slot tensor against its source expert's hash, and
-writes the manifest; all of it in a temporary directory renamed onto ``DST`` only when complete
+writing each expert's bytes into every slot the plan gives it (replicas included) and reading
+each slot back at once to compare it byte for byte with the source tensor still in memory; then
+hashes every output file once for the manifest (several files in parallel) and writes it; all of it in a temporary directory renamed onto ``DST`` only when complete
 (:mod:`megatron_grace.checkpoint.atomic_dir`). The source is only ever opened for reading.
 """
 
@@ -25,7 +25,7 @@ from megatron_grace.checkpoint.atomic_dir import atomic_dir, check_space, check_
 from megatron_grace.checkpoint.convert import expert_geometry
 from megatron_grace.checkpoint.detect import open_source
 from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, tensor_bytes, write_tensor
-from megatron_grace.checkpoint.scan import scan_safetensors
+from megatron_grace.checkpoint.scan import scan_many
 from megatron_grace.checkpoint.source import SourceInfo, TensorSpec, dtype_name, sha256_file
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.placement import PlacementPlan
@@ -119,7 +119,7 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
         try:
             for g, lay in enumerate(layouts):
                 lay.create(tmp / mf.rank_file(g))
-                fds.append(os.open(tmp / mf.rank_file(g), os.O_WRONLY))
+                fds.append(os.open(tmp / mf.rank_file(g), os.O_RDWR))
             total = sum(layer.num_experts for layer in info.layers)
             for li, e, tensors in progress(reader.iter_experts(), "patching experts", total, show_progress):
                 hosts = plan_obj.expert_gpus[li, e]
@@ -129,7 +129,7 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
                     expert_sha[li][e][name] = hashlib.sha256(data).hexdigest()
                     for g, s in zip(hosts.tolist(), slots.tolist(), strict=True):
                         if g >= 0:
-                            write_tensor(fds[g], layouts[g].entries[mf.slot_key(li, s, name)], data)
+                            write_tensor(fds[g], layouts[g].entries[mf.slot_key(li, s, name)], data, read_back=True)
                 tensors = t = data = None  # let the reader unmap a finished source file
         finally:
             for fd in fds:
@@ -160,8 +160,8 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
         if extra_layout is not None:
             expected[mf.EXTRA] = blob_sha
         files: dict[str, Any] = {}
-        for rel, exp in progress(list(expected.items()), "verifying output", len(expected), show_progress):
-            sha, size, problems = scan_safetensors(tmp / rel, exp)
+        scans = scan_many([(tmp / rel, None) for rel in expected])  # each slot was checked when written
+        for rel, (sha, size, problems) in progress(zip(expected, scans), "verifying output", len(expected), show_progress):
             if problems:
                 raise GraceInputError(f"written file failed its read-back check: {problems[0]}")
             files[rel] = {"bytes": size, "sha256": sha}
@@ -187,13 +187,13 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
 
 def _write_stream(path: Path, layout: SafetensorsLayout, items: Any, hashes: dict[str, str]) -> None:
     layout.create(path)
-    fd = os.open(path, os.O_WRONLY)
+    fd = os.open(path, os.O_RDWR)
     try:
         seen = set()
         for key, t in items:
             data = tensor_bytes(t)
             hashes[key] = hashlib.sha256(data).hexdigest()
-            write_tensor(fd, layout.entries[key], data)
+            write_tensor(fd, layout.entries[key], data, read_back=True)
             seen.add(key)
         if seen != set(layout.entries):
             raise GraceInputError(f"{path.name}: the source changed while reading (tensor set differs)")

@@ -80,13 +80,19 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def write_tensor(fd: int, entry: Entry, data: memoryview) -> None:
-    """``pwrite`` one tensor's bytes at its place."""
+def write_tensor(fd: int, entry: Entry, data: memoryview, read_back: bool = False) -> None:
+    """``pwrite`` one tensor's bytes at its place; with ``read_back``, ``pread`` them again and compare.
+
+    Raises:
+        GraceInputError: the bytes read back differ from those written (``fd`` must be open for reading too).
+    """
     if len(data) != entry.end - entry.begin:
         raise ValueError(f"tensor has {len(data)} bytes, its place {entry.end - entry.begin}")
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], entry.begin + done)
+    if read_back and os.pread(fd, len(data), entry.begin) != data.tobytes():  # bytes == bytes is a memcmp
+        raise GraceInputError(f"bytes {entry.begin}..{entry.end} read back differ from those written")
 
 
 def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str], int]:

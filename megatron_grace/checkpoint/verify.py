@@ -12,7 +12,7 @@ import torch
 from megatron_grace._progress import progress
 from megatron_grace.checkpoint import manifest as mf
 from megatron_grace.checkpoint.detect import open_source
-from megatron_grace.checkpoint.scan import scan_safetensors
+from megatron_grace.checkpoint.scan import scan_many
 from megatron_grace.checkpoint.slots import SlotFiles
 from megatron_grace.checkpoint.source import sha256_file
 from megatron_grace.errors import GraceInputError
@@ -48,6 +48,10 @@ def expected_hashes(m: dict[str, Any]) -> dict[str, dict[str, str]]:
     return out
 
 
+def _plain(path: Path) -> tuple[str, int, list[str]]:
+    return sha256_file(path), path.stat().st_size, []
+
+
 def _check_plan(dst: Path, m: dict[str, Any], report: VerifyReport) -> None:
     plan = PlacementPlan.read(dst / mf.PLAN)
     p = m["plan"]
@@ -81,17 +85,15 @@ def verify_checkpoint(dst: str | os.PathLike[str], against: str | os.PathLike[st
     for rel in sorted(set(files) - present):
         report.problems.append(f"{dst / rel}: missing")
     expected = expected_hashes(m)
-    for rel in progress(sorted(set(files) & present), "verifying", len(files), show_progress):
+    names = sorted(set(files) & present)
+    tensor_files = [rel for rel in names if rel in expected]
+    scans = dict(zip(tensor_files, scan_many([(dst / rel, expected[rel]) for rel in tensor_files], tolerant=True), strict=True))
+    for rel in progress(names, "verifying", len(names), show_progress):
         path = dst / rel
-        if rel in expected:
-            try:
-                sha, size, problems = scan_safetensors(path, expected[rel])
-            except GraceInputError as exc:
-                report.problems.append(str(exc))
-                continue
-            report.problems += problems
-        else:
-            sha, size = sha256_file(path), path.stat().st_size
+        sha, size, problems = scans[rel] if rel in scans else _plain(path)
+        report.problems += problems
+        if not sha:
+            continue
         report.files += 1
         report.bytes += size
         if size != files[rel]["bytes"]:
