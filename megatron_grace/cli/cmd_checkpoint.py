@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 
 FORMAT_CHOICES = ("auto", "megatron-dist", "megatron-torch", "deepspeed")
+COMMANDS = {"checkpoint": "patch a Megatron-Core / DeepSpeed MoE checkpoint to a plan's expert layout, verify it, undo it"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``checkpoint`` (with ``patch``, ``verify``, ``unpatch``) to the ``grace`` parser."""
     top = subparsers.add_parser(
-        "checkpoint", help="patch a Megatron-Core / DeepSpeed MoE checkpoint to a plan's expert layout, verify it, undo it",
+        "checkpoint", help=COMMANDS["checkpoint"],
         description="Rewrite the experts of a checkpoint the framework saved (expert e on rank e // (E / ep)) into the slots "
         "a GRACE plan gives every GPU (other experts per rank, unequal counts, replicas), with a manifest of hashes; "
         "check it; write it back in the framework's layout for any EP size.",
