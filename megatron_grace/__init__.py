@@ -1,8 +1,8 @@
 """megatron-grace: GRACE-MoE expert placement, replication and locality-aware routing.
 
 The data flows trace -> statistics -> plan -> routing -> dispatch -> experts; framework
-adapter for Megatron-Core sits at the edge (a DeepSpeed adapter and a checkpoint tool do not exist yet). The core imports
-neither Megatron nor DeepSpeed.
+adapter for Megatron-Core sits at the edge (a DeepSpeed adapter does not exist yet); ``checkpoint`` patches Megatron-Core
+and DeepSpeed checkpoints to a plan's layout. The core imports neither Megatron nor DeepSpeed.
 """
 
 __version__ = "0.1.0"
