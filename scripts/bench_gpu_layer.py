@@ -87,7 +87,7 @@ def megatron_layer(E: int, k: int, h: int, f: int, dtype: torch.dtype, layer_wei
     """Megatron-Core's MoELayer with the same expert weights, or None when megatron-core is missing."""
     try:
         from megatron_grace.adapters.megatron.testing import build_gpt, init_megatron_parallel, moe_layers, small_moe_config
-        from megatron_grace.adapters.megatron.weights import load_expert_state_into_mlp, local_expert_mlps
+        from megatron_grace.adapters.megatron.weights import expert_matrices, load_expert_state
     except ImportError:
         return None
     try:
@@ -97,8 +97,8 @@ def megatron_layer(E: int, k: int, h: int, f: int, dtype: torch.dtype, layer_wei
         cfg.bf16 = dtype == torch.bfloat16
         model = build_gpt(cfg)
         moe = moe_layers(model)[0]
-        for e, mlp in zip(moe.local_expert_indices, local_expert_mlps(moe.experts)):
-            load_expert_state_into_mlp(mlp, layer_weights(int(e)), "swiglu")
+        for e, (fc1, fc2) in zip(moe.local_expert_indices, expert_matrices(moe.experts)):
+            load_expert_state(fc1, fc2, layer_weights(int(e)), "swiglu")
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         return moe.to(dev, dtype).eval()
     except Exception as exc:  # noqa: BLE001 - the baseline is optional; say why it is missing

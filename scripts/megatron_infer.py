@@ -11,10 +11,11 @@ weights (every expert distinct), ``SequentialMLP`` experts, Megatron's ``TopKRou
 alltoall dispatcher, one expert-parallel group over all ranks. Each rank generates greedily for
 its own batch of prompts with a KV cache (``StaticInferenceContext``):
 
-1. Megatron's own path (``use_grace=False``) produces the tokens and the reference logits, and
+1. Megatron's own path (before ``setup_grace``) produces the tokens and the reference logits, and
    the routing recorder counts the rows Megatron's alltoall sends (one per token-expert pair to
    the expert's contiguous owner);
-2. GRACE (each ``--dispatch`` mode) re-runs the same token sequence; its logits are compared
+2. GRACE (``setup_grace`` per ``--dispatch`` mode: the ``GraceTokenDispatcher`` with Megatron's
+   own experts re-placed by the plan) re-runs the same token sequence; its logits are compared
    with Megatron's at every step (float32, max relative error per step, Frobenius) and the GRACE
    layer counters give the rows and bytes each rank sent per link type and the MoE time.
 
@@ -144,7 +145,6 @@ def make_plan(args: argparse.Namespace, model: Any, world: int, gpn: int, mt: An
     if args.planner == "vanilla":
         return PlacementPlan(topo, E, [[list(range(gi * E // world, (gi + 1) * E // world)) for gi in range(world)]] * L,
                              planner="vanilla"), "vanilla"
-    g.set_grace_enabled(model, False)
     rec = g.RoutingRecorder(model, active=False)
     gen = torch.Generator().manual_seed(args.seed * 7919 + 1000 + dist.get_rank())
     calib = torch.randint(0, args.vocab, (args.calibration_batch, args.prompt), generator=gen)
@@ -182,10 +182,14 @@ def init_torchrun() -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from megatron_grace.adapters.megatron import testing as mt
+
+    missing = mt.quiet_megatron_warnings()
     rank, world = init_torchrun()
+    if rank == 0 and missing:
+        print(f"note: {' and '.join(missing)} not installed: Megatron uses its torch fallbacks (fine for this check)")
 
     import megatron_grace.adapters.megatron as g
-    from megatron_grace.adapters.megatron import testing as mt
     from megatron_grace.layer.counters import LINK_TYPES
 
     mt.init_megatron_parallel(world)
@@ -214,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     device = next(model.parameters()).device
     prompts = prompts.to(device)
 
-    # 1. Megatron's own dispatcher: reference tokens and logits, and its traffic from the routing
-    g.set_grace_enabled(model, False)
+    # 1. Megatron's own dispatcher (the model before set-up): reference tokens and logits, and its traffic
     rec = g.RoutingRecorder(model, active=False)
     with rec.recording():
         ref_logits, tokens, ref_times = generate(model, prompts, args.decode, None, mt)
@@ -229,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. GRACE, per dispatch mode, on the same token sequence
     modes = ["flat", "hierarchical"] if args.dispatch == "both" else [args.dispatch]
     for mode in modes:
-        g.setup_grace(model, plan=plan, dispatch=mode, policy=args.policy, counters=True)
-        g.set_grace_enabled(model, True)
+        g.setup_grace(model, plan=plan, dispatch=mode, policy=args.policy, counters=True, timing=True)
         acc: dict[str, dict[str, Any]] = {}
 
         def on_pass(phase: str, acc: dict[str, dict[str, Any]] = acc) -> None:

@@ -6,17 +6,19 @@ Megatron's ``parallel_state``, with two expert-parallel groups of 2 ranks (1 nod
 EP group is then not the whole world, as with data-parallel copies). The tests assert on what
 the ranks measured:
 
-- ``GraceMegatronMoELayer`` (GRACE dispatch, slots filled from Megatron's ``SequentialMLP``)
-  equals Megatron's own ``MoELayer`` with the alltoall dispatcher on the same weights and
-  router, for several plans (contiguous, unequal expert counts, copies, a nearly empty GPU),
-  flat and hierarchical dispatch, every replica policy, swiglu and gelu experts, with a shared
-  expert, and after Megatron's expert weights are released;
+- ``GraceMegatronMoELayer`` with the ``GraceTokenDispatcher`` (Megatron's own ``SequentialMLP``
+  re-built for the plan's slots, padded to the largest slot count) equals Megatron's own
+  ``MoELayer`` with the alltoall dispatcher on the same weights and router, for several plans
+  (contiguous, unequal expert counts, copies, a nearly empty GPU), flat and hierarchical
+  dispatch, every replica policy, swiglu and gelu experts, with a shared expert; set-up again
+  with another plan re-places the experts from the current slots, and ``teardown_grace``
+  restores Megatron's layout bit-exactly;
 - Megatron's own output equals a float64 dense reference built from the same per-expert
   weights (this pins the ``linear_fc1`` gate/up order and the transposes);
 - a GPT-MoE model with the GRACE spec equals the same model on Megatron's dispatcher, and the
   routing recorder's trace has the right shape and the router's choices;
-- bad plans (another expert count, another EP size, plans differing across ranks, unknown
-  dispatch) raise GraceInputError on every rank at set-up, and the layer still works after.
+- bad plans (another expert count, another EP size, plans differing across ranks) raise
+  GraceInputError on every rank at set-up, and the layer still works after.
 
 The CUDA-only calls Megatron makes are stubbed in the worker processes
 (:func:`megatron_grace.adapters.megatron.install_cpu_stubs`).
@@ -125,7 +127,9 @@ def _phase(rank: int, world: int, G: int, nodes: int, gpn: int) -> dict:
     pg = get_default_pg_collection()
     ep_rank = dist.get_rank(pg.ep)
     out["info"]["ep_group"] = dist.get_process_group_ranks(pg.ep)
-    hier_groups = g.build_hierarchical_groups_all(pg.ep, gpn)  # collective over the world (EP group may be smaller)
+    from megatron_grace.dispatch.hierarchical import HierarchicalGroups
+
+    hier_groups = HierarchicalGroups.for_group(pg.ep, gpn)  # collective over the world (EP group may be smaller)
     plans = {
         "contiguous": _plan(nodes, gpn, [_contiguous(G), _contiguous(G)]),
         "unequal+copies": _plan(nodes, gpn, [_contiguous(G), _unequal(G, seed=1)]),
@@ -184,6 +188,10 @@ def _phase(rank: int, world: int, G: int, nodes: int, gpn: int) -> dict:
     dist.all_reduce(totals, group=pg.ep)
     out["info"]["pairs_vs_slot_load"] = totals.tolist()
     out["info"]["setup"] = dict(gl.grace_setup_info)
+    out["info"]["registered"] = "grace" in dict(gl.named_modules()) and "grace.step_counter" in dict(gl.named_buffers())
+    expert_params = sum(p.numel() for p in gl.experts.parameters())
+    per_expert = sum(p.numel() for p in ref.experts.parameters()) // ref.num_local_experts
+    out["info"]["experts_held_once"] = (expert_params, per_expert * gl.grace_setup_info["padded_to"])
     for policy in POLICY_NAMES:
         gl.setup_grace(plan=plans["unequal+copies-b"], dispatch="flat", policy=policy)
         compare(ref, gl, f"swiglu/policy-{policy}/flat", steps=1)
@@ -213,16 +221,14 @@ def _phase(rank: int, world: int, G: int, nodes: int, gpn: int) -> dict:
         out["errors"]["dispatch"] = str(exc)
     gl.setup_grace(plan=plans["skewed"], dispatch="flat", policy="grace")
     compare(ref, gl, "swiglu/after-errors/flat", steps=1)
-    gl.release_megatron_experts()  # GRACE-only inference: Megatron's copy of the experts is freed
-    compare(ref, gl, "swiglu/after-release/flat", steps=1)
-    for name, action in (("fallback_after_release", lambda: (setattr(gl, "use_grace", False), gl(batch(0, 1)))),
-                         ("setup_after_release", lambda: gl.setup_grace(plan=plans["skewed"]))):
-        try:
-            action()
-            out["errors"][name] = None
-        except GraceInputError as exc:
-            out["errors"][name] = str(exc)
-        gl.use_grace = True
+    # back to Megatron's layout and dispatcher: bit-exact weights and outputs
+    gl.teardown_grace()
+    ref_state, gl_state = ref.state_dict(), gl.state_dict()
+    out["info"]["teardown_state_equal"] = sorted(ref_state) == sorted(gl_state) and all(
+        torch.equal(ref_state[k], gl_state[k]) for k in ref_state if isinstance(ref_state[k], torch.Tensor))
+    x = batch(0, 3)
+    out["info"]["teardown_output_equal"] = bool(torch.equal(gl(x)[0], ref(x)[0]))
+    out["info"]["teardown_dispatcher"] = type(gl.token_dispatcher).__name__
 
     # C. GPT-MoE model: GRACE spec vs Megatron's dispatcher; routing recorder
     cfg = mt.small_moe_config(num_experts=E, top_k=K, hidden_size=H, moe_ffn_hidden_size=F, num_layers=LAYERS,
@@ -232,20 +238,19 @@ def _phase(rank: int, world: int, G: int, nodes: int, gpn: int) -> dict:
         mt.randomize_experts(layer, seed=5)
     mt.sync_replicated_params(model, pg.ep)
     out["info"]["grace_layers"] = [type(m).__name__ for m in mt.moe_layers(model)]
-    g.setup_grace(model)
-    seen: dict[int, tuple] = {}
-    hooks = [m.router.register_forward_hook(lambda mod, inp, o, n=m.layer_number: seen.__setitem__(n, (inp[0], o[1])))
-             for m in mt.moe_layers(model)]
-    rec = g.RoutingRecorder(model, active=False)
     S, B = 5 + rank, 2
     gen = torch.Generator().manual_seed(99 + rank)
     tokens = torch.randint(0, 64, (B, S), generator=gen)
     pos = torch.arange(S).expand(B, S)
+    logits_megatron = model(tokens, pos, attention_mask=mt.causal_mask(S))  # before set-up: a plain Megatron model
+    g.setup_grace(model)
+    out["info"]["dispatchers"] = sorted({type(m.token_dispatcher).__name__ for m in mt.moe_layers(model)})
+    seen: dict[int, tuple] = {}
+    hooks = [m.router.register_forward_hook(lambda mod, inp, o, n=m.layer_number: seen.__setitem__(n, (inp[0], o[1])))
+             for m in mt.moe_layers(model)]
+    rec = g.RoutingRecorder(model, active=False)
     with rec.recording():
         logits_grace = model(tokens, pos, attention_mask=mt.causal_mask(S))
-    g.set_grace_enabled(model, False)
-    logits_megatron = model(tokens, pos, attention_mask=mt.causal_mask(S))
-    g.set_grace_enabled(model, True)
     out["rel"]["gpt/logits"] = _rel(logits_grace, logits_megatron)
     for h in hooks:
         h.remove()
@@ -268,6 +273,8 @@ def _phase(rank: int, world: int, G: int, nodes: int, gpn: int) -> dict:
     out["info"]["gathered_tokens"] = gathered.num_tokens
     out["info"]["tokens_per_rank"] = S * B
     rec.remove()
+    g.teardown_grace(model)
+    out["info"]["gpt_teardown_equal"] = bool(torch.equal(model(tokens, pos, attention_mask=mt.causal_mask(S)), logits_megatron))
 
     # D. runtime registration into Megatron's own spec builders
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -308,6 +315,12 @@ def test_grace_equals_megatron_moe_layer(run):
     for r, res in enumerate(run):
         bad = {k: v for k, v in res["rel"].items() if not v < TOL}
         assert not bad, f"rank {r}: GRACE differs from Megatron's MoELayer: {bad}"
+        info = res["info"]
+        assert info["teardown_state_equal"] and info["teardown_output_equal"], f"rank {r}: teardown is not bit-exact"
+        assert info["teardown_dispatcher"] == "MoEAlltoAllTokenDispatcher"
+        assert info["registered"], f"rank {r}: the GRACE dispatch state is not a registered sub-module"
+        held, expected = info["experts_held_once"]
+        assert held == expected, f"rank {r}: {held} expert weights, expected {expected} (the plan's padded slots, once)"
     slots = run[0]["info"]["slots"]
     assert len(set(slots["unequal+copies"])) > 1 or len(set(slots["skewed"])) > 1, slots  # unequal counts were tested
     assert sum(slots["skewed"]) > E  # copies were tested
@@ -333,7 +346,9 @@ def test_gpt_model_and_recorder(run):
     for res in run:
         info = res["info"]
         assert info["grace_layers"] == ["GraceMegatronMoELayer"] * LAYERS
+        assert info["dispatchers"] == ["GraceTokenDispatcher"]
         assert res["rel"]["gpt/logits"] < TOL, res["rel"]["gpt/logits"]
+        assert info["gpt_teardown_equal"]
         assert info["trace_shape"] == info["trace_expected_shape"]
         assert info["trace_ids_equal_routing_map"] and info["trace_ids_equal_router_topk"]
         assert info["trace_phase"] == [0]  # prefill (s > 1)
@@ -342,14 +357,14 @@ def test_gpt_model_and_recorder(run):
 
 
 def test_bad_input_fails_on_every_rank(run):
-    expect = {"experts": "experts", "ep_size": "ranks", "layers": "MoE layers", "per_rank": "different placement plans",
-              "dispatch": "dispatch", "fallback_after_release": "released", "setup_after_release": "released"}
+    expect = {"experts": "experts", "ep_size": "ranks", "layers": "MoE layer", "per_rank": "different placement plans",
+              "dispatch": "dispatch"}
     for r, res in enumerate(run):
         for name, word in expect.items():
             msg = res["errors"][name]
             assert msg is not None, f"rank {r}: bad input {name!r} did not raise"
             assert word in msg, f"rank {r}, {name}: {msg}"
-        assert res["rel"]["swiglu/after-errors/flat"] < TOL and res["rel"]["swiglu/after-release/flat"] < TOL
+        assert res["rel"]["swiglu/after-errors/flat"] < TOL
 
 
 # ---------------------------------------------------------------------------------------------- single-process checks
@@ -392,6 +407,24 @@ def test_layer_numbering_and_options(tmp_path):
     assert load_plan(str(path)).gpu_experts == plan.gpu_experts
     with pytest.raises(GraceInputError, match="cannot read the plan"):
         load_plan(tmp_path / "missing.json")
+    with pytest.raises(GraceInputError, match="valid: flat, hierarchical"):
+        GraceMegatronOptions(dispatch="hierarchal")  # a typo fails when the options (the spec) are made
+    with pytest.raises(GraceInputError, match="valid:"):
+        GraceMegatronOptions(policy="nearest")
+
+
+def test_spec_time_checks(tmp_path):
+    """A missing plan or a misspelt dispatch mode fails when the spec is made, not at set-up."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_grace.adapters.megatron import grace_spec
+    from megatron_grace.errors import GraceInputError
+
+    spec = get_gpt_layer_local_spec(num_experts=E)
+    with pytest.raises(GraceInputError, match="cannot read the plan"):
+        grace_spec(spec, plan=tmp_path / "missing.json")
+    with pytest.raises(GraceInputError, match="valid: flat, hierarchical"):
+        grace_spec(spec, dispatch="hierarchal")
 
 
 def test_unsupported_expert_settings_are_named():

@@ -21,7 +21,7 @@ Wire format of one expert: its matrices in the dict layout of :mod:`megatron_gra
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,12 @@ def contiguous_owners(num_experts: int, ep_size: int) -> np.ndarray:
     if ep_size < 1 or num_experts % ep_size:
         raise GraceInputError(f"{num_experts} experts cannot be split evenly over {ep_size} expert-parallel ranks")
     return np.arange(num_experts, dtype=np.int64) // (num_experts // ep_size)
+
+
+def contiguous_slots(num_experts: int, ep_size: int) -> list[list[int]]:
+    """For each rank, its experts in the frameworks' standard layout (``[r * n, (r + 1) * n)``, ``n = E / ep``)."""
+    owner = contiguous_owners(num_experts, ep_size)
+    return [np.nonzero(owner == r)[0].tolist() for r in range(ep_size)]
 
 
 def primary_owners(plan: PlacementPlan, layer: int) -> np.ndarray:
@@ -66,13 +72,14 @@ class PackedWeights:
 
 
 @torch.no_grad()
-def pack_owned_weights(plan: PlacementPlan, layer: int, rank: int, owned: WeightSource, owner: np.ndarray,
+def pack_owned_weights(slots: Sequence[Sequence[int]], rank: int, owned: WeightSource, owner: np.ndarray,
                        shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype, device: torch.device | str) -> PackedWeights:
     """Flatten the experts this rank owns for every rank whose slots hold them (local; no communication).
 
     Args:
-        plan, layer: the placement.
-        rank: this rank (= GPU of the plan).
+        slots: for each rank, the logical expert of each of its slots (``plan.gpu_experts[layer]``
+            for a GRACE plan, :func:`contiguous_slots` for the frameworks' layout).
+        rank: this rank.
         owned: ``expert id -> {name: tensor}`` (mapping or callable); read only for the experts
             ``owner`` gives to this rank.
         owner: int ``[E]`` rank holding each expert's source weights.
@@ -82,7 +89,7 @@ def pack_owned_weights(plan: PlacementPlan, layer: int, rank: int, owned: Weight
     Raises:
         GraceInputError: a missing expert, or wrong names / shapes.
     """
-    world = plan.num_gpus
+    world = len(slots)
     width = int(sum(a * b for a, b in shapes.values()))
     blobs: dict[int, torch.Tensor] = {}
     for e in np.nonzero(owner == rank)[0].tolist():
@@ -91,10 +98,10 @@ def pack_owned_weights(plan: PlacementPlan, layer: int, rank: int, owned: Weight
         blobs[e] = torch.cat([state[n].detach().to(device=device, dtype=dtype).contiguous().reshape(-1) for n in shapes])
     rows, send_splits = [], []
     for d in range(world):
-        mine = [blobs[e] for e in plan.gpu_experts[layer][d] if int(owner[e]) == rank]
+        mine = [blobs[e] for e in slots[d] if int(owner[e]) == rank]
         rows.extend(mine)
         send_splits.append(len(mine))
-    local = plan.gpu_experts[layer][rank]
+    local = slots[rank]
     src = [int(owner[e]) for e in local]
     recv_splits = [src.count(r) for r in range(world)]
     arrival = sorted(range(len(local)), key=lambda s: (src[s], s))

@@ -170,7 +170,7 @@ class GraceMoELayer(GraceDispatch):
             if owner.shape != (plan.num_experts,) or owner.min(initial=0) < 0 or owner.max(initial=0) >= world:
                 raise GraceInputError(f"owner must give a rank in [0, {world}) for each of the plan's {plan.num_experts} experts, "
                                       f"got shape {owner.shape}")
-            packed = pack_owned_weights(plan, layer, rank, owned_weights, owner, experts.shapes, experts.dtype, experts.device)
+            packed = pack_owned_weights(plan.gpu_experts[layer], rank, owned_weights, owner, experts.shapes, experts.dtype, experts.device)
         except Exception as exc:  # noqa: BLE001 - reported on every rank by the constructor's agreement
             problem = exc
 

@@ -1,45 +1,43 @@
-"""Megatron-Core drop-in for GRACE-MoE (inference).
+"""Megatron-Core drop-in for GRACE-MoE (inference): a token dispatcher chosen through the layer spec.
 
-Swap the spec, pass a plan, set up after loading the weights::
+Swap the spec, load the weights as usual, then set up with a plan::
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron_grace.adapters.megatron import grace_spec, setup_grace
 
-    spec = grace_spec(get_gpt_layer_local_spec(num_experts=128), plan="plan.json", dispatch="hierarchical")
-    model = GPTModel(config, spec, vocab_size=..., max_sequence_length=...)   # TopKRouter, SequentialMLP as usual
-    load_checkpoint(model)                                                   # Megatron's state dict layout is unchanged
-    setup_grace(model)                                                       # every rank: slots filled from Megatron's experts
-    model.eval(); logits = model(tokens, positions, attention_mask)          # MoE layers now run GRACE
+    spec = grace_spec(get_gpt_layer_local_spec(num_experts=128), dispatch="hierarchical")
+    model = GPTModel(config, spec, vocab_size=..., max_sequence_length=...)  # a plain MoE model until set-up
+    load_checkpoint(model)                                                  # Megatron's layout and checkpoints
+    setup_grace(model, plan="plan.json")                                    # every rank: experts placed by the plan
+    model.eval(); logits = model(tokens, positions, attention_mask)         # MoE layers now dispatch with GRACE
 
 Pieces:
 
-- :class:`GraceMegatronMoELayer` (``MoELayer`` subclass) and :class:`GraceMegatronOptions`;
-- :func:`grace_spec` / :func:`get_grace_moe_module_spec`: spec swapping (0.16 ``ModuleSpec`` and
-  0.19 ``functools.partial`` specs);
-- :func:`setup_grace`, :func:`set_grace_enabled`, :func:`grace_layers`, :func:`grace_counters`;
+- :class:`GraceTokenDispatcher` (a ``MoETokenDispatcher``): maps the router's ``(probs,
+  routing_map)`` to physical ``(GPU, slot)`` copies and moves tokens with the core's
+  :class:`~megatron_grace.layer.GraceDispatch`; Megatron's own experts compute;
+- :class:`GraceMegatronMoELayer`: ``MoELayer`` whose ``setup_grace`` / ``teardown_grace`` install
+  and remove that dispatcher and re-place the experts (the core's one weight scatter);
+- :func:`grace_spec` / :func:`get_grace_moe_module_spec`, :func:`register` / :func:`unregister`:
+  spec swapping (0.16 ``ModuleSpec`` and 0.19 ``functools.partial`` specs); options are checked
+  at spec time;
+- :func:`setup_grace`, :func:`teardown_grace`, :func:`grace_layers`, :func:`grace_counters`;
 - :class:`RoutingRecorder`: ``RoutingTrace`` capture from a running model's routers;
-- :func:`register` / :func:`unregister`: runtime installation into Megatron's spec builders;
 - :func:`install_cpu_stubs`: CPU-only (gloo) runs of Megatron's MoE path, for tests and demos.
 
 Scope and limits (each raises GraceInputError naming it, at set-up):
 
-- inference only (``model.eval()``); ``use_grace = False`` runs Megatron's own path for training;
-- ``SequentialMLP`` experts (``moe_grouped_gemm=False``), expert tensor parallel size 1, no expert
-  biases, swiglu (``F.silu`` + GLU) or exact gelu, no FP8/FP4, no latent MoE, no
-  ``moe_apply_probs_on_input``; 0.19's ``inference_optimized`` experts (``InferenceGroupedMLP``)
-  are not converted; partial CUDA-graph capture (``intermediate_tensors``) is refused;
-- GPU ``g`` of the plan is rank ``g`` of the layer's expert-parallel group (node-major);
-  Megatron still requires ``num_moe_experts % EP == 0`` for its own weight layout;
-- the GRACE slots are built on the device of Megatron's expert weights at set-up and are not a
-  registered sub-module (move the model first, then call :func:`setup_grace`).
+- inference (the GRACE dispatcher has no backward);
+- expert modules ``SequentialMLP`` (tested), ``GroupedMLP`` and ``TEGroupedMLP`` (weight views
+  written from their layouts; not run here: no grouped_gemm / Transformer Engine on the test
+  machine); expert tensor parallel size 1; no expert biases; swiglu (``F.silu`` + GLU) or exact
+  gelu; no FP8/FP4, latent MoE, ``moe_apply_probs_on_input``, shared-expert overlap or router
+  padding for quantization;
+- GPU ``g`` of the plan is rank ``g`` of the layer's expert-parallel group (node-major).
 
-Tested on CPU/gloo with megatron-core 0.16.1 and 0.19.0 (2 and 4 ranks); not run on GPUs/NCCL,
-with Transformer Engine layers, tensor/pipeline parallelism or multi-token-prediction layers.
-
-Importing this package does not import Megatron: the names that need it (the layer, spec,
-model-level, recorder and registry functions) import ``megatron.core`` on first use, and raise
-GraceInputError with an install hint when it is missing. The rest of :mod:`megatron_grace` never
-imports Megatron.
+Importing this package does not import Megatron: the names that need it import ``megatron.core``
+on first use, and raise GraceInputError with an install hint when it is missing. The rest of
+:mod:`megatron_grace` never imports Megatron.
 """
 
 from __future__ import annotations
@@ -56,16 +54,11 @@ from megatron_grace.adapters.megatron._compat import (
 )
 from megatron_grace.adapters.megatron.cpu_compat import install_cpu_stubs
 from megatron_grace.adapters.megatron.options import GraceMegatronOptions, load_plan, moe_layer_pattern, plan_layer_index
-from megatron_grace.adapters.megatron.weights import (
-    expert_state_from_mlp,
-    fill_slots_from_megatron,
-    load_expert_state_into_mlp,
-    megatron_activation,
-)
+from megatron_grace.adapters.megatron.weights import expert_matrices, expert_state, load_expert_state, megatron_activation
 
 _LAZY = {  # name -> sub-module; these import megatron.core
-    "GraceMegatronMoELayer": "layer", "build_hierarchical_groups_all": "layer", "grace_counters": "layer",
-    "grace_layers": "layer", "set_grace_enabled": "layer", "setup_grace": "layer",
+    "GraceMegatronMoELayer": "layer", "grace_counters": "layer", "grace_layers": "layer", "setup_grace": "layer",
+    "teardown_grace": "layer", "GraceTokenDispatcher": "dispatcher",
     "RoutingRecorder": "recorder", "concat_traces": "recorder",
     "register": "registry", "unregister": "registry", "is_registered": "registry", "registered_options": "registry",
     "grace_spec": "spec", "get_grace_moe_module_spec": "spec",
@@ -89,6 +82,6 @@ __all__ = [
     "PINNED_VERSION", "megatron_core_version", "require_megatron", "router_output_to_topk",
     "transformer_layer_passes_pg_collection_to_subclasses", "install_cpu_stubs",
     "GraceMegatronOptions", "load_plan", "moe_layer_pattern", "plan_layer_index",
-    "expert_state_from_mlp", "load_expert_state_into_mlp", "fill_slots_from_megatron", "megatron_activation",
+    "expert_matrices", "expert_state", "load_expert_state", "megatron_activation",
     *_LAZY,
 ]

@@ -76,37 +76,34 @@ def is_moe_layer_builder(obj: Any) -> bool:
 
 def router_output_to_topk(probs: torch.Tensor, routing: torch.Tensor, num_experts: int, topk: int
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router's output as dense top-k ids and weights.
+    """The router's output as dense top-k ids and weights, on the device (one ``topk``, no sort, no host read).
 
     Args:
-        probs: ``[T, E]`` (zeros outside the chosen experts) for a ``routing_map``, or ``[T, k]``
-            with ``indices``.
+        probs: ``[T, E]`` (only read where routed) for a ``routing_map``, or ``[T, k]`` with ``indices``.
         routing: bool ``[T, E]`` routing map (``TopKRouter``) or int ``[T, k]`` expert indices
             (0.19's ``InferenceTopKRouter`` in inference mode).
         num_experts: E.
         topk: the configured k (``moe_router_topk``).
 
     Returns:
-        ``(ids, weights)``: int64 ``[T, k']`` chosen experts in ascending id order, ``-1`` where
-        a token has fewer (token dropping), and ``[T, k']`` gate weights (dtype of ``probs``, 0 where
-        -1). ``k' = max(topk, most experts any token was sent to)`` (capacity padding can add some).
+        ``(ids int64 [T, k], weights [T, k])``: the routed experts in ascending id order, -1
+        (weight 0) where a token has fewer than k (padding tokens, dropped pairs).
     """
     if routing.dtype == torch.bool:
-        if routing.dim() != 2 or routing.shape[-1] != num_experts:
-            routing = routing.reshape(-1, num_experts)
+        routing = routing.reshape(-1, num_experts)
         p = probs.reshape(routing.shape)
-        width = max(int(topk), int(routing.sum(dim=1).max()) if routing.numel() else 0)
-        width = min(width, num_experts)
-        order = torch.argsort(routing.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
-        valid = torch.gather(routing, 1, order)
-        ids = torch.where(valid, order, torch.full_like(order, -1))
-        weights = torch.where(valid, torch.gather(p, 1, order), torch.zeros((), dtype=p.dtype, device=p.device))
+        device = routing.device
+        score = torch.where(routing, torch.arange(num_experts, 0, -1, device=device, dtype=torch.float32),
+                            torch.zeros((), device=device))  # lower id = higher score; 0 = not routed
+        val, ids = score.topk(min(int(topk), num_experts), dim=1, sorted=True)
+        valid = val > 0
+        ids = torch.where(valid, ids, torch.full_like(ids, -1))
+        weights = torch.where(valid, p.gather(1, ids.clamp(min=0)), torch.zeros((), dtype=p.dtype, device=device))
         return ids, weights
     if routing.is_floating_point():
         raise GraceInputError(f"router returned a {routing.dtype} routing tensor; expected a bool map or int indices")
     ids = routing.reshape(-1, routing.shape[-1]).long()
-    weights = probs.reshape(ids.shape)
-    return ids, weights
+    return ids, probs.reshape(ids.shape)
 
 
 def transformer_layer_passes_pg_collection_to_subclasses() -> bool:

@@ -38,7 +38,9 @@ class GraceMegatronOptions:
         routing: knobs of the ``grace`` policy (None = defaults).
         layer_map: Megatron ``layer_number`` (1-based, global) -> plan layer; None = count MoE
             layers with ``config.moe_layer_freq``.
-        enabled: run GRACE (True) or Megatron's own dispatcher (False) in ``forward``.
+
+    Unknown ``policy`` / ``dispatch`` values raise GraceInputError when the options are made
+    (at spec time), naming the valid ones.
     """
 
     plan: PlanSource | None = None
@@ -49,7 +51,17 @@ class GraceMegatronOptions:
     timing: bool = False
     routing: RoutingOptions | None = None
     layer_map: Mapping[int, int] | None = None
-    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        from megatron_grace.dispatch import DISPATCH_MODES
+        from megatron_grace.routing import POLICY_NAMES
+
+        if self.dispatch not in DISPATCH_MODES:
+            raise GraceInputError(f"unknown dispatch mode {self.dispatch!r}; valid: {', '.join(DISPATCH_MODES)}")
+        if self.policy not in POLICY_NAMES:
+            raise GraceInputError(f"unknown replica-choice policy {self.policy!r}; valid: {', '.join(POLICY_NAMES)}")
+        if self.plan is not None and not isinstance(self.plan, (PlacementPlan, str, os.PathLike)):
+            raise GraceInputError(f"plan must be a PlacementPlan or a path, got {type(self.plan).__name__}")
 
     def replace(self, **changes: Any) -> GraceMegatronOptions:
         """A copy with some fields changed (unknown names raise GraceInputError)."""

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from megatron_grace.adapters.megatron.options import GraceMegatronOptions, PlanSource
-from megatron_grace.adapters.megatron.spec import grace_spec
+from megatron_grace.adapters.megatron.spec import _options, grace_spec
 
 _TARGET = "get_moe_module_spec_for_backend"
 _state: dict[str, Any] = {"original": None, "wrapper": None, "options": None}
@@ -54,11 +54,7 @@ def register(plan: PlanSource | None = None, options: GraceMegatronOptions | Map
     """
     from megatron.core.models.gpt import moe_module_specs
 
-    opts = GraceMegatronOptions.coerce(options)
-    if plan is not None:
-        opts = opts.replace(plan=plan)
-    if overrides:
-        opts = opts.replace(**overrides)
+    opts = _options(plan, options, overrides)
     _state["options"] = opts
     if _state["wrapper"] is None:
         original = getattr(moe_module_specs, _TARGET)

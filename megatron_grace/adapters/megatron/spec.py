@@ -27,7 +27,7 @@ from typing import Any
 
 from megatron_grace.adapters.megatron._compat import is_moe_layer_builder
 from megatron_grace.adapters.megatron.layer import GraceMegatronMoELayer
-from megatron_grace.adapters.megatron.options import GraceMegatronOptions, PlanSource
+from megatron_grace.adapters.megatron.options import GraceMegatronOptions, PlanSource, load_plan
 from megatron_grace.errors import GraceInputError
 
 
@@ -36,7 +36,10 @@ def _options(plan: PlanSource | None, options: GraceMegatronOptions | Mapping[st
     opts = GraceMegatronOptions.coerce(options)
     if plan is not None:
         opts = opts.replace(plan=plan)
-    return opts.replace(**overrides) if overrides else opts
+    opts = opts.replace(**overrides) if overrides else opts
+    if opts.plan is not None:
+        load_plan(opts.plan)  # a missing or malformed plan fails here, at spec time, not at set-up
+    return opts
 
 
 def _swap(obj: Any, opts: GraceMegatronOptions, count: list[int], depth: int = 0) -> Any:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_grace.adapters.megatron.cpu_compat import install_cpu_stubs
-from megatron_grace.adapters.megatron.weights import load_expert_state_into_mlp, local_expert_mlps, megatron_activation
+from megatron_grace.adapters.megatron.weights import expert_matrices, load_expert_state, megatron_activation
 from megatron_grace.layer.reference import random_expert_weights
 
 
@@ -112,10 +112,11 @@ def randomize_experts(moe_layer: Any, seed: int = 0, moe_index: int | None = Non
     activation = megatron_activation(cfg)
     f = int(cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size)
     idx = moe_index if moe_index is not None else int((moe_layer.layer_number or 1) - 1)
+    mats = expert_matrices(moe_layer.experts)
     weights = random_expert_weights(int(cfg.num_moe_experts), int(cfg.hidden_size), f, activation, seed=seed * 1009 + idx,
-                                    dtype=moe_layer.experts.local_experts[0].linear_fc1.weight.dtype)
-    for e, mlp in zip(moe_layer.local_expert_indices, local_expert_mlps(moe_layer.experts), strict=True):
-        load_expert_state_into_mlp(mlp, weights(int(e)), activation)
+                                    dtype=mats[0][0].dtype)
+    for e, (fc1, fc2) in zip(moe_layer.local_expert_indices, mats, strict=True):
+        load_expert_state(fc1, fc2, weights(int(e)), activation)
 
 
 @torch.no_grad()
@@ -143,3 +144,27 @@ def causal_mask(queries: int, keys: int | None = None) -> torch.Tensor:
 
 __all__ = ["init_megatron_parallel", "small_moe_config", "build_gpt", "build_from_spec", "moe_layers", "randomize_experts",
            "sync_replicated_params", "causal_mask"]
+
+
+def quiet_megatron_warnings() -> list[str]:
+    """Silence the known, harmless start-up warnings of a Megatron-Core run without Transformer Engine or Apex.
+
+    Filters Apex's "Falling back to Torch Norm" warnings, torch's ``all_gather_into_tensor``
+    deprecation (raised inside Megatron) and Megatron's "Unknown MLP type ... Using default
+    kwargs" for a ``MoELayer`` subclass (harmless: the layer then takes Megatron's default
+    process groups, the same ones). Returns the optional packages that are missing, for one
+    line in the caller's output.
+    """
+    import importlib.util
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Apex is not installed")
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message=".*Transformer Engine.*not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")  # Megatron 0.16's own cuda_graph_scope default
+    warnings.filterwarnings("ignore", message="Using a large number of experts")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated")
+    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
+    return [name for name, mod in (("Transformer Engine", "transformer_engine"), ("Apex", "apex"))
+            if importlib.util.find_spec(mod) is None]
