@@ -273,6 +273,27 @@ def _phase(rank: int, world: int, G: int, nodes: int, gpn: int) -> dict:
     out["info"]["gathered_tokens"] = gathered.num_tokens
     out["info"]["tokens_per_rank"] = S * B
     rec.remove()
+    # a GRACE-placed model saves a standard distributed checkpoint (copies as replicas) that a plain model loads
+    import shutil
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+
+    holder = [tempfile.mkdtemp(prefix="grace-dcp-") if rank == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    ckpt = holder[0]
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), ckpt)
+        plain = mt.build_gpt(cfg, vocab_size=64)
+        for layer in mt.moe_layers(plain):
+            mt.randomize_experts(layer, seed=11)  # other weights, overwritten by the load
+        plain.load_state_dict(dist_checkpointing.load(plain.sharded_state_dict(), ckpt))
+        plain.eval()
+        out["info"]["dcp_plain_equal"] = bool(torch.equal(plain(tokens, pos, attention_mask=mt.causal_mask(S)), logits_megatron))
+    finally:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(ckpt, ignore_errors=True)
     g.teardown_grace(model)
     out["info"]["gpt_teardown_equal"] = bool(torch.equal(model(tokens, pos, attention_mask=mt.causal_mask(S)), logits_megatron))
 
@@ -349,6 +370,7 @@ def test_gpt_model_and_recorder(run):
         assert info["dispatchers"] == ["GraceTokenDispatcher"]
         assert res["rel"]["gpt/logits"] < TOL, res["rel"]["gpt/logits"]
         assert info["gpt_teardown_equal"]
+        assert info["dcp_plain_equal"], "a plain Megatron model loading GRACE's dist checkpoint differs"
         assert info["trace_shape"] == info["trace_expected_shape"]
         assert info["trace_ids_equal_routing_map"] and info["trace_ids_equal_router_topk"]
         assert info["trace_phase"] == [0]  # prefill (s > 1)

@@ -63,7 +63,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple = (), t
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, out, timeout), daemon=True)
+    # not daemonic: ranks may start their own workers (e.g. Megatron's checkpoint writer); they are
+    # always joined or terminated below
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, out, timeout), daemon=False)
              for r in range(world_size)]
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # children inherit it before importing torch

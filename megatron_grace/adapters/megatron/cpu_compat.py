@@ -6,7 +6,7 @@ without CUDA, :func:`install_cpu_stubs` replaces, in this process only:
 - ``torch.cuda.Stream`` / ``Event`` / ``current_stream`` / ``stream``: inert stand-ins (the
   alltoall dispatcher's device-to-host side stream);
 - ``torch.cuda.current_device``: returns ``"cpu"`` (router, mappings and experts move tensors
-  there);
+  there); ``torch.cuda.synchronize``: a no-op (``dist_checkpointing.save`` calls it);
 - ``megatron.core.tensor_parallel.random``: ``model_parallel_cuda_manual_seed`` seeds the CPU
   generator, and the CUDA RNG tracker's ``fork`` is a no-op context (dropout is 0 in inference);
 - the alltoall dispatcher's ``maybe_move_tensor_to_cpu``: returns numpy split sizes for CPU
@@ -82,6 +82,7 @@ def install_cpu_stubs(force: bool = False) -> bool:
     torch.cuda.current_stream = lambda *a, **k: _Stream()  # type: ignore[assignment]
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
 
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.moe import moe_utils, token_dispatcher

@@ -180,6 +180,46 @@ class GraceMegatronMoELayer(MoELayer):
         self.token_dispatcher = self._megatron_dispatcher
         self.grace_setup_info = {}
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Megatron's distributed-checkpoint state; after set-up, experts are keyed by *logical* expert.
+
+        Every slot's weights are saved under its logical expert's global index, exactly as
+        Megatron's ``SequentialMLP`` keys them, so a GRACE-served model saves a standard checkpoint
+        (loadable by a plain Megatron model of any EP size, or by GRACE with another plan). A
+        copy's shards get a non-zero ``replica_id`` (the primary copy, on the lowest GPU, writes);
+        padding slots are not saved.
+        """
+        if self.grace is None:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if type(self.experts).__name__ != "SequentialMLP":
+            raise GraceInputError(f"saving a GRACE-placed {type(self.experts).__name__} with dist_checkpointing is not "
+                                  "supported; call teardown_grace() first (back to Megatron's layout)")
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        experts = self._modules.pop("experts")
+        try:
+            out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            self._modules["experts"] = experts
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        singleton = bool((metadata or {}).get("singleton_local_shards", False))
+        E = int(self.config.num_moe_experts)
+        hosts = self._plan.expert_gpus[self.grace.layer_index]  # [E, copies] GPUs holding each expert, ascending
+        rank, dp = self.grace.rank, experts.dp_group
+        base = f"{prefix}experts."
+        for i, e in enumerate(self.grace.local_experts):
+            copy = int(np.nonzero(hosts[e] == rank)[0][0])  # 0 = primary copy
+            local = f"{base}local_experts.{i}."
+            sharded = f"{base}experts.{e}." if singleton else f"{base}experts."
+            offsets = sharded_offsets if singleton else (*sharded_offsets, (len(sharded_offsets), e, E))
+            part = experts.local_experts[i].sharded_state_dict(local, offsets, metadata)
+            replace_prefix_for_sharding(part, local, sharded)
+            for sh in part.values():
+                sh.replica_id = (*sh.replica_id[:2], dp.rank() + copy * dp.size())
+            out.update(part)
+        return out
+
     def _device(self) -> torch.device:
         return expert_matrices(self.experts)[0][0].device
 
