@@ -77,28 +77,11 @@ class GraceMoELayer(GraceDispatch):
     """Expert-parallel MoE layer with replicas, locality-aware replica choice and flat/hierarchical dispatch.
 
     Args:
-        plan: the placement plan (GPU ``g`` = rank ``g`` of ``group``; node-major).
-        layer: which MoE layer of the plan this is.
+        plan, layer: the placement plan (GPU ``g`` = rank ``g`` of ``group``) and the MoE layer.
         experts: this rank's :class:`SlotExperts`, one slot per entry of
             ``plan.gpu_experts[layer][rank]``, in that order.
-        num_experts: the model's experts per layer (checked against the plan; None = skip).
-        num_model_layers: the model's MoE layer count (checked against the plan; None = skip).
-        group: the expert-parallel process group (None = default group).
-        policy: replica-choice policy, one of :data:`megatron_grace.routing.POLICY_NAMES`.
-        dispatch: ``flat`` or ``hierarchical``.
-        predictor: a :class:`LoadPredictor` shared by the model's layers (the caller then calls
-            ``predictor.end_step()`` after each forward pass); None = a private one that the layer
-            steps itself.
-        grace_options: knobs of the ``grace`` policy.
-        seed: seed of the ``random`` policy.
-        hierarchical_groups: pre-built sub-groups; needed for ``hierarchical`` when ``group`` is
-            not the whole world (every process calls :meth:`HierarchicalGroups.build_all`).
-        counters: fill :attr:`last_counters` (traffic per GPU and link, per-slot load) after each
-            pass. Off by default: building them reads the split sizes and loads on the host.
-        timing: also record phase times in the counters (synchronises the device at every phase
-            boundary on a GPU); only with ``counters``.
-        decode: a :class:`DecodeOptions` to serve batches of at most ``decode.max_tokens`` tokens
-            with static shapes (fixed per-destination capacity; see :meth:`forward`); None = off.
+        **kwargs: the routing and dispatch options of :class:`GraceDispatch` (``group``, ``policy``,
+            ``dispatch``, ``predictor``, ``hierarchical_groups``, ``counters``, ``timing``, ``decode``, ...).
 
     Set-up runs local checks and then one small all-gather, so a problem on any rank raises
     GraceInputError on every rank (never a hang).

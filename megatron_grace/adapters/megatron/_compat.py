@@ -1,21 +1,17 @@
-"""Megatron-Core version detection and the few API differences the adapter has to bridge.
+"""Megatron-Core version detection and the few API differences the adapter bridges.
 
-Tested on megatron-core 0.16.1 and 0.19.0 (the 0.19.0 wheel installed with
-``--ignore-requires-python`` on Python 3.11, plus ``triton`` which 0.19 imports; CPU/gloo; the
-same tests and ``scripts/megatron_infer.py`` pass on both). The differences bridged here:
+Feature detection only (no version-number branches), for megatron-core 0.16.x and 0.19.x:
 
-- layer specs: 0.16 uses ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))``; 0.19
-  uses ``functools.partial(MoELayer, submodules=MoESubmodules(...))`` (both handled by
-  :func:`is_moe_layer_builder` and :mod:`.spec`);
-- ``MoELayer.__init__`` gains ``is_mtp_layer`` and ``name`` keywords in 0.19 (passed through);
-- the router returns ``(probs [T, E], routing_map bool [T, E])`` (``TopKRouter``) or, for
-  0.19's ``InferenceTopKRouter`` in inference mode, ``(probs [T, k], indices int [T, k])``
-  (both handled by :func:`router_output_to_topk`);
-- ``TransformerLayer`` passes ``pg_collection`` to the MLP only for exact Megatron classes in
-  0.16 (a subclass falls back to ``parallel_state``; ``patches/`` fixes that); 0.19 passes it to
-  every MLP builder.
-
-Everything here is feature detection; nothing compares version numbers to pick a code path.
+- layer specs: 0.16 ``ModuleSpec(module=MoELayer, submodules=...)``, 0.19
+  ``functools.partial(MoELayer, submodules=...)`` (:func:`is_moe_layer_builder`, :mod:`.spec`);
+- ``MoELayer.__init__`` gains ``is_mtp_layer`` and ``name`` in 0.19 (passed through);
+- the router returns ``(probs [T, E], routing_map bool [T, E])`` (``TopKRouter``) or, for 0.19's
+  ``InferenceTopKRouter`` in inference mode, ``(probs [T, k], indices [T, k])``
+  (:func:`router_output_to_topk`);
+- the experts' builder: 0.16 a ``ModuleSpec`` for ``build_module``, 0.19 a callable
+  ``(num_local_experts, config, pg_collection=...)`` (:func:`build_experts`);
+- 0.16's ``TransformerLayer`` passes ``pg_collection`` only to exact Megatron MLP classes (a
+  subclass uses ``parallel_state``'s groups, the same ones by default; ``patches/`` fixes it).
 """
 
 from __future__ import annotations
@@ -72,6 +68,15 @@ def is_moe_layer_builder(obj: Any) -> bool:
         if module is not None and type(obj).__name__ == "ModuleSpec":
             target = module
     return isinstance(target, type) and issubclass(target, MoELayer)
+
+
+def build_experts(builder: Any, num_local_experts: int, config: Any, pg_collection: Any) -> Any:
+    """A new expert module from the layer's ``submodules.experts`` (0.16 ``ModuleSpec`` or 0.19 builder)."""
+    if type(builder).__name__ == "ModuleSpec" or isinstance(builder, type):
+        from megatron.core.transformer.spec_utils import build_module
+
+        return build_module(builder, num_local_experts, config, pg_collection=pg_collection)
+    return builder(num_local_experts, config, pg_collection=pg_collection)
 
 
 def router_output_to_topk(probs: torch.Tensor, routing: torch.Tensor, num_experts: int, topk: int

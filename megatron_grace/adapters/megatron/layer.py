@@ -23,6 +23,7 @@ layout and dispatcher (bit-exact), e.g. before saving a checkpoint with Megatron
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,14 +31,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.spec_utils import build_module
 
+from megatron_grace.adapters.megatron._compat import build_experts
 from megatron_grace.adapters.megatron.dispatcher import GraceTokenDispatcher
 from megatron_grace.adapters.megatron.options import GraceMegatronOptions, PlanSource, load_plan, plan_layer_index
 from megatron_grace.adapters.megatron.weights import expert_ffn_size, expert_matrices, expert_state, load_expert_state, megatron_activation
 from megatron_grace.dispatch.hierarchical import HierarchicalGroups
 from megatron_grace.errors import GraceInputError
-from megatron_grace.experts.exchange import contiguous_owners, contiguous_slots, exchange_packed, pack_owned_weights, primary_owners
+from megatron_grace.experts.exchange import (
+    PackedWeights,
+    contiguous_owners,
+    contiguous_slots,
+    exchange_packed,
+    pack_owned_weights,
+    primary_owners,
+)
 from megatron_grace.experts.mlp import expert_weight_shapes, unpack_expert
 from megatron_grace.layer.counters import LayerCounters
 from megatron_grace.layer.grace_dispatch import ExpertShape, GraceDispatch, agree_or_raise, is_world
@@ -77,32 +85,31 @@ class GraceMegatronMoELayer(MoELayer):
     def _group(self) -> Any:
         return self._megatron_dispatcher.ep_group
 
-    def _slots_now(self) -> list[list[int]]:
-        """Every rank's logical expert per local expert of the current layout."""
+    def _layout(self) -> tuple[list[list[int]], np.ndarray]:
+        """The current layout: every rank's logical expert per local expert, and each expert's owner (its primary copy)."""
         E, ep = int(self.config.num_moe_experts), dist.get_world_size(self._group())
         if self._plan is None:
-            return contiguous_slots(E, ep)
-        return [list(s) for s in self._plan.gpu_experts[self.grace.layer_index]]
+            return contiguous_slots(E, ep), contiguous_owners(E, ep)
+        layer = self.grace.layer_index
+        return [list(x) for x in self._plan.gpu_experts[layer]], primary_owners(self._plan, layer)
 
-    def _owners_now(self) -> np.ndarray:
-        E, ep = int(self.config.num_moe_experts), dist.get_world_size(self._group())
-        return contiguous_owners(E, ep) if self._plan is None else primary_owners(self._plan, self.grace.layer_index)
-
-    # ------------------------------------------------------------------ set-up
-    def _check_config(self) -> tuple[str, int, int]:
-        """``(activation, h, f)``; GraceInputError for settings GRACE does not run."""
-        cfg = self.config
-        activation = megatron_activation(cfg)
+    def _shape(self) -> ExpertShape:
+        """The experts' shape; GraceInputError for Megatron settings GRACE does not run."""
         tp = getattr(self.experts, "tp_group", None)
         if tp is not None and dist.get_world_size(tp) != 1:
             raise GraceInputError(f"GRACE needs expert tensor parallelism 1, this layer has {dist.get_world_size(tp)}")
-        if getattr(cfg, "moe_shared_expert_overlap", False):
-            raise GraceInputError("moe_shared_expert_overlap=True is not supported with the GRACE dispatcher (set it to False)")
-        if getattr(cfg, "moe_pad_expert_input_to_capacity", False):
-            raise GraceInputError("moe_pad_expert_input_to_capacity=True is not supported with the GRACE dispatcher")
-        if getattr(cfg, "moe_router_padding_for_quantization", False):
-            raise GraceInputError("moe_router_padding_for_quantization=True is not supported with the GRACE dispatcher")
-        return activation, int(cfg.hidden_size), expert_ffn_size(cfg)
+        return ExpertShape(int(self.config.hidden_size), expert_ffn_size(self.config), megatron_activation(self.config),
+                           expert_matrices(self.experts)[0][0].dtype)
+
+    def _pack_for(self, target: list[list[int]], shape: ExpertShape) -> PackedWeights:
+        """This rank's side of moving the experts from the current layout to ``target`` (local)."""
+        slots, owners = self._layout()
+        rank = dist.get_rank(self._group())
+        mats = expert_matrices(self.experts)
+        owned = {e: expert_state(*mats[i], shape.activation, shape.hidden_size, shape.ffn_size)
+                 for i, e in enumerate(slots[rank]) if int(owners[e]) == rank}
+        return pack_owned_weights(target, rank, owned, owners, expert_weight_shapes(shape.activation, shape.hidden_size,
+                                  shape.ffn_size), shape.dtype, self._device())
 
     @torch.no_grad()
     def setup_grace(self, plan: PlanSource | None = None, *, hierarchical_groups: HierarchicalGroups | None = None,
@@ -127,17 +134,13 @@ class GraceMegatronMoELayer(MoELayer):
         opts = self.grace_config.replace(**overrides) if overrides else self.grace_config
         group = self._group()
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        new_plan, layer, num_moe_layers, packed, problem = None, -1, None, None, None
-        shape = None
+        new_plan, layer, num_moe_layers, packed, problem, shape = None, -1, None, None, None, None
         try:
-            activation, h, f = self._check_config()
-            shape = ExpertShape(h, f, activation, expert_matrices(self.experts)[0][0].dtype)
+            shape = self._shape()
             new_plan = load_plan(opts.plan)
             layer, num_moe_layers = plan_layer_index(self.config, self.layer_number, opts.layer_map)
-            owned = self._owned_states(activation, h, f)
-            packed = pack_owned_weights(new_plan.gpu_experts[layer] if 0 <= layer < new_plan.num_layers and new_plan.num_gpus == world
-                                        else [[]] * world, rank, owned, self._owners_now(), expert_weight_shapes(activation, h, f),
-                                        shape.dtype, self._device())
+            fits = 0 <= layer < new_plan.num_layers and new_plan.num_gpus == world  # else GraceDispatch names the problem
+            packed = self._pack_for(new_plan.gpu_experts[layer] if fits else [[]] * world, shape)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below, never a hang
             problem = exc
         if new_plan is None:
@@ -169,13 +172,9 @@ class GraceMegatronMoELayer(MoELayer):
             return
         group = self._group()
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        activation = self.grace_setup_info["activation"]
-        h, f = int(self.config.hidden_size), expert_ffn_size(self.config)
-        dtype = expert_matrices(self.experts)[0][0].dtype
+        shape = self._shape()
         target = contiguous_slots(int(self.config.num_moe_experts), world)
-        packed = pack_owned_weights(target, rank, self._owned_states(activation, h, f), self._owners_now(),
-                                    expert_weight_shapes(activation, h, f), dtype, self._device())
-        self._install_experts(exchange_packed(packed, group, world), len(target[rank]), ExpertShape(h, f, activation, dtype))
+        self._install_experts(exchange_packed(self._pack_for(target, shape), group, world), len(target[rank]), shape)
         self.grace, self._plan = None, None
         self.token_dispatcher = self._megatron_dispatcher
         self.grace_setup_info = {}
@@ -223,21 +222,10 @@ class GraceMegatronMoELayer(MoELayer):
     def _device(self) -> torch.device:
         return expert_matrices(self.experts)[0][0].device
 
-    def _owned_states(self, activation: str, h: int, f: int) -> dict[int, dict[str, torch.Tensor]]:
-        """Logical expert -> state, for the experts this rank owns in the current layout (primary copies under a plan)."""
-        rank = dist.get_rank(self._group())
-        owners, slots = self._owners_now(), self._slots_now()[rank]
-        mats = expert_matrices(self.experts)
-        out = {}
-        for i, e in enumerate(slots):
-            if int(owners[e]) == rank and e not in out:
-                out[e] = expert_state(*mats[i], activation, h, f)
-        return out
-
     def _install_experts(self, rows: list[torch.Tensor], num_local: int, shape: ExpertShape) -> None:
         """A new Megatron expert module of the same kind for ``num_local`` experts; slot ``i`` loaded from ``rows[i]``."""
         device = self._device()
-        experts = build_module(self.submodules.experts, num_local, self.config, pg_collection=self._pg_collection)
+        experts = build_experts(self.submodules.experts, num_local, self.config, self._pg_collection)
         experts = experts.to(device=device, dtype=shape.dtype)
         mats = expert_matrices(experts)
         shapes = expert_weight_shapes(shape.activation, shape.hidden_size, shape.ffn_size)
@@ -273,8 +261,8 @@ def grace_counters(model: Any) -> dict[int, LayerCounters]:
 def setup_grace(model: Any, plan: PlanSource | None = None, **overrides: Any) -> list[GraceMegatronMoELayer]:
     """Set up every GRACE layer of a model (collective over the world: call on every rank, after loading weights).
 
-    For ``dispatch="hierarchical"`` it first builds, once, the hierarchical sub-groups of every
-    expert-parallel group (the core's :meth:`HierarchicalGroups.for_group`), then calls
+    It first builds, once, the hierarchical sub-groups of every expert-parallel group that needs
+    them (the core's :meth:`HierarchicalGroups.for_group`, one world all-gather), then calls
     :meth:`GraceMegatronMoELayer.setup_grace` layer by layer.
 
     Args:
@@ -289,15 +277,11 @@ def setup_grace(model: Any, plan: PlanSource | None = None, **overrides: Any) ->
         overrides["plan"] = plan
     layers = grace_layers(model)
     opts = [layer.grace_config.replace(**overrides) if overrides else layer.grace_config for layer in layers]
-    groups = None
-    if _any_rank(any(o.dispatch == "hierarchical" for o in opts)):  # one world all-reduce; then every rank builds groups
-        gpn = None
-        if layers and opts[0].dispatch == "hierarchical":
-            try:
-                gpn = load_plan(opts[0].plan).topology.gpus_per_node
-            except GraceInputError:
-                gpn = None  # the layer set-up below reports the plan problem on every rank
-        groups = HierarchicalGroups.for_group(layers[0]._group() if layers else None, gpn)
+    gpn = None  # GPUs per node of this rank's hierarchical plan; None = no hierarchical layer (or a bad plan, reported below)
+    if layers and opts[0].dispatch == "hierarchical":
+        with contextlib.suppress(GraceInputError):
+            gpn = load_plan(opts[0].plan).topology.gpus_per_node
+    groups = HierarchicalGroups.for_group(layers[0]._group() if layers else None, gpn)  # world-collective, every rank
     for layer in layers:
         layer.setup_grace(hierarchical_groups=groups, **overrides)
     return layers
@@ -307,12 +291,3 @@ def teardown_grace(model: Any) -> None:
     """Every GRACE layer back to Megatron's layout and dispatcher (collective)."""
     for layer in grace_layers(model):
         layer.teardown_grace()
-
-
-def _any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is true on any rank of the world (one all-reduce)."""
-    backend = str(dist.get_backend()).lower()
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
-    t = torch.tensor([int(flag)], dtype=torch.int64, device=device)
-    dist.all_reduce(t)
-    return bool(t.item())

@@ -7,7 +7,7 @@ servers calling ``get_gpt_decoder_block_spec`` / ``get_gpt_layer_local_spec`` /
     import megatron_grace.adapters.megatron as grace
     grace.register(plan="plan.json", dispatch="hierarchical")
     ...  # build the model as usual; load the checkpoint
-    grace.setup_grace(model)  # or let the first forward pass set each layer up
+    grace.setup_grace(model)  # every rank, after loading: GRACE from now on
 
 :func:`register` wraps ``megatron.core.models.gpt.moe_module_specs.get_moe_module_spec_for_backend``
 (and rebinds it in every loaded ``megatron`` module that imported it by name), so every MoE spec

@@ -43,6 +43,9 @@ def megatron_activation(config: Any) -> str:
     problems = []
     if getattr(config, "add_bias_linear", False):
         problems.append("add_bias_linear=True (GRACE experts have no biases)")
+    for flag in ("moe_shared_expert_overlap", "moe_pad_expert_input_to_capacity", "moe_router_padding_for_quantization"):
+        if getattr(config, flag, False):
+            problems.append(f"{flag}=True (not supported by the GRACE dispatcher)")
     if getattr(config, "moe_apply_probs_on_input", False):
         problems.append("moe_apply_probs_on_input=True")
     if getattr(config, "moe_latent_size", None):
