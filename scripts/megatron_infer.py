@@ -53,11 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "world size is a multiple of 4, else all ranks on one node)")
     p.add_argument("--dispatch", default="both", choices=["flat", "hierarchical", "both"])
     p.add_argument("--policy", default="grace", help="GRACE replica-choice policy")
-    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--experts", type=int, default=None, help="experts per layer (default: the plan's, else 128)")
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--moe-ffn", type=int, default=64, help="expert FFN width (moe_ffn_hidden_size)")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=None, help="MoE layers (default: the plan's, else 2)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--batch", type=int, default=4, help="prompts per rank")
@@ -73,9 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _topology(nodes: int, gpn: int):
     from megatron_grace.plan.topology import Topology
 
-    base = Topology.preset("a100-2x4")
-    return Topology(name=f"megatron-infer-{nodes}x{gpn}", num_nodes=nodes, gpus_per_node=gpn, intra_node=base.intra_node,
-                    inter_node=base.inter_node, gpu_flops=base.gpu_flops)
+    return Topology.parse(f"{nodes}x{gpn}")
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -193,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_grace.layer.counters import LINK_TYPES
 
     mt.init_megatron_parallel(world)
+    if args.plan:  # the model takes the plan's shape unless given
+        from megatron_grace.plan.placement import PlacementPlan
+
+        given = PlacementPlan.read(args.plan)
+        args.experts = args.experts or given.num_experts
+        args.layers = args.layers or given.num_layers
+    args.experts, args.layers = args.experts or 128, args.layers or 2
     if args.experts % world:
         raise GraceInputError(f"Megatron needs --experts ({args.experts}) divisible by the number of ranks ({world})")
     gpn = args.gpus_per_node or (2 if world % 4 == 0 else world)
