@@ -11,19 +11,11 @@ Swap the spec, load the weights as usual, then set up with a plan::
     setup_grace(model, plan="plan.json")                                    # every rank: experts placed by the plan
     model.eval(); logits = model(tokens, positions, attention_mask)         # MoE layers now dispatch with GRACE
 
-Pieces:
-
-- :class:`GraceTokenDispatcher` (a ``MoETokenDispatcher``): maps the router's ``(probs,
-  routing_map)`` to physical ``(GPU, slot)`` copies and moves tokens with the core's
-  :class:`~megatron_grace.layer.GraceDispatch`; Megatron's own experts compute;
-- :class:`GraceMegatronMoELayer`: ``MoELayer`` whose ``setup_grace`` / ``teardown_grace`` install
-  and remove that dispatcher and re-place the experts (the core's one weight scatter);
-- :func:`grace_spec` / :func:`get_grace_moe_module_spec`, :func:`register` / :func:`unregister`:
-  spec swapping (0.16 ``ModuleSpec`` and 0.19 ``functools.partial`` specs); options are checked
-  at spec time;
-- :func:`setup_grace`, :func:`teardown_grace`, :func:`grace_layers`, :func:`grace_counters`;
-- :class:`RoutingRecorder`: ``RoutingTrace`` capture from a running model's routers;
-- :func:`install_cpu_stubs`: CPU-only (gloo) runs of Megatron's MoE path, for tests and demos.
+:class:`GraceTokenDispatcher` maps the router's ``(probs, routing_map)`` to physical (GPU, slot)
+copies and moves tokens with the core's :class:`~megatron_grace.layer.GraceDispatch`; Megatron's
+own experts compute. Also: :func:`register` (GRACE in Megatron's own spec builders),
+:func:`teardown_grace`, :class:`RoutingRecorder` (traces from a running model),
+:func:`install_cpu_stubs` (CPU/gloo runs for tests and demos).
 
 Scope and limits (each raises GraceInputError naming it, at set-up):
 

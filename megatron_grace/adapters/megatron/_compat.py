@@ -17,6 +17,7 @@ Feature detection only (no version-number branches), for megatron-core 0.16.x an
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
@@ -68,6 +69,12 @@ def is_moe_layer_builder(obj: Any) -> bool:
         if module is not None and type(obj).__name__ == "ModuleSpec":
             target = module
     return isinstance(target, type) and issubclass(target, MoELayer)
+
+
+def model_modules(model: Any) -> Iterator[torch.nn.Module]:
+    """Every module of a model or of a list of virtual-pipeline chunks."""
+    for chunk in model if isinstance(model, (list, tuple)) else [model]:
+        yield from chunk.modules()
 
 
 def build_experts(builder: Any, num_local_experts: int, config: Any, pg_collection: Any) -> Any:

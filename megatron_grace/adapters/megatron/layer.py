@@ -24,7 +24,7 @@ layout and dispatcher (bit-exact), e.g. before saving a checkpoint with Megatron
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_grace.adapters.megatron._compat import build_experts
+from megatron_grace.adapters.megatron._compat import build_experts, model_modules
 from megatron_grace.adapters.megatron.dispatcher import GraceTokenDispatcher
 from megatron_grace.adapters.megatron.options import GraceMegatronOptions, PlanSource, load_plan, plan_layer_index
 from megatron_grace.adapters.megatron.weights import expert_ffn_size, expert_matrices, expert_state, load_expert_state, megatron_activation
@@ -241,15 +241,9 @@ class GraceMegatronMoELayer(MoELayer):
 
 
 # ============================================================================ model level
-def _modules(model: Any) -> Iterable[torch.nn.Module]:
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    for chunk in chunks:
-        yield from chunk.modules()
-
-
 def grace_layers(model: Any) -> list[GraceMegatronMoELayer]:
     """The GRACE-capable MoE layers of a model (or a list of virtual-pipeline chunks), by layer number."""
-    found = [m for m in _modules(model) if isinstance(m, GraceMegatronMoELayer)]
+    found = [m for m in model_modules(model) if isinstance(m, GraceMegatronMoELayer)]
     return sorted(found, key=lambda m: (m.layer_number is None, m.layer_number or 0))
 
 

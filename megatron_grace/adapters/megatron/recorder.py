@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
-from megatron_grace.adapters.megatron._compat import router_output_to_topk
+from megatron_grace.adapters.megatron._compat import model_modules, router_output_to_topk
 from megatron_grace.adapters.megatron.options import moe_layer_pattern, plan_layer_index
 from megatron_grace.errors import GraceInputError
 from megatron_grace.trace.routing_trace import PHASE_DECODE, PHASE_PREFILL, RoutingTrace
@@ -58,8 +58,7 @@ class _Pass:
 def _routers(model: Any) -> list[Any]:
     from megatron.core.transformer.moe.router import Router
 
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, Router)]
+    return [m for m in model_modules(model) if isinstance(m, Router)]
 
 
 class RoutingRecorder:
