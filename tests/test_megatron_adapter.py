@@ -290,10 +290,25 @@ def _phase(rank: int, world: int, G: int, nodes: int, gpn: int) -> dict:
         plain.load_state_dict(dist_checkpointing.load(plain.sharded_state_dict(), ckpt))
         plain.eval()
         out["info"]["dcp_plain_equal"] = bool(torch.equal(plain(tokens, pos, attention_mask=mt.causal_mask(S)), logits_megatron))
+        # the same checkpoint patched for the plan (grace checkpoint patch): each rank reads only its own slots
+        from megatron_grace.checkpoint.patch import patch_checkpoint
+
+        if rank == 0:
+            patch_checkpoint(ckpt, ckpt + "-patched", plans["unequal+copies-b"], show_progress=False)
+        dist.barrier()
+        fresh = mt.build_gpt(cfg, vocab_size=64, grace={"plan": plans["unequal+copies-b"]})
+        fresh.load_state_dict(dist_checkpointing.load(fresh.sharded_state_dict(), ckpt))  # non-expert weights as usual
+        for layer in mt.moe_layers(fresh):
+            mt.randomize_experts(layer, seed=13)  # wrong experts: set-up must replace them from the patched slots
+        fresh.eval()
+        g.setup_grace(fresh, checkpoint=ckpt + "-patched")
+        out["rel"]["gpt/patched-checkpoint"] = _rel(fresh(tokens, pos, attention_mask=mt.causal_mask(S)), logits_megatron)
+        out["info"]["patched_bytes_read"] = [m.grace_setup_info["checkpoint_bytes_read"] for m in g.grace_layers(fresh)]
     finally:
         dist.barrier()
         if rank == 0:
             shutil.rmtree(ckpt, ignore_errors=True)
+            shutil.rmtree(ckpt + "-patched", ignore_errors=True)
     g.teardown_grace(model)
     out["info"]["gpt_teardown_equal"] = bool(torch.equal(model(tokens, pos, attention_mask=mt.causal_mask(S)), logits_megatron))
 
@@ -371,6 +386,7 @@ def test_gpt_model_and_recorder(run):
         assert res["rel"]["gpt/logits"] < TOL, res["rel"]["gpt/logits"]
         assert info["gpt_teardown_equal"]
         assert info["dcp_plain_equal"], "a plain Megatron model loading GRACE's dist checkpoint differs"
+        assert all(b > 0 for b in info["patched_bytes_read"]), info["patched_bytes_read"]
         assert info["trace_shape"] == info["trace_expected_shape"]
         assert info["trace_ids_equal_routing_map"] and info["trace_ids_equal_router_topk"]
         assert info["trace_phase"] == [0]  # prefill (s > 1)

@@ -134,13 +134,18 @@ class GraceMegatronMoELayer(MoELayer):
         opts = self.grace_config.replace(**overrides) if overrides else self.grace_config
         group = self._group()
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        new_plan, layer, num_moe_layers, packed, problem, shape = None, -1, None, None, None, None
+        new_plan, layer, num_moe_layers, packed, loaded, problem, shape = None, -1, None, None, None, None, None
         try:
             shape = self._shape()
             new_plan = load_plan(opts.plan)
             layer, num_moe_layers = plan_layer_index(self.config, self.layer_number, opts.layer_map)
             fits = 0 <= layer < new_plan.num_layers and new_plan.num_gpus == world  # else GraceDispatch names the problem
-            packed = self._pack_for(new_plan.gpu_experts[layer] if fits else [[]] * world, shape)
+            if opts.checkpoint is not None and fits:  # each rank reads only its own slots
+                from megatron_grace.checkpoint.loader import load_rank_slots
+
+                loaded = load_rank_slots(opts.checkpoint, layer, rank, plan=new_plan, activation=shape.activation)
+            elif opts.checkpoint is None:
+                packed = self._pack_for(new_plan.gpu_experts[layer] if fits else [[]] * world, shape)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below, never a hang
             problem = exc
         if new_plan is None:
@@ -156,13 +161,20 @@ class GraceMegatronMoELayer(MoELayer):
                                num_experts=int(self.config.num_moe_experts), num_model_layers=num_moe_layers, group=group,
                                policy=opts.policy, dispatch=opts.dispatch, grace_options=opts.routing, seed=opts.seed,
                                hierarchical_groups=hierarchical_groups, counters=opts.counters, timing=opts.timing)
-        assert packed is not None and shape is not None
-        self._install_experts(exchange_packed(packed, group, world), engine.max_slots, shape)
+        assert shape is not None and (packed is not None or loaded is not None)
+        if loaded is not None:
+            states = [loaded[e] for e in engine.local_experts]
+        else:
+            shapes = expert_weight_shapes(shape.activation, shape.hidden_size, shape.ffn_size)
+            states = [unpack_expert(row, shapes) for row in exchange_packed(packed, group, world)]
+        self._install_experts(states, engine.max_slots, shape)
         self.grace, self._plan, self.grace_config = engine, new_plan, opts
         self.token_dispatcher = GraceTokenDispatcher(engine, engine.max_slots, self.config, self._pg_collection)
         self.grace_setup_info = {"plan_layer": layer, "slots": len(engine.local_experts), "experts": list(engine.local_experts),
                                  "padded_to": engine.max_slots, "activation": shape.activation,
-                                 "received": int(sum(packed.recv_splits)), "sent": int(sum(packed.send_splits))}
+                                 "received": int(sum(packed.recv_splits)) if packed else 0,
+                                 "sent": int(sum(packed.send_splits)) if packed else 0,
+                                 "checkpoint_bytes_read": loaded.bytes_read if loaded is not None else 0}
         return engine
 
     @torch.no_grad()
@@ -174,7 +186,9 @@ class GraceMegatronMoELayer(MoELayer):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         shape = self._shape()
         target = contiguous_slots(int(self.config.num_moe_experts), world)
-        self._install_experts(exchange_packed(self._pack_for(target, shape), group, world), len(target[rank]), shape)
+        shapes = expert_weight_shapes(shape.activation, shape.hidden_size, shape.ffn_size)
+        rows = exchange_packed(self._pack_for(target, shape), group, world)
+        self._install_experts([unpack_expert(row, shapes) for row in rows], len(target[rank]), shape)
         self.grace, self._plan = None, None
         self.token_dispatcher = self._megatron_dispatcher
         self.grace_setup_info = {}
@@ -222,16 +236,13 @@ class GraceMegatronMoELayer(MoELayer):
     def _device(self) -> torch.device:
         return expert_matrices(self.experts)[0][0].device
 
-    def _install_experts(self, rows: list[torch.Tensor], num_local: int, shape: ExpertShape) -> None:
-        """A new Megatron expert module of the same kind for ``num_local`` experts; slot ``i`` loaded from ``rows[i]``."""
-        device = self._device()
+    def _install_experts(self, states: list[Mapping[str, torch.Tensor]], num_local: int, shape: ExpertShape) -> None:
+        """A new Megatron expert module of the same kind for ``num_local`` experts; expert ``i`` loaded from ``states[i]``."""
         experts = build_experts(self.submodules.experts, num_local, self.config, self._pg_collection)
-        experts = experts.to(device=device, dtype=shape.dtype)
-        mats = expert_matrices(experts)
-        shapes = expert_weight_shapes(shape.activation, shape.hidden_size, shape.ffn_size)
-        for i, (fc1, fc2) in enumerate(mats):
-            if i < len(rows):
-                load_expert_state(fc1, fc2, unpack_expert(rows[i], shapes), shape.activation)
+        experts = experts.to(device=self._device(), dtype=shape.dtype)
+        for i, (fc1, fc2) in enumerate(expert_matrices(experts)):
+            if i < len(states):
+                load_expert_state(fc1, fc2, states[i], shape.activation)
             else:  # padding slot: never receives a token
                 fc1.zero_()
                 fc2.zero_()

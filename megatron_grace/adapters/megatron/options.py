@@ -38,6 +38,8 @@ class GraceMegatronOptions:
         routing: knobs of the ``grace`` policy (None = defaults).
         layer_map: Megatron ``layer_number`` (1-based, global) -> plan layer; None = count MoE
             layers with ``config.moe_layer_freq``.
+        checkpoint: a checkpoint patched for this plan (``grace checkpoint patch``): set-up reads
+            each rank's own slots from it instead of moving the loaded experts (None = move them).
 
     Unknown ``policy`` / ``dispatch`` values raise GraceInputError when the options are made
     (at spec time), naming the valid ones.
@@ -51,6 +53,7 @@ class GraceMegatronOptions:
     timing: bool = False
     routing: RoutingOptions | None = None
     layer_map: Mapping[int, int] | None = None
+    checkpoint: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         from megatron_grace.dispatch import DISPATCH_MODES
