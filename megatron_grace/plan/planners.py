@@ -69,13 +69,14 @@ import numpy as np
 
 from megatron_grace._progress import progress as _progress
 from megatron_grace.errors import GraceInputError
-from megatron_grace.plan._blas import blas_threads
+from megatron_grace.plan._blas import blas_threads, torch_threads
 from megatron_grace.plan.eplb import eplb_layer, replicate_by_load
 from megatron_grace.plan.grouping import equal_sizes, partition, refine, size_bounds
 from megatron_grace.plan.placement import PlacementPlan
-from megatron_grace.plan.replication import add_planned_replicas, add_replicas
-from megatron_grace.plan.topology import Topology
+from megatron_grace.plan.replication import add_demand_replicas, add_planned_replicas, add_replicas
+from megatron_grace.plan.topology import ModelShape, Topology
 from megatron_grace.statistics.expert_stats import ExpertStats
+from megatron_grace.trace.routing_trace import RoutingTrace
 
 UNBOUNDED_EXTRA_SLOTS = 1
 """Extra slots per GPU assumed when the topology has no budget (``capacity() is None``)."""
@@ -127,7 +128,10 @@ class EplbOptions:
         num_groups: contiguous expert groups of the hierarchical policy; must divide the expert
             count and be a multiple of the node count. Default None: one group per GPU when the
             GPU count divides the experts (finer groups balance the nodes better), else one
-            per node, else the global policy.
+            per node, else the global policy. The hierarchical policy gives each node only its
+            ``E / N`` experts, at most one copy per GPU, so with fewer experts per node than
+            slots per GPU (8 experts on 4 nodes with 3 slots per GPU) slots stay empty;
+            ``metadata["empty_slots"]`` says so, and ``policy="global"`` fills them.
         allow_colocated_copies: allow two copies of one expert on one GPU as DeepSeek's code
             does (default False, our fix). A plan cannot hold such copies, so they are merged
             and the wasted slots reported in ``metadata["colocated_copies_merged"]``.
@@ -226,14 +230,17 @@ class PlannerOptions:
             the runtime allocates expert slots per layer, e.g. with a memory budget), ``"none"``
             or an integer cap of copies per layer.
         balance_target: the max/mean stopping point of ``replicas="auto"`` (default 1.05).
-        replica_strategy: ``"planned"`` (default for ``fill`` and integer caps: copy counts by
-            EPLB's load-per-copy rule, copies packed largest first onto the GPU with the lowest
-            predicted load, with a locality preference) or ``"greedy"`` (one copy at a time, each
-            lowering the heaviest GPU; always used by ``"auto"``); see
-            :mod:`megatron_grace.plan.replication`.
+        replica_strategy: ``"demand"`` (default for ``fill`` and integer caps: copies placed
+            and sized for the serving router, which keeps a node's demand on the node's copies:
+            :func:`~megatron_grace.plan.replication.add_demand_replicas`), ``"planned"`` (the
+            previous default: copy counts by EPLB's load-per-copy rule, copies packed largest
+            first onto the GPU with the lowest predicted load under the equal-share model, with
+            a locality preference) or ``"greedy"`` (one copy at a time, each lowering the
+            heaviest GPU; always used by ``"auto"``); see :mod:`megatron_grace.plan.replication`.
         replica_locality_weight: weight of co-activation locality (share of the expert's
             co-activation mass the copy serves on its node) against predicted load, in units of
-            the mean GPU load, when choosing the GPU of a copy (default 1.0; 0 = load only).
+            the mean GPU load, when choosing the GPU of a copy (default 1.0; 0 = load only); for
+            ``demand``, the weight of that share on the pairs a new node copy keeps local.
         spread_copies: with more than one node, give an expert at most one copy per node
             (``planned`` strategy; default True): a second copy on a node adds no cross-node
             locality (unless the expert alone outweighs a mean GPU load), so its slot goes to the next hottest expert (measured on Qwen3-30B-A3B,
@@ -243,6 +250,12 @@ class PlannerOptions:
             (moves/swaps with the grouping objective and ``load_slack``; never two copies of
             an expert on one GPU, at most ``capacity`` and at least ``Ē - d`` experts per GPU).
             Node membership, hence cross-node traffic, is unchanged (default True).
+        monotone: with ``replicas="fill"``, plan every slot count from an even split up to the
+            capacity and never let a layer's serving prediction (max/mean GPU load or cross-node
+            traffic, on the planning trace when planning from one) get worse than with one slot
+            fewer: such a layer keeps the smaller plan and fills the new slots by demand-aware
+            copies, or leaves them empty when that is predicted worse too (default True; costs
+            one plan per extra slot).
 
     Other:
 
@@ -264,10 +277,11 @@ class PlannerOptions:
     interlayer_weight: float = 0.0
     replicas: str | int = "fill"
     balance_target: float = 1.05
-    replica_strategy: str = "planned"
+    replica_strategy: str = "demand"
     replica_locality_weight: float = 1.0
     spread_copies: bool = True
     repack: bool = True
+    monotone: bool = True
     on_missing_coactivation: str = "fallback"
     seed: int = 0
     progress: bool = False
@@ -293,10 +307,11 @@ class PlannerOptions:
         _nonneg("balance_target", self.balance_target)
         if self.balance_target < 1:
             raise GraceInputError(f"option balance_target={self.balance_target!r}: max/mean is never below 1; expected >= 1")
-        _choice("replica_strategy", self.replica_strategy, ("planned", "greedy"))
+        _choice("replica_strategy", self.replica_strategy, ("demand", "planned", "greedy"))
         _nonneg("replica_locality_weight", self.replica_locality_weight)
         _boolean("spread_copies", self.spread_copies)
         _boolean("repack", self.repack)
+        _boolean("monotone", self.monotone)
         _choice("on_missing_coactivation", self.on_missing_coactivation, ("fallback", "error"))
         _integer("seed", self.seed, 0)
         _boolean("progress", self.progress)
@@ -564,7 +579,7 @@ _APART = -1e6
 
 def _repack_nodes(hosts: np.ndarray, w: np.ndarray, a: np.ndarray, ctx: _Context, lo: int,
                   balance_weight: float, anchor: np.ndarray | None = None,
-                  load_slack: float | None = None) -> np.ndarray:
+                  load_slack: float | None = None, copy_load: np.ndarray | None = None) -> np.ndarray:
     """Rebalance the physical experts (primaries and copies) among the GPUs of each node.
 
     Moves and swaps inside a node (:func:`~megatron_grace.plan.grouping.refine`) never change
@@ -572,7 +587,10 @@ def _repack_nodes(hosts: np.ndarray, w: np.ndarray, a: np.ndarray, ctx: _Context
     planned is untouched; they trade GPU-level affinity ``a`` (``[E, E]``, normalized) against
     the predicted GPU balance (each copy weighs ``w / copies``), keep at most ``capacity`` and at
     least ``lo`` experts per GPU, and never put two copies of one expert on one GPU. ``anchor``
-    (``[E, G]``, optional) is the between-layer attraction of the grouping.
+    (``[E, G]``, optional) is the between-layer attraction of the grouping. ``copy_load``
+    (``[N, E]``, optional) is the predicted load of one copy of each expert on each node
+    (:func:`~megatron_grace.plan.replication.node_copy_load`); without it each copy weighs
+    ``w / copies``.
 
     Returns:
         bool ``[G, E]`` new placement with the same copies per node.
@@ -582,9 +600,10 @@ def _repack_nodes(hosts: np.ndarray, w: np.ndarray, a: np.ndarray, ctx: _Context
     total = float(w.sum())
     if total <= 0:
         return hosts
-    share = w / hosts.sum(axis=0) / (total / G)
+    equal = w / np.maximum(hosts.sum(axis=0), 1) / (total / G)
     out = np.zeros_like(hosts)
     for n in range(ctx.num_nodes):
+        share = equal if copy_load is None else copy_load[n] / (total / G)
         gpus = np.arange(n * gpn, (n + 1) * gpn)
         local_gpu, expert = np.nonzero(hosts[gpus])
         if expert.size == 0:
@@ -683,7 +702,11 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
         hosts[gpu_of, np.arange(E)] = True
         group_sizes.append(np.bincount(gpu_of, minlength=G))
         if max_new != 0:
-            if opts.replica_strategy == "planned" and target is None:
+            copy_load = None
+            if opts.replica_strategy == "demand" and target is None:
+                hosts, added, copy_load = add_demand_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A,
+                                                              max_new=max_new, locality_weight=opts.replica_locality_weight)
+            elif opts.replica_strategy == "planned" and target is None:
                 hosts, added = add_planned_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A, max_new=max_new,
                                                     locality_weight=opts.replica_locality_weight,
                                                     max_copies=copy_cap)
@@ -691,7 +714,7 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
                 hosts, added = add_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A, max_new=max_new,
                                             balance_target=target, locality_weight=opts.replica_locality_weight)
             if added and opts.repack:
-                hosts = _repack_nodes(hosts, w, a, ctx, lo, opts.balance_weight, anchor, opts.load_slack)
+                hosts = _repack_nodes(hosts, w, a, ctx, lo, opts.balance_weight, anchor, opts.load_slack, copy_load)
         prev_hosts = hosts
         out.append(_lists(hosts))
     ctx.notes["group_sizes"] = np.array(group_sizes)  # [L, G] experts per GPU after grouping, before copies
@@ -773,11 +796,11 @@ PLANNERS: dict[str, Planner] = {
     "vanilla": Planner("vanilla", VanillaOptions, _plan_vanilla,
                        "contiguous experts per GPU, no replicas (Megatron-Core / DeepSpeed default)"),
     "eplb": Planner("eplb", EplbOptions, _plan_eplb,
-                    "DeepSeek EPLB: load-only hierarchical replication and packing, every slot used, no colocated copies"),
+                    "DeepSeek EPLB: load-only hierarchical replication and packing, no colocated copies (slots a node cannot fill stay empty, the plan says why)"),
     "affinity": Planner("affinity", AffinityOptions, _plan_affinity,
                         "co-activation grouping, equal group sizes, no replicas (Occult / ExFlow style)"),
     "grace": Planner("grace", PlannerOptions, _plan_grace,
-                     "GRACE-MoE: load-aware hierarchical affinity grouping + locality-aware replication into the budget"),
+                     "GRACE-MoE: load-aware hierarchical affinity grouping + copies placed and sized for the locality-first router, every slot used"),
 }
 
 
@@ -795,19 +818,155 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def serving_prediction(plan: PlacementPlan, expert_load: np.ndarray, policy: str = "grace",
+                       trace: RoutingTrace | None = None) -> dict[str, Any]:
+    """Per-GPU load of every layer of ``plan`` under the serving router.
+
+    Without a trace: :func:`megatron_grace.simulation.policies.serving_gpu_load` (the routing
+    module's policy, as the layer and the simulator run it) on the demand of ``expert_load``
+    ``[L, E]``, tokens starting on GPU ``t mod G``. With the planning trace: the simulator
+    replays its tokens (``t mod G``) through the plan with the same policy, so the prediction
+    includes the imbalance of batches of that size.
+
+    Returns:
+        ``{"policy", "token_placement", "source", "gpu_load": float64 [L, G], "max_over_mean":
+        float64 [L], "cross_node_pair_share": float64 [L]}`` (plus ``"msgs_node"``, int ``[L]``
+        deduplicated token-to-node messages, from a trace).
+    """
+    from megatron_grace.simulation.policies import serving_gpu_load
+
+    L, G = plan.num_layers, plan.num_gpus
+    out: dict[str, Any] = {"policy": policy, "token_placement": "round-robin"}
+    with torch_threads(1):
+        if trace is not None:
+            from megatron_grace.simulation.simulator import simulate
+
+            shape = ModelShape(name="plan", num_layers=L, num_experts=plan.num_experts, top_k=max(int(trace.top_k), 1),
+                               hidden_size=1, expert_ffn_size=1)  # sizes only scale bytes and times, unused here
+            r = simulate(plan, trace, shape, policy=policy, dispatch="hierarchical", expert_load=expert_load)
+            gpu_load = r.gpu_load.astype(np.float64)
+            cross = np.divide(r.pairs_inter_node, r.pairs_total, out=np.zeros(L), where=r.pairs_total > 0)
+            out.update(source=f"planning trace ({trace.num_tokens} tokens)", msgs_node=r.msgs_node)
+        else:
+            gpu_load, cross = np.zeros((L, G)), np.zeros(L)
+            for l in range(L):
+                gpu_load[l], cross[l] = serving_gpu_load(plan.expert_gpus[l], plan.topology, expert_load[l], policy=policy, layer=l)
+            out["source"] = "statistics (demand batch)"
+    mean = gpu_load.mean(axis=1)
+    mom = np.divide(gpu_load.max(axis=1), mean, out=np.ones(L), where=mean > 0)
+    out.update(gpu_load=gpu_load, max_over_mean=mom, cross_node_pair_share=cross)
+    return out
+
+
+def _serving_worse(a: dict[str, Any], b: dict[str, Any], tol: float = 0.0) -> np.ndarray:
+    """bool ``[L]``: layers where serving prediction ``a`` has a higher max/mean or more cross-node traffic than ``b``
+    (deduplicated messages from a trace, else the cross-node pair share)."""
+    key = "msgs_node" if "msgs_node" in a and "msgs_node" in b else "cross_node_pair_share"
+    worse = np.asarray(a["max_over_mean"]) > np.asarray(b["max_over_mean"]) * (1 + tol) + 1e-12
+    return worse | (np.asarray(a[key], dtype=np.float64) > np.asarray(b[key], dtype=np.float64) * (1 + tol) + 1e-12)
+
+
+def _compose(choice: np.ndarray, options: list[tuple[list, dict[str, Any]]]) -> tuple[list, dict[str, Any]]:
+    """Per layer ``l``, layer and serving prediction of ``options[choice[l]]`` (predictions are per layer)."""
+    layers = [options[int(c)][0][l] for l, c in enumerate(choice)]
+    serving = dict(options[0][1])
+    for key in ("gpu_load", "max_over_mean", "cross_node_pair_share", "msgs_node"):
+        if key in serving:
+            serving[key] = np.stack([np.asarray(options[int(c)][1][key])[l] for l, c in enumerate(choice)])
+    return layers, serving
+
+
+def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions, trace: RoutingTrace | None) -> tuple[list, dict[str, Any]]:
+    """The ``grace`` plan, never worse than the plan for one slot fewer per GPU (``monotone=True``).
+
+    Plans with every slot count from ``ceil(E / G)`` up to the capacity; at each step a layer keeps
+    its fresh plan unless the serving prediction (:func:`serving_prediction`, on the planning
+    trace when there is one) says it has a higher max/mean or more cross-node traffic than the
+    layer chosen for one slot fewer. Then that layer is extended instead (its copies kept, the
+    new slots filled by :func:`~megatron_grace.plan.replication.add_demand_replicas`), or, if
+    the extension is predicted worse too, kept as it was (the new slots stay empty, and
+    ``metadata["empty_slots"]`` says why).
+    """
+    E, G = ctx.num_experts, ctx.num_gpus
+    base = min(ctx.capacity, max(1, math.ceil(E / G)))
+    prev: tuple[list, dict[str, Any]] | None = None
+    kept: set[int] = set()
+    extended: set[int] = set()
+    for c in range(base, ctx.capacity + 1):
+        sub = dataclasses.replace(ctx, capacity=c, topology=ctx.topology.with_slots(c), notes={}, warnings=ctx.warnings)
+        layers = _plan_grace(sub, opts)
+        serving = serving_prediction(_draft(sub, layers), ctx.load, trace=trace)
+        if prev is not None:
+            worse = _serving_worse(serving, prev[1])
+            if worse.any():
+                grown = [_extend_layer(prev[0][l], l, ctx, c, opts) if worse[l] else layers[l] for l in range(ctx.num_layers)]
+                grown_serving = serving_prediction(_draft(sub, grown), ctx.load, trace=trace)
+                still = worse & _serving_worse(grown_serving, prev[1])
+                choice = np.where(still, 2, np.where(worse, 1, 0))
+                layers, serving = _compose(choice, [(layers, serving), (grown, grown_serving), prev])
+                kept_now = set(np.flatnonzero(still).tolist())
+                extended |= set(np.flatnonzero(worse & ~still).tolist())
+                kept = {l for l in kept if choice[l] == 2} | kept_now  # a kept layer carries its empty slots upwards
+                extended = {l for l in extended if choice[l] != 0}
+            else:
+                kept, extended = set(), set()
+        prev = (layers, serving)
+        ctx.notes.update(sub.notes)
+    ctx.notes["monotone"] = {"layers_extended_from_fewer_slots": sorted(extended), "layers_kept_from_fewer_slots": sorted(kept)}
+    assert prev is not None
+    return prev
+
+
+def _draft(ctx: _Context, layers: list) -> PlacementPlan:
+    return PlacementPlan(topology=ctx.topology, num_experts=ctx.num_experts, gpu_experts=layers, planner="grace")
+
+
+def _extend_layer(layer: Any, l: int, ctx: _Context, capacity: int, opts: PlannerOptions) -> list[list[int]]:
+    """Layer ``l``'s GPU lists with the free slots of ``capacity`` filled by demand-aware copies."""
+    hosts, _, _ = add_demand_replicas(_hosts(layer, ctx.num_experts), ctx.load[l], capacity, ctx.gpus_per_node,
+                                      affinity=None if ctx.affinity is None else ctx.affinity[l],
+                                      locality_weight=opts.replica_locality_weight)
+    return _lists(hosts)
+
+
+def _note_empty_slots(ctx: _Context, plan: PlacementPlan, planner: str, opts: Any) -> None:
+    """Record in ``ctx.notes["empty_slots"]`` how many slots stay empty per layer and why."""
+    empty = plan.topology.num_gpus * ctx.capacity - np.asarray(plan.slots_used).reshape(plan.num_layers, -1).sum(axis=1)
+    if not empty.any():
+        ctx.notes["empty_slots"] = {"count": 0, "reason": "every slot is used"}
+        return
+    live = (ctx.load > 0).sum(axis=1)
+    if planner in ("vanilla", "affinity"):
+        reason = f"the {planner} planner places no copies"
+    elif planner == "eplb" and ctx.notes.get("eplb_policy") == "hierarchical":
+        per_node = ctx.num_experts // ctx.num_nodes
+        reason = (f"hierarchical EPLB gives each node its {per_node} experts, at most one copy per GPU, so a GPU holds at most "
+                  f"{per_node} of its {ctx.capacity} slots (policy='global' fills every slot)")
+    elif planner == "grace" and opts.replicas != "fill":
+        reason = f"replicas={opts.replicas!r} limits the copies"
+    elif planner == "grace" and ctx.notes.get("monotone", {}).get("layers_kept_from_fewer_slots"):
+        reason = ("in some layers any plan using the extra slots was predicted worse (max/mean or cross-node traffic) than "
+                  "the plan for one slot fewer, which is kept (monotone=True)")
+    else:
+        reason = (f"no admissible copy left: every GPU with a free slot already hosts every expert with load "
+                  f"(experts with load per layer: {int(live.min())}-{int(live.max())})")
+    ctx.notes["empty_slots"] = {"count": empty.astype(int).tolist(), "reason": reason}
+
+
 def effective_capacity(topology: Topology, num_experts: int) -> int:
     """Slots per GPU a planner uses: the topology's budget, or ``ceil(E/G) + UNBOUNDED_EXTRA_SLOTS``."""
     cap = topology.capacity()
     return cap if cap is not None else math.ceil(num_experts / topology.num_gpus) + UNBOUNDED_EXTRA_SLOTS
 
 
-def plan_placement(stats: ExpertStats, topology: Topology, planner: str = "grace", options: Any = None,
+def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planner: str = "grace", options: Any = None,
                    **overrides: Any) -> PlacementPlan:
     """Plan the expert placement of every layer with the named planner.
 
     Args:
         stats: routing statistics (load ``[L, E]``; co-activation ``[L, E, E]`` for the affinity
-            planners; transitions ``[L-1, E, E]`` for ``interlayer_weight``).
+            planners; transitions ``[L-1, E, E]`` for ``interlayer_weight``), or a per-token
+            trace: it is counted into statistics, and the serving prediction replays its tokens.
         topology: the cluster and its per-GPU budget.
         planner: a name in :data:`PLANNERS` (``vanilla``, ``eplb``, ``affinity``, ``grace``).
         options: an options instance of that planner or a mapping of knobs (optional).
@@ -825,6 +984,9 @@ def plan_placement(stats: ExpertStats, topology: Topology, planner: str = "grace
         raise GraceInputError(f"unknown planner {planner!r}; known: {', '.join(PLANNERS)}")
     spec = PLANNERS[planner]
     opts = spec.make_options(options, **overrides)
+    trace = stats if isinstance(stats, RoutingTrace) else None
+    if trace is not None:
+        stats = ExpertStats.from_trace(trace)
     if not isinstance(stats, ExpertStats):
         raise GraceInputError(f"planner {planner!r} needs ExpertStats, got {type(stats).__name__}")
     if not isinstance(topology, Topology):
@@ -836,8 +998,16 @@ def plan_placement(stats: ExpertStats, topology: Topology, planner: str = "grace
     with blas_threads(1):
         affinity = stats.affinity() if stats.coactivation is not None else None
         ctx = _Context(stats=stats, topology=topology, capacity=cap, load=stats.load, affinity=affinity)
-        layers = spec.run(ctx, opts)
+        if planner == "grace" and opts.replicas == "fill" and opts.monotone:
+            layers, serving = _plan_grace_monotone(ctx, opts, trace)
+        else:
+            layers = spec.run(ctx, opts)
+            serving = None
         metrics = _evaluate(layers, topology, stats, affinity)
+    draft = PlacementPlan(topology=topology, num_experts=E, gpu_experts=layers, planner=planner)
+    _note_empty_slots(ctx, draft, planner, opts)
+    if serving is None:
+        serving = serving_prediction(draft, stats.load, trace=trace)
     predicted: dict[str, Any] = {
         "gpu_load": metrics.gpu_load,
         "max_over_mean": metrics.max_over_mean,
@@ -848,6 +1018,11 @@ def plan_placement(stats: ExpertStats, topology: Topology, planner: str = "grace
     }
     if metrics.kept_interlayer_gpu is not None:
         predicted["kept_interlayer_gpu"] = metrics.kept_interlayer_gpu
+    predicted["serving"] = serving
+    summary = metrics.summary()
+    summary["serving_max_over_mean"] = float(np.mean(serving["max_over_mean"]))
+    summary["serving_worst_max_over_mean"] = float(np.max(serving["max_over_mean"]))
+    summary["serving_cross_node_pair_share"] = float(np.mean(serving["cross_node_pair_share"]))
     metadata = {
         "planner": planner,
         "options": dataclasses.asdict(opts),
@@ -855,13 +1030,15 @@ def plan_placement(stats: ExpertStats, topology: Topology, planner: str = "grace
         "capacity_assumed": topology.capacity() is None,
         "stats": {"model": stats.model, "source": stats.source, "missing": stats.missing,
                   "layers": stats.num_layers, "experts": E, "top_k": int(stats.top_k)},
-        "load_model": "static: each copy takes an equal share of its expert's load",
-        "summary": metrics.summary(),
+        "load_model": ("predicted.gpu_load / max_over_mean: static, each copy takes an equal share of its expert's load; "
+                       "predicted.serving: the serving router (policy grace) run on the statistics' demand, tokens "
+                       "starting on GPU t mod G"),
+        "summary": summary,
         "predicted": predicted,
         **ctx.notes,
         "warnings": ctx.warnings,
     }
-    return PlacementPlan(topology=topology, num_experts=E, gpu_experts=layers, planner=planner,
+    return PlacementPlan(topology=topology, num_experts=E, gpu_experts=draft.gpu_experts, planner=planner,
                          metadata=_jsonable(metadata))
 
 

@@ -330,3 +330,205 @@ def _locality(cand: np.ndarray, hosts: np.ndarray, slots: np.ndarray, on_node: n
             gpu_open[i, slots[hosts[:, e]].ravel()] = 0.0
         out = out + gpu_share * gpu_open[:, slots].sum(axis=2)  # [C, G]
     return np.divide(out, total[:, None], out=np.zeros_like(out), where=total[:, None] > 0)
+
+
+# ------------------------------------------------------------------------------ demand-aware copies
+def node_copy_load(copies_on_node: np.ndarray, load: np.ndarray, node_share: np.ndarray) -> np.ndarray:
+    """float64 ``[N, E]``: per-copy load of every expert on every node under locality-first routing.
+
+    The planning model of the serving router (``grace`` policy: own GPU, else own node, else
+    anywhere): the demand for expert ``e`` arising on node ``n`` is ``load[e] * node_share[n]``
+    (tokens start on GPU ``t mod G``, so ``node_share`` is ``1 / N`` for round-robin placement).
+    A node with copies of ``e`` keeps its own demand and splits it over its copies; the demand
+    of nodes without a copy goes to the copies anywhere, split evenly over all of them. So a
+    copy of ``e`` on node ``n`` is predicted to serve
+    ``load[e] * node_share[n] / c[n, e] + remote[e] / sum_n c[n, e]``.
+
+    Args:
+        copies_on_node: int ``[N, E]`` copies of each expert per node (every expert >= 1 in total).
+        load: float ``[E]`` expert load.
+        node_share: float ``[N]`` share of the tokens that start on each node (sums to 1).
+
+    Returns:
+        float64 ``[N, E]``; 0 where a node has no copy.
+    """
+    c = np.asarray(copies_on_node, dtype=np.float64)
+    w = np.asarray(load, dtype=np.float64)
+    s = np.asarray(node_share, dtype=np.float64)[:, None]
+    absent = c <= 0
+    remote = w * (s * absent).sum(axis=0)  # [E]
+    total = np.maximum(c.sum(axis=0), 1.0)
+    per = w[None, :] * s / np.maximum(c, 1.0) + (remote / total)[None, :]
+    return np.where(absent, 0.0, per)
+
+
+def demand_gpu_load(hosts: np.ndarray, load: np.ndarray, gpus_per_node: int, node_share: np.ndarray | None = None) -> np.ndarray:
+    """float64 ``[G]``: GPU loads of a bool ``[G, E]`` placement under :func:`node_copy_load`'s model."""
+    G, E = hosts.shape
+    N = G // gpus_per_node
+    share = np.full(N, 1.0 / N) if node_share is None else np.asarray(node_share, dtype=np.float64)
+    c = hosts.reshape(N, gpus_per_node, E).sum(axis=1)
+    per = node_copy_load(c, load, share)
+    return (hosts * np.repeat(per, gpus_per_node, axis=0)).sum(axis=1)
+
+
+def add_demand_replicas(
+    hosts: np.ndarray,
+    load: np.ndarray,
+    capacity: int,
+    gpus_per_node: int,
+    *,
+    node_share: np.ndarray | None = None,
+    affinity: np.ndarray | None = None,
+    max_new: int | None = None,
+    locality_weight: float = 1.0,
+    split_threshold: float = 1.0,
+    node_slack: float | None = None,
+    node_weight: float = 3.0,
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Copies placed and sized for the locality-first router (the ``grace`` planner's default).
+
+    Under the serving router a node's demand for an expert stays on that node when the node has
+    a copy, so copies go where the demand is and a node's copies of an expert are sized to that
+    node's demand (model: :func:`node_copy_load`). Copies are added one at a time, each by the
+    first rule that applies:
+
+    1. **Split** (balance): while some expert's heaviest copy is predicted above
+       ``split_threshold`` times the mean GPU load, that expert (the heaviest first) gets a copy
+       on a node without one (which takes that node's demand off every copy) or on its heaviest
+       node, whichever leaves its heaviest copy lighter (ties: the new node, for locality).
+    2. **Locality**: a copy of expert ``e`` on a node ``n`` without one removes
+       ``load[e] * node_share[n]`` token-expert pairs from the inter-node links (plus, weighted
+       by ``locality_weight``, the share of ``e``'s co-activation with partners on ``n``); the
+       largest gain is taken among copies that keep the new copy under the split threshold and
+       the node's predicted load under ``max(heaviest node, (1 + node_slack) * mean node)``.
+    3. **Fill**: every remaining slot splits the heaviest copy on its node (no copy is
+       predicted heavier after this), so every slot is used while any expert with load can
+       take one (at most one copy of an expert per GPU).
+
+    The copies of each node are then packed onto its GPUs heaviest first, each to the GPU with
+    the lowest predicted load that has a free slot and no copy of that expert (an expert of a
+    full GPU moves over in the rare dead end). Node membership of the primaries is kept.
+
+    Args:
+        hosts: bool ``[G, E]`` placement (every expert on at least one GPU).
+        load: float64 ``[E]`` expert load.
+        capacity: slots per GPU; gpus_per_node: GPUs per node (node-major numbering).
+        node_share: float ``[N]`` share of tokens starting on each node (default ``1 / N``).
+        affinity: float ``[E, E]`` co-activation (zero diagonal) or None.
+        max_new: at most this many copies (None: every free slot).
+        locality_weight: weight of the co-activation term of rule 2, in units of the
+            expert's own demand on the node.
+        split_threshold: rule 1's bound on a copy's predicted load, in mean GPU loads.
+        node_slack: rule 2's allowance over the mean node load.
+
+    Returns:
+        ``(hosts, added, copy_load)``: the new bool ``[G, E]`` placement, the copies added and the
+        predicted per-copy load float64 ``[N, E]`` (:func:`node_copy_load`).
+    """
+    from megatron_grace.plan.eplb import _make_room
+
+    hosts = hosts.copy()
+    G, E = hosts.shape
+    gpn = gpus_per_node
+    N = G // gpn
+    w = np.asarray(load, dtype=np.float64)
+    s = np.full(N, 1.0 / N) if node_share is None else np.asarray(node_share, dtype=np.float64)
+    free = capacity - hosts.sum(axis=1)
+    budget = int(free.sum()) if max_new is None else min(int(max_new), int(free.sum()))
+    c0 = hosts.reshape(N, gpn, E).sum(axis=1).astype(np.int64)
+    total = float(w.sum())
+    if total <= 0 or budget <= 0:
+        return hosts, 0, node_copy_load(c0, w, s)
+    c = c0.copy()
+    F = free.reshape(N, gpn).sum(axis=1)
+    mean_gpu = total / G
+    live = w > 0
+    demand = w[None, :] * s[:, None]  # [N, E] pairs arising on each node
+    bonus = np.zeros((N, E))
+    if affinity is not None and locality_weight > 0:
+        A = np.asarray(affinity, dtype=np.float64)
+        mass = A.sum(axis=1)
+    added = 0
+    while added < budget:
+        ell = node_copy_load(c, w, s)
+        room = (F > 0)[:, None]
+        can_split = (c > 0) & (c < gpn) & room & live[None, :]
+        can_open = (c == 0) & room & live[None, :]
+        if not (can_split.any() or can_open.any()):
+            break
+        choice: tuple[int, int] | None = None
+        pressure = ell.max(axis=0)
+        movable = (can_split | can_open).any(axis=0)
+        heavy = np.flatnonzero(movable & (pressure > split_threshold * mean_gpu * (1 + 1e-12)))
+        if heavy.size:  # rule 1: split the expert with the heaviest copy
+            e = int(heavy[np.argmax(pressure[heavy])])
+            best = None
+            for n in np.flatnonzero(can_split[:, e] | can_open[:, e]):
+                col = c[:, e].copy()
+                col[n] += 1
+                after = float(node_copy_load(col[:, None], w[e:e + 1], s).max())
+                node_load = float((c[n] * ell[n]).sum())
+                key = (after, 0 if c[n, e] == 0 else 1, -float(ell[n, e]), node_load)
+                if best is None or key < best[0]:
+                    best = (key, int(n))
+            assert best is not None
+            choice = (best[1], e)
+        elif can_open.any():  # rule 2: locality under the balance limits
+            ce = c.sum(axis=0)
+            remote = (demand * (c == 0)).sum(axis=0)  # [E]
+            new_copy = demand + (remote[None, :] - demand) / (ce[None, :] + 1)  # [N, E] load of the new copy
+            node_load = (c * ell).sum(axis=1)
+            ok = can_open & (new_copy <= split_threshold * mean_gpu * (1 + 1e-12))
+            if node_slack is not None:
+                limit = max(float(node_load.max()), (1 + node_slack) * total * float(s.mean()))
+                ok &= node_load[:, None] + new_copy <= limit * (1 + 1e-12)
+            if ok.any():
+                gain = demand.copy()
+                if affinity is not None and locality_weight > 0:
+                    on_node = c > 0  # [N, E]
+                    share = np.divide(on_node.astype(np.float64) @ A, mass[None, :], out=np.zeros((N, E)), where=mass[None, :] > 0)
+                    gain = gain * (1 + locality_weight * share)
+                # node balance: pairs the node would carry above the mean node load count against the pairs saved;
+                # among equal gains the lighter node wins
+                after = node_load[:, None] + new_copy
+                mean_node = total * s[:, None]
+                gain = gain - node_weight * np.maximum(after - mean_node, 0.0) - 1e-9 * after
+                gain = np.where(ok, gain, -np.inf)
+                n, e = divmod(int(np.argmax(gain)), E)
+                choice = (n, e)
+        if choice is None:  # rule 3: fill by splitting the heaviest copy on a node with room
+            if can_split.any():
+                n, e = divmod(int(np.argmax(np.where(can_split, ell, -np.inf))), E)
+            else:  # only nodes without any splittable expert have room: the lightest new copy
+                ce = c.sum(axis=0)
+                remote = (demand * (c == 0)).sum(axis=0)
+                new_copy = demand + (remote[None, :] - demand) / (ce[None, :] + 1)
+                n, e = divmod(int(np.argmin(np.where(can_open, new_copy, np.inf))), E)
+            choice = (n, e)
+        n, e = choice
+        c[n, e] += 1
+        F[n] -= 1
+        added += 1
+    ell = node_copy_load(c, w, s)
+    # pack every node's new copies onto its GPUs, heaviest first, to the lightest admissible GPU
+    for n in range(N):
+        new = c[n] - c0[n]
+        if not new.any():
+            continue
+        gpus = np.arange(n * gpn, (n + 1) * gpn)
+        has = hosts[gpus].copy()  # [gpn, E]
+        lists = [list(np.flatnonzero(row)) for row in has]
+        count = has.sum(axis=1)
+        gl = has @ ell[n]
+        items = np.repeat(np.arange(E), new)
+        items = items[np.lexsort((items, -ell[n, items]))]
+        for e in items:
+            ok = (count < capacity) & ~has[:, e]
+            g = int(np.argmin(np.where(ok, gl, np.inf))) if ok.any() else _make_room(int(e), lists, has, gl, count, capacity, ell[n])
+            lists[g].append(int(e))
+            has[g, e] = True
+            gl[g] += ell[n, e]
+            count[g] += 1
+        hosts[gpus] = has
+    return hosts, added, ell
