@@ -136,6 +136,7 @@ def run_simulate(args: argparse.Namespace) -> int:
                       token_placement=args.token_placement, expert_load=expert_load, seed=args.seed,
                       keep_decisions=args.dump_decisions is not None, progress=True)
     print(result.format_table())
+    print(_predicted_vs_simulated(plan, result))
     if args.per_layer:
         print()
         print(_per_layer_table(result))
@@ -146,6 +147,21 @@ def run_simulate(args: argparse.Namespace) -> int:
         result.save_json(args.json)
         print(f"wrote {args.json}")
     return 0
+
+
+def _predicted_vs_simulated(plan, result) -> str:
+    """One line: the planner's serving-policy prediction of max/mean GPU load next to the simulated one."""
+    import numpy as np
+
+    serving = plan.metadata.get("predicted", {}).get("serving") if isinstance(plan.metadata, dict) else None
+    sim = result.load_imbalance
+    simulated = f"simulated {sim.mean():.3f} (worst layer {sim.max():.3f})"
+    if not serving:
+        return f"max/mean GPU load: {simulated}; the plan records no serving-policy prediction"
+    pred = np.asarray(serving["max_over_mean"], dtype=np.float64)
+    note = "" if serving.get("policy") == result.policy else f" (predicted for policy {serving.get('policy')}, simulated with {result.policy})"
+    return (f"max/mean GPU load: predicted {pred.mean():.3f} (worst layer {pred.max():.3f}) from {serving.get('source', 'the plan')} "
+            f"| {simulated}{note}")
 
 
 def _per_layer_table(result) -> str:
