@@ -6,9 +6,14 @@ Cases:
 * Qwen3-30B-A3B statistics (48 layers x 128 experts, top-8; the bundled real data, or
   ``../shared/traces/qwen3-30b-a3b`` when the package data loader is unavailable) on
   ``a100-2x4`` (8 GPUs) with 0, 1 and 2 extra slots per GPU;
+* synthetic 512-expert statistics (48 layers x 512 experts, top-10, the same generator) on
+  ``a100-2x4`` and ``h200-4x8`` with 1 extra slot per GPU (issue 12: < 10 s on 2 cores);
 * synthetic DeepSeek-V3-sized statistics (58 layers x 256 experts, top-8; seeded skewed load,
   planted co-activation clusters and between-layer topic persistence) on ``h200-32x8``
   (256 GPUs) with 1 extra slot per GPU (capacity 2).
+
+Each row records wall and CPU time and the 1-minute load average after it (the machine is
+shared: wall time stretches with the load, CPU time much less).
 
 Prints a table and writes ``benchmarks/results/planning_time.json`` atomically.
 
@@ -108,26 +113,33 @@ def main(argv: list[str] | None = None) -> int:
         cases.append((f"qwen3-30b-a3b a100-2x4 +{extra}", qwen, base.with_extra_slots(qwen.num_experts, extra)))
     if not args.quick:
         t0 = time.perf_counter()
+        big = synthetic_stats(num_layers=48, num_experts=512, top_k=10)
+        print(f"synthetic 512-expert statistics: {time.perf_counter() - t0:.1f} s to generate", flush=True)
+        for name in ("a100-2x4", "h200-4x8"):
+            cases.append((f"synthetic-512x48 {name} +1", big, Topology.preset(name).with_extra_slots(big.num_experts, 1)))
+        t0 = time.perf_counter()
         dsv3 = synthetic_stats()
         print(f"synthetic DeepSeek-V3-sized statistics: {time.perf_counter() - t0:.1f} s to generate", flush=True)
         cases.append(("synthetic-dsv3 h200-32x8 +1", dsv3, Topology.preset("h200-32x8").with_extra_slots(dsv3.num_experts, 1)))
 
     rows = []
-    header = f"{'case':32s} {'planner':9s} {'time s':>8s} {'cpu s':>7s} {'max/mean':>9s} {'worst':>7s} {'node m/m':>9s} {'copies':>7s} {'kept gpu':>9s} {'kept node':>9s}"
+    header = f"{'case':32s} {'planner':9s} {'time s':>8s} {'cpu s':>7s} {'max/mean':>9s} {'worst':>7s} {'node m/m':>9s} {'copies':>7s} {'kept gpu':>9s} {'kept node':>9s} {'serving':>8s} {'load':>5s}"
     print(header)
     print("-" * len(header))
     for name, stats, topology in cases:
         for planner in planners:
             r = time_plan(stats, topology, planner, args.repeat)
             rows.append({"case": name, "planner": planner, "layers": stats.num_layers, "experts": stats.num_experts,
-                         "gpus": topology.num_gpus, "capacity": topology.capacity(), **r})
+                         "gpus": topology.num_gpus, "capacity": topology.capacity(), **r,
+                         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
 
             def f(x: float | None, spec: str = ".3f") -> str:
                 return "-" if x is None else format(x, spec)
 
             print(f"{name:32s} {planner:9s} {r['seconds']:8.2f} {r['cpu_seconds']:7.2f} {f(r['max_over_mean']):>9s} {f(r['worst_max_over_mean']):>7s} "
                   f"{f(r['node_max_over_mean']):>9s} {f(r['extra_copies'], '.1f'):>7s} {f(r['kept_affinity_gpu']):>9s} "
-                  f"{f(r['kept_affinity_node']):>9s}", flush=True)
+                  f"{f(r['kept_affinity_node']):>9s} {f(r.get('serving_max_over_mean')):>8s} {rows[-1]['load_average_1min'] or 0:5.1f}",
+                  flush=True)
     save_json_atomic(args.out, {
         "benchmark": "planning_time",
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},

@@ -858,7 +858,11 @@ def serving_prediction(plan: PlacementPlan, expert_load: np.ndarray, policy: str
     return out
 
 
-def _serving_worse(a: dict[str, Any], b: dict[str, Any], tol: float = 0.0) -> np.ndarray:
+MONOTONE_TOLERANCE = 0.005
+"""Relative worsening of a layer's predicted max/mean or cross-node traffic that ``monotone`` tolerates."""
+
+
+def _serving_worse(a: dict[str, Any], b: dict[str, Any], tol: float = MONOTONE_TOLERANCE) -> np.ndarray:
     """bool ``[L]``: layers where serving prediction ``a`` has a higher max/mean or more cross-node traffic than ``b``
     (deduplicated messages from a trace, else the cross-node pair share)."""
     key = "msgs_node" if "msgs_node" in a and "msgs_node" in b else "cross_node_pair_share"
@@ -882,7 +886,7 @@ def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions, trace: RoutingTrac
     Plans with every slot count from ``ceil(E / G)`` up to the capacity; at each step a layer keeps
     its fresh plan unless the serving prediction (:func:`serving_prediction`, on the planning
     trace when there is one) says it has a higher max/mean or more cross-node traffic than the
-    layer chosen for one slot fewer. Then that layer is extended instead (its copies kept, the
+    layer chosen for one slot fewer (by more than :data:`MONOTONE_TOLERANCE`, relative). Then that layer is extended instead (its copies kept, the
     new slots filled by :func:`~megatron_grace.plan.replication.add_demand_replicas`), or, if
     the extension is predicted worse too, kept as it was (the new slots stay empty, and
     ``metadata["empty_slots"]`` says why).
