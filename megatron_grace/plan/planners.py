@@ -28,12 +28,19 @@ are a frozen options dataclass whose fields all have documented defaults. The pl
        Load-aware, so balance is not left to the replicas: the grouping balances the loads
        expected *after* replication (hot experts weigh ``load / planned copies``), and groups
        by co-activation in excess of independence (raw counts would pull hot experts together).
-    2. *Replication* (:mod:`megatron_grace.plan.replication`) into the free slots
-       (``capacity - hosted`` per GPU): copy counts by load per copy, copies packed largest
-       first onto the least-loaded GPU, preferring nodes where the expert's co-activated
-       partners live (a copy there serves their tokens without crossing nodes).
-    3. *Repack*: each node's experts and copies are rearranged among its GPUs for balance and
-       GPU-level affinity (node membership, hence cross-node traffic, unchanged).
+    2. *Replication for the serving router* (:func:`~megatron_grace.plan.replication.add_demand_replicas`)
+       into the free slots (``capacity - hosted`` per GPU). The router the layer serves with
+       (``grace``: own GPU, else own node, else anywhere) keeps a node's demand on that node's
+       copies, so copies go where the demand is (tokens start on GPU ``t mod G``: every node
+       sends ``1 / N`` of each expert's pairs) and a node's copies of an expert are sized to
+       that node's demand: split experts whose copies are predicted heavier than a mean GPU,
+       then add node copies that keep the most pairs off the inter-node links without
+       overloading a node, then fill every remaining slot by splitting the heaviest copy.
+    3. *Repack*: each node's experts and copies are rearranged among its GPUs for balance (each
+       copy weighing its predicted load under the router) and GPU-level affinity (node
+       membership, hence cross-node traffic, unchanged).
+    4. *Monotone in slots* (``monotone=True``): a layer whose serving prediction is worse
+       than with one slot fewer per GPU keeps that smaller plan, extended or not.
 
     Beyond the paper: the memory budget (``Topology.capacity``) bounds every GPU, an optional
     between-layer affinity term (``interlayer_weight``), and ``replicas="auto"`` which stops
@@ -49,8 +56,12 @@ balance) and emit a :class:`UserWarning` that is also recorded in ``metadata["wa
 
 Every plan's ``metadata`` records the planner, its options, the capacity used, and the
 predicted per-GPU load, max/mean GPU and node load, extra copies and kept affinity per layer
-(see :func:`evaluate_plan`); ``grace`` adds its group-size bounds and the per-GPU group sizes
-of every layer before replication.
+(see :func:`evaluate_plan`; equal share of an expert's load per copy); ``predicted["serving"]``
+is the per-GPU load under the serving router (:func:`serving_prediction`: the routing policy
+itself run on the statistics' demand, or replaying the planning trace when a trace is
+planned), with ``summary["serving_max_over_mean"]``; ``empty_slots`` counts unused slots per
+layer and says why; ``grace`` adds its group-size bounds and the per-GPU group sizes of every
+layer before replication.
 
 Planning runs with single-threaded BLAS (:mod:`megatron_grace.plan._blas`): the matrices are
 small and BLAS threads only contend for the cores.
@@ -800,7 +811,7 @@ PLANNERS: dict[str, Planner] = {
     "affinity": Planner("affinity", AffinityOptions, _plan_affinity,
                         "co-activation grouping, equal group sizes, no replicas (Occult / ExFlow style)"),
     "grace": Planner("grace", PlannerOptions, _plan_grace,
-                     "GRACE-MoE: load-aware hierarchical affinity grouping + copies placed and sized for the locality-first router, every slot used"),
+                     "GRACE-MoE: load-aware hierarchical affinity grouping + copies placed and sized for the locality-first router (every slot used unless more copies are predicted to hurt; the plan says why)"),
 }
 
 
