@@ -37,6 +37,15 @@ where ``load_after`` is g's own new load (among equals, the lighter GPU) and ``b
    ``balance_target``, as soon as the predicted max/mean GPU load is at or below it.
 
 Experts with zero load are never copied.
+
+:func:`add_demand_replicas` (the ``grace`` planner's default since issue 12) plans for the
+router the layer serves with instead: under locality-first routing a node's demand for an
+expert stays on that node's copies, so the equal-share model above is wrong for copies spread
+unevenly over nodes (a node with one copy of a hot expert overflows while another node's three
+copies idle). Its model (:func:`node_copy_load`): the copies on node ``n`` share that node's
+demand ``load * node_share[n]``, and the demand of nodes without a copy is split over all
+copies. The serving prediction recorded in a plan runs the router itself
+(:func:`megatron_grace.simulation.policies.serving_gpu_load`).
 """
 
 from __future__ import annotations
