@@ -715,8 +715,8 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
         if max_new != 0:
             copy_load = None
             if opts.replica_strategy == "demand" and target is None:
-                hosts, added, copy_load = add_demand_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A,
-                                                              max_new=max_new, locality_weight=opts.replica_locality_weight)
+                hosts = _demand_replicas(hosts, w, a, A, ctx, lo, opts, anchor, max_new, l)
+                added = 0  # repacked inside
             elif opts.replica_strategy == "planned" and target is None:
                 hosts, added = add_planned_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A, max_new=max_new,
                                                     locality_weight=opts.replica_locality_weight,
@@ -730,6 +730,40 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
         out.append(_lists(hosts))
     ctx.notes["group_sizes"] = np.array(group_sizes)  # [L, G] experts per GPU after grouping, before copies
     return out
+
+
+def _demand_replicas(hosts: np.ndarray, w: np.ndarray, a: np.ndarray, A: np.ndarray | None, ctx: _Context, lo: int,
+                     opts: PlannerOptions, anchor: np.ndarray | None, max_new: int | None, layer: int) -> np.ndarray:
+    """One layer's demand-aware copies (:func:`~megatron_grace.plan.replication.add_demand_replicas`), repacked.
+
+    Two split thresholds are tried: a copy may carry up to one mean GPU load (more slots left
+    for node copies, i.e. locality), or up to one mean *slot* load (EPLB-like balance first:
+    better with many nodes, where a node copy saves only ``1 / N`` of an expert's pairs). The
+    serving router (:func:`megatron_grace.simulation.policies.serving_gpu_load`) decides: the
+    lower max/mean wins, and within 0.01 the lower cross-node share.
+    """
+    from megatron_grace.simulation.policies import serving_gpu_load
+
+    thresholds = [1.0] + ([1.0 / ctx.capacity] if ctx.capacity > 1 else [])
+    best: tuple[tuple[float, float], np.ndarray] | None = None
+    for threshold in thresholds:
+        out, added, copy_load = add_demand_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A, max_new=max_new,
+                                                    locality_weight=opts.replica_locality_weight, split_threshold=threshold)
+        if added and opts.repack:
+            out = _repack_nodes(out, w, a, ctx, lo, opts.balance_weight, anchor, opts.load_slack, copy_load)
+        if len(thresholds) == 1:
+            return out
+        rows = np.where(out.T, np.arange(ctx.num_gpus)[None, :], ctx.num_gpus)
+        layer_hosts = np.sort(rows, axis=1)[:, : int(out.sum(axis=0).max())]
+        layer_hosts = np.where(layer_hosts == ctx.num_gpus, -1, layer_hosts)  # [E, R] ascending, -1 padded
+        with torch_threads(1):
+            load, cross = serving_gpu_load(layer_hosts, ctx.topology, w, layer=layer)
+        mom = float(load.max() / load.mean()) if load.mean() > 0 else 1.0
+        key = (mom, cross)
+        if best is None or key[0] < best[0][0] - 0.01 or (abs(key[0] - best[0][0]) <= 0.01 and key[1] < best[0][1]):
+            best = (key, out)
+    assert best is not None
+    return best[1]
 
 
 # ============================================================================ registry
