@@ -3,39 +3,159 @@
 Files are never left half-written: writers produce a temporary file in the target's folder,
 verify it by reading it back, then rename it over the target (``os.replace`` is atomic on
 POSIX). Loaders never unpickle (``np.load(..., allow_pickle=False)``, ``json``).
+
+Hostile inputs: only regular files are read (FIFOs and devices are refused unopened); array
+headers are checked against the bytes that follow them and against the memory limit, and
+``.npz`` members against zip bombs, before anything is allocated (:mod:`megatron_grace.limits`);
+only a new path or a regular file is ever replaced; temporaries of killed writers are removed
+by the next write to the same target.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import socket
+import stat
 import tempfile
+import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
+from megatron_grace import limits
 from megatron_grace.errors import GraceInputError
 
 PathLike = str | os.PathLike[str]
+
+
+_TMP_TAG = re.compile(r"grace(\d+)h([0-9a-f]{8})\.[a-z0-9_]{8}")
+"""Middle of our temp names, ``.{target}.grace{pid}h{host}.{random}.tmp{suffix}`` (see :func:`atomic_path`)."""
+_LEGACY_TMP_TAG = re.compile(r"[a-z0-9_]{8}")
+"""Middle of the temp names of earlier versions, ``.{target}.{random}.tmp{suffix}`` (no owner recorded)."""
+_STALE_OTHER_HOST_S = 24 * 3600
+_STALE_LEGACY_S = 3600
+
+
+def _tmp_head(target: Path) -> str:
+    """Start of the temporaries' names for ``target``; long names are cut so the temporary's name fits in 255 bytes."""
+    name = target.name
+    while len(name.encode()) > 200:
+        name = name[:-1]
+    return f".{name}."
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process (or unknowable): keep its file
+    return True
+
+
+def remove_stale_temporaries(target: PathLike, suffix: str = "") -> list[Path]:
+    """Remove temporaries a killed writer of ``target`` left behind; returns what was removed.
+
+    Only regular files named like this module's own temporaries for this very target are
+    considered: ``.{name}.grace{pid}h{host}.{random}.tmp{suffix}`` is removed when ``host`` is
+    this machine and process ``pid`` is gone, or when it is more than a day old (a writer on
+    another machine of a shared file system); the owner-less names of earlier versions,
+    ``.{name}.{random}.tmp{suffix}``, when more than an hour old.
+    """
+    target = Path(target)
+    head, tail = _tmp_head(target), f".tmp{suffix}"
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    now, host = time.time(), _host_tag()
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(head) and name.endswith(tail)) or len(name) <= len(head) + len(tail):
+            continue
+        middle = name[len(head):-len(tail)]
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        age = now - st.st_mtime
+        m = _TMP_TAG.fullmatch(middle)
+        if m:
+            stale = (m.group(2) == host and not _pid_alive(int(m.group(1)))) or age > _STALE_OTHER_HOST_S
+        else:
+            stale = _LEGACY_TMP_TAG.fullmatch(middle) is not None and age > _STALE_LEGACY_S
+        if stale:
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                pass
+    return removed
+
+
+def check_output_name(target: PathLike) -> None:
+    """Early check of an output path (file or folder) before any work: names the OS refuses and
+    existing FIFOs, devices and sockets raise GraceInputError; a missing path is fine."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise GraceInputError(f"cannot write here ({exc.strerror or exc})", target) from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise GraceInputError(f"is a {_kind(st.st_mode)}, not a regular file: give a new path or a regular file to replace", target)
+
+
+def check_output_path(target: PathLike) -> Path:
+    """The path a writer may replace: a new path or an existing regular file (symlinks followed).
+
+    Directories, FIFOs, sockets and device nodes are refused (renaming a file over ``/dev/null``
+    would replace it), as are names the file system cannot hold.
+    """
+    target = Path(target)
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return Path(os.path.realpath(target)) if os.path.islink(target) else target
+    except OSError as exc:
+        raise GraceInputError(f"cannot write here ({exc.strerror or exc})", target) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise GraceInputError("is a directory, expected a file name to write", target)
+    if not stat.S_ISREG(st.st_mode):
+        raise GraceInputError(f"is a {_kind(st.st_mode)}, not a regular file: give a new path or a regular file to replace", target)
+    return Path(os.path.realpath(target)) if os.path.islink(target) else target
 
 
 @contextmanager
 def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success rename it onto ``target``.
 
-    On any exception the temporary file is removed and ``target`` is left untouched.
+    On any exception the temporary file is removed and ``target`` is left untouched. Stale
+    temporaries of killed earlier writes to the same target are removed first
+    (:func:`remove_stale_temporaries`). ``target`` must be a new path or a regular file.
     """
-    target = Path(target)
-    if target.is_dir():
-        raise GraceInputError("is a directory, expected a file name to write", target)
+    target = check_output_path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+        remove_stale_temporaries(target, suffix)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{_tmp_head(target)}grace{os.getpid()}h{_host_tag()}.", suffix=f".tmp{suffix}",
+                                        dir=target.parent)
     except OSError as exc:
         raise GraceInputError(f"cannot write here ({exc.strerror or exc})", target) from None
     os.close(fd)
@@ -75,16 +195,113 @@ def save_npz_atomic(target: PathLike, arrays: dict[str, np.ndarray], verify: Cal
             verify(tmp)
 
 
-def load_npz(path: PathLike) -> dict[str, np.ndarray]:
-    """Load every array of an ``.npz`` without pickle; corrupt files raise GraceInputError."""
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "special file"
+
+
+def check_input_file(path: PathLike, allow_empty: bool = False) -> Path:
+    """``path`` as a :class:`Path` after checking it is a readable regular file.
+
+    Missing files, directories, FIFOs, devices and sockets (never opened: a FIFO would block and
+    ``/dev/zero`` never ends), unreadable files and names the OS refuses (too long, ...) raise
+    GraceInputError; so does an empty file unless ``allow_empty``.
+    """
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise GraceInputError("file not found", p) from None
+    except OSError as exc:
+        raise GraceInputError(f"cannot read ({exc.strerror or exc})", p) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise GraceInputError("is a directory, expected a file", p)
+    if not stat.S_ISREG(st.st_mode):
+        raise GraceInputError(f"is a {_kind(st.st_mode)}, not a regular file (refused unread)", p)
+    if not os.access(p, os.R_OK):
+        raise GraceInputError("cannot read (permission denied)", p)
+    if st.st_size == 0 and not allow_empty:
+        raise GraceInputError("file is empty", p)
+    return p
+
+
+def _array_header(fh: IO[bytes], what: str, source: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) of the ``.npy`` stream ``fh`` at its start; bad headers raise."""
+    from numpy.lib import _format_impl as fmt
+
+    try:
+        version = fmt.read_magic(fh)
+        shape, _fortran, dtype = fmt._read_array_header(fh, version)
+    except Exception as exc:  # noqa: BLE001 - a forged header fails in many ways (SyntaxError, TokenError, ...)
+        raise GraceInputError(f"{what}: not a readable array header ({_one_line(exc)})", source) from None
+    return tuple(int(d) for d in shape), dtype, fh.tell()
+
+
+def _check_array_bytes(shape: tuple[int, ...], dtype: np.dtype, data_bytes: int, what: str, source: Path) -> None:
+    """The bytes a header claims must be the bytes that follow it, and fit the memory limit."""
+    if dtype.hasobject:
+        raise GraceInputError(f"{what} holds Python objects (dtype {dtype}), which would need pickle; refused", source)
+    n = 1
+    for d in shape:
+        n *= d
+    claimed = n * dtype.itemsize
+    if claimed != data_bytes:
+        raise GraceInputError(f"{what} claims shape {shape} of {dtype} ({claimed} bytes) but holds {data_bytes} bytes "
+                              "(truncated, corrupt or forged header)", source)
+    limits.check_bytes(claimed, what, source)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:160]}".replace("\n", " ")
+
+
+def check_npz_members(path: PathLike) -> list[str]:
+    """Names of the arrays of an ``.npz`` after checking, without expanding any, that every
+    member's header matches its expanded size, that nothing needs pickle, that no member is a
+    zip bomb and that all of them together fit the memory limit (:mod:`megatron_grace.limits`)."""
     path = Path(path)
-    if not path.exists():
-        raise GraceInputError("file not found", path)
-    if path.is_dir():
-        raise GraceInputError("is a directory, expected an .npz file", path)
+    total = 0
+    names: list[str] = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                what = f"array {name!r}"
+                limits.check_zip_member(name, info.file_size, info.compress_size, path)
+                if info.file_size < 10:
+                    raise GraceInputError(f"{what}: not a readable array header (member of {info.file_size} bytes)", path)
+                with zf.open(info) as fh:
+                    shape, dtype, header = _array_header(fh, what, path)
+                _check_array_bytes(shape, dtype, info.file_size - header, what, path)
+                total += info.file_size
+                names.append(name)
+    except GraceInputError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        raise GraceInputError(f"not a readable .npz file (truncated or corrupt: {_one_line(exc)})", path) from None
+    limits.check_bytes(total, "the arrays of this file together", path)
+    return names
+
+
+def load_npz(path: PathLike) -> dict[str, np.ndarray]:
+    """Load every array of an ``.npz`` without pickle; corrupt or implausible files raise GraceInputError.
+
+    Member sizes and headers are checked before anything is expanded (:func:`check_npz_members`).
+    """
+    path = check_input_file(path)
     with open(path, "rb") as fh:
         if fh.read(4) != b"PK\x03\x04":
             raise GraceInputError("not an .npz file (no zip signature; empty, truncated or a different format)", path)
+    check_npz_members(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
@@ -105,6 +322,19 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
+def load_npy(path: PathLike) -> np.ndarray:
+    """Load an ``.npy`` without pickle after checking its header against the file size and the memory limit."""
+    path = check_input_file(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        shape, dtype, header = _array_header(fh, "array", path)
+    _check_array_bytes(shape, dtype, size - header, "array", path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise GraceInputError(f"not a readable .npy file (truncated, corrupt or pickled: {_one_line(exc)})", path) from None
+
+
 def save_json_atomic(target: PathLike, obj: Any) -> None:
     """Write ``obj`` as indented strict JSON atomically (NaN and infinities become null) and check it parses back."""
     with atomic_path(target, suffix=".json") as tmp:
@@ -117,15 +347,27 @@ def _reject_constant(name: str) -> Any:
 
 
 def load_json(path: PathLike) -> Any:
-    """Parse a JSON file; a missing, empty or malformed file raises GraceInputError."""
-    path = Path(path)
-    if not path.exists():
-        raise GraceInputError("file not found", path)
+    """Parse a JSON file; a missing, non-regular, empty, malformed or too deeply nested file raises GraceInputError.
+
+    Integers of more digits than Python parses (4300) are refused; the file's text must fit the
+    memory limit ten times over (parsed JSON takes several times the text's size).
+    """
+    path = check_input_file(path, allow_empty=True)
+    limits.check_bytes(path.stat().st_size * 10, "parsing this JSON file", path)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise GraceInputError(f"cannot read as text ({exc})", path) from None
+    return parse_json_text(text, path)
+
+
+def parse_json_text(text: str, source: PathLike | None = None) -> Any:
+    """``json.loads`` with every failure (syntax, nesting depth, huge integers) as one GraceInputError."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise GraceInputError(f"invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); truncated or corrupt?", path) from None
+        raise GraceInputError(f"invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); truncated or corrupt?", source) from None
+    except RecursionError:
+        raise GraceInputError("JSON nested too deeply", source) from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise GraceInputError(f"invalid JSON ({_one_line(exc)})", source) from None

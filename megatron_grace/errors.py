@@ -3,7 +3,8 @@
 Every user-facing problem (a missing or corrupt file, a wrong schema, ids out of range, a
 plan that does not fit its topology) raises :class:`GraceInputError`. Its message is one line
 that names the offending file (when there is one) and the problem, so that the CLI can print
-it as-is and exit with code 2.
+it as-is and exit with code 2. Input that is accepted but looks implausible gives a
+:class:`GraceInputWarning` instead.
 """
 
 from __future__ import annotations
@@ -19,3 +20,7 @@ class GraceInputError(ValueError):
         self.source = None if source is None else str(source)
         message = problem if self.source is None else f"{self.source}: {problem}"
         super().__init__(message.replace("\n", " "))
+
+
+class GraceInputWarning(UserWarning):
+    """Input that is read but looks implausible (the CLI prints it as one ``warning:`` line)."""

@@ -281,11 +281,17 @@ def test_load_matrix_all_containers_agree(load_matrix: np.ndarray, tmp_path: Pat
         "h.pt": lambda p: torch.save(torch.tensor(m), p),
         "i.pt": lambda p: torch.save({"logical_count": torch.tensor(np.stack([m - m // 2, m // 2])), "top_k": 4}, p),
     }
+    named = {"b.npz", "e.json", "i.pt"}  # the file calls it logical_count; the rest could as well be top-1 ids
     for name, write in files.items():
         path = tmp_path / name
         write(path)
-        assert detect_format(path) == "load-matrix", name
-        st = import_any(path, top_k=4)
+        if name in named:
+            assert detect_format(path) == "load-matrix", name
+        else:
+            with pytest.raises(GraceInputError) as exc:
+                detect_format(path)
+            _one_line(exc, path, "ambiguous", "3 layers x 16 experts", "--format load-matrix", "3 tokens x 16 layers", "--format topk-ids")
+        st = import_any(path, "auto" if name in named else "load-matrix", top_k=4)
         np.testing.assert_array_equal(st.load, m, err_msg=name)  # 3-D [steps, L, E] summed over steps
         np.testing.assert_allclose(st.tokens, m.sum(axis=1) / 4)
         assert st.coactivation is None and st.transitions is None
@@ -712,7 +718,7 @@ def test_detect_format_real_files() -> None:
         if path.exists():
             assert detect_format(path) == fmt, path
     assert set(IMPORT_FORMATS) == {"vllm-records-jsonl", "mixtral-npz", "sglang-jsonl", "qwen-coactivation",
-                                   "switch-load", "load-matrix", "grace-trace", "grace-stats"}
+                                   "switch-load", "load-matrix", "topk-ids", "grace-trace", "grace-stats"}
 
 
 def test_import_any_dispatch(tmp_path: Path) -> None:

@@ -428,7 +428,10 @@ def test_cli_simulate(tmp_path, rng, capsys):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["summary"]["msgs_node"] == recount_decisions(tmp_path / "d.npz").summary()["msgs_node"]
     assert main(["simulate", "--plan", str(tmp_path / "plan.json"), "--trace", str(tmp_path / "trace.npz"),
-                 "--dispatch", "hierarchical", "--token-placement", "request", "--model-shape", "qwen3-30b-a3b"]) == 0
+                 "--model-shape", "qwen3-30b-a3b"]) == 2  # 128 experts: not this 32-expert trace
+    assert "qwen3-30b-a3b has 128 experts" in capsys.readouterr().err
+    assert main(["simulate", "--plan", str(tmp_path / "plan.json"), "--trace", str(tmp_path / "trace.npz"),
+                 "--dispatch", "hierarchical", "--token-placement", "request", "--model-shape", "granite-3.0-1b-a400m"]) == 0
     assert "flat" not in capsys.readouterr().out.split("dispatch ")[-1].split("(bytes")[0]
 
     other = random_plan(rng, topology, 16, 2)

@@ -109,6 +109,8 @@ def run_stats(args: argparse.Namespace) -> int:
           f"{stats.tokens.max():.0f} tokens ({stats.source})")
     if stats.missing:
         print(f"not in this source: {', '.join(stats.missing)}")
+    if stats.notes:
+        print(f"derived, not read: {'; '.join(stats.notes)}")
     print(format_table(stats, summary))
     if args.json is not None:
         save_json_atomic(args.json, {"model": stats.model, "per_layer": summary.per_layer(), "overall": summary.overall()})

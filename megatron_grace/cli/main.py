@@ -2,17 +2,23 @@
 
 Each command group lives in its own module exposing ``register(subparsers)``, which adds
 its sub-commands; each sub-command sets ``func(args) -> int``. Bad input
-(:class:`GraceInputError`) is reported as one line on stderr with exit code 2.
+(:class:`GraceInputError`, out-of-range flags, OS errors such as a permission denied or a
+name too long, input too large or too deep) is reported as one line on stderr with exit code
+2; a closed output pipe (``grace stats | head -1``) ends quietly with 141 like Unix tools;
+:class:`GraceInputWarning` prints one ``warning:`` line. ``--limit NAME=VALUE`` raises a
+ceiling of :mod:`megatron_grace.limits`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from megatron_grace import __version__
-from megatron_grace.errors import GraceInputError
+from megatron_grace.errors import GraceInputError, GraceInputWarning
 
 COMMAND_MODULES = (
     "megatron_grace.cli.cmd_data",
@@ -40,6 +46,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "replication and locality-aware routing. Run 'grace COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"megatron-grace {__version__}")
+    parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                        help="raise a ceiling on input sizes (repeatable): experts, layers, top_k, tokens, slots, gpus, "
+                        "memory_gb, zip_ratio; see the README's Limits")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -70,11 +79,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except GraceInputError as exc:
-        print(f"grace {args.command}: error: {exc}", file=sys.stderr)
+    from megatron_grace import limits
+    from megatron_grace.cli._args import check_numbers, check_outputs
+
+    def error(text: str) -> int:
+        print(f"grace {args.command}: error: {text}", file=sys.stderr)
         return 2
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings API
+        if issubclass(category, GraceInputWarning):
+            print(f"grace {args.command}: warning: {message}", file=sys.stderr)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    default_show = warnings.showwarning
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            limits.set_limits(**limits.parse_limits(args.limit))
+            check_numbers(args)
+            check_outputs(args)
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handlers below, not at exit
+            return code
+    except GraceInputError as exc:
+        return error(str(exc))
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # permission denied, name too long, read-only, exists, no space, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        return error(f"{where}{exc.strerror or exc}")
+    except MemoryError:
+        return error("out of memory: the input or the flags ask for more than this machine holds (see `grace --limit`)")
+    except RecursionError:
+        return error("input nested too deeply")
     except KeyboardInterrupt:
         print(f"grace {args.command}: interrupted", file=sys.stderr)
         return 130

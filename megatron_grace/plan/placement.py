@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron_grace import limits
 from megatron_grace._files import PathLike, load_json, save_json_atomic
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.topology import Topology
@@ -199,10 +200,12 @@ class PlacementPlan:
             raise GraceInputError(f"not a placement plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})", source)
         try:
             topology = Topology.from_dict(data["topology"])
-            num_experts = int(data["num_experts"])
+            limits.check_count("gpus", topology.num_gpus, f"topology {topology.name!r}: {topology.num_gpus} GPUs, which")
+            num_experts = limits.check_count("experts", _strict_int(data["num_experts"], "num_experts"), "num_experts")
             layers = data["layers"]
-            gpu_experts = [[[int(e) for e in gpu] for gpu in layer["gpu_experts"]] for layer in layers]
-            num_layers = int(data.get("num_layers", len(layers)))
+            limits.check_count("layers", len(layers), f"{len(layers)} layers, which")
+            gpu_experts = [[[_strict_int(e, "expert id") for e in gpu] for gpu in layer["gpu_experts"]] for layer in layers]
+            num_layers = _strict_int(data.get("num_layers", len(layers)), "num_layers")
             metadata = dict(data.get("metadata", {}))
         except GraceInputError as exc:
             raise GraceInputError(exc.problem, source) from None
@@ -224,3 +227,10 @@ class PlacementPlan:
     def read(path: PathLike) -> PlacementPlan:
         """Load and validate a plan file."""
         return PlacementPlan.from_dict(load_json(path), source=path)
+
+
+def _strict_int(value: Any, what: str) -> int:
+    """An integer read from a plan file; 1.7, True or "3" raise ValueError (no silent truncation)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}"[:100])
+    return value

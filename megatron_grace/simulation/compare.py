@@ -331,7 +331,7 @@ def compare_planners(
             f"({trace.num_layers} x {trace.num_experts})"
         )
     fn = planner_fn or default_planner_fn()
-    shape = resolve_model_shape(model_shape, trace.model or plan_stats.model)
+    shape = resolve_model_shape(model_shape, trace.model or plan_stats.model, trace)
     budget = topology.with_extra_slots(trace.num_experts, extra_slots)
     earlier = dict(plans or {})
     plans = {}

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_grace import limits
 from megatron_grace._files import PathLike, load_npz, save_npz_atomic
 from megatron_grace.errors import GraceInputError
-from megatron_grace.trace.routing_trace import RoutingTrace
+from megatron_grace.trace.routing_trace import RoutingTrace, metadata_int
 
 STATS_FORMAT = "grace-stats/1"
 
@@ -37,6 +38,8 @@ class ExpertStats:
             at layer l and j at layer l+1.
         model: model name.
         source: provenance, free text.
+        notes: what the importer derived rather than read (e.g. tokens per layer from the
+            load and k), one sentence each; reports print them.
     """
 
     load: np.ndarray
@@ -47,8 +50,10 @@ class ExpertStats:
     transitions: np.ndarray | None = None
     model: str = "unknown"
     source: str = ""
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "notes", tuple(str(n) for n in self.notes))
         self.validate()
 
     @property
@@ -77,13 +82,18 @@ class ExpertStats:
         load = np.asarray(self.load)
         if load.ndim != 2 or load.shape[0] < 1 or load.shape[1] < 1:
             raise GraceInputError(f"load must be a 2-D array [layers, experts], got shape {load.shape}", src)
-        if not np.issubdtype(load.dtype, np.number):
-            raise GraceInputError(f"load must be numeric, got dtype {load.dtype}", src)
+        if load.dtype.kind not in "iuf":  # booleans are not counts; a complex part would be dropped
+            raise GraceInputError(f"load must be real numbers, got dtype {load.dtype}", src)
+        limits.check_count("layers", load.shape[0], f"load: {load.shape[0]} layers, which", src)
+        limits.check_count("experts", load.shape[1], f"load: {load.shape[1]} experts, which", src)
         load = load.astype(np.float64)
         _check_counts("load", load, src)
         object.__setattr__(self, "load", load)
         L, E = load.shape
-        tokens = np.asarray(self.tokens, dtype=np.float64).reshape(-1)
+        tokens = np.asarray(self.tokens)
+        if tokens.dtype.kind not in "iuf":
+            raise GraceInputError(f"tokens must be real numbers, got dtype {tokens.dtype}", src)
+        tokens = tokens.astype(np.float64).reshape(-1)
         if tokens.shape != (L,):
             raise GraceInputError(f"tokens must have one entry per layer ({L}), got shape {tokens.shape}", src)
         _check_counts("tokens", tokens, src)
@@ -96,6 +106,10 @@ class ExpertStats:
             raise GraceInputError(
                 f"inconsistent k: layer {l} has {load[l].sum():.0f} expert choices, more than tokens x k = {tokens[l]:.0f} x {self.top_k}", src
             )
+        for name in ("coactivation", "transitions"):
+            value = getattr(self, name)
+            if value is not None and np.asarray(value).dtype.kind not in "iuf":
+                raise GraceInputError(f"{name} must be real numbers, got dtype {np.asarray(value).dtype}", src)
         if self.coactivation is not None:
             co = np.asarray(self.coactivation, dtype=np.float64)
             if co.shape != (L, E, E):
@@ -170,6 +184,7 @@ class ExpertStats:
             transitions=tr if len(idx) > 1 else np.zeros((0, self.num_experts, self.num_experts)) if self.transitions is not None else None,
             model=self.model,
             source=self.source,
+            notes=self.notes,
         )
 
     # ------------------------------------------------------------------ construction
@@ -183,6 +198,9 @@ class ExpertStats:
         ids = trace.expert_ids  # [T, L, k]
         T, L, k = ids.shape
         E = trace.num_experts
+        dense = 2 * L if transitions else L
+        limits.check_shape((dense, E, E), np.float64, f"statistics of {L} layers x {E} experts (dense co-activation"
+                           f"{' and transitions' if transitions else ''})", trace.source or None)
         load = np.zeros((L, E))
         co = np.zeros((L, E, E))
         tr = np.zeros((max(L - 1, 0), E, E)) if transitions else None
@@ -207,7 +225,8 @@ class ExpertStats:
     # ------------------------------------------------------------------ I/O
     def save(self, path: PathLike) -> None:
         """Save as a pickle-free ``.npz`` atomically. Missing fields are simply absent."""
-        meta = {"format": STATS_FORMAT, "model": self.model, "top_k": int(self.top_k), "source": self.source}
+        meta = {"format": STATS_FORMAT, "model": self.model, "top_k": int(self.top_k), "source": self.source,
+                "notes": list(self.notes)}
         arrays: dict[str, np.ndarray] = {
             "format": np.array(STATS_FORMAT),
             "metadata": np.array(json.dumps(meta)),
@@ -232,22 +251,23 @@ class ExpertStats:
                 raise GraceInputError(f"statistics file lacks the array {key!r}", path)
         try:
             meta = json.loads(str(data["metadata"]))
-            top_k = int(meta["top_k"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GraceInputError(f"statistics file has unreadable metadata ({exc})", path) from None
+            top_k = metadata_int(meta, "top_k")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise GraceInputError(f"statistics file has unreadable metadata ({type(exc).__name__}: {str(exc)[:120]})", path) from None
         try:
             return ExpertStats(
                 load=data["load"], tokens=data["tokens"], top_k=top_k,
                 coactivation=data.get("coactivation"), coactivation_observed=data.get("coactivation_observed"),
                 transitions=data.get("transitions"), model=str(meta.get("model", "unknown")),
-                source=str(meta.get("source", path)),
+                source=str(meta.get("source", path)), notes=tuple(str(n) for n in meta.get("notes") or () if isinstance(meta.get("notes"), list)),
             )
         except GraceInputError as exc:
             raise GraceInputError(exc.problem, path) from None
 
     def __repr__(self) -> str:
         return (f"ExpertStats(model={self.model!r}, layers={self.num_layers}, experts={self.num_experts}, "
-                f"k={self.top_k}, tokens={self.tokens.max():.0f}, missing={self.missing})")
+                f"k={self.top_k}, tokens={self.tokens.max():.0f}, missing={self.missing}"
+                + (f", derived: {'; '.join(self.notes)})" if self.notes else ")"))
 
 
 def _check_counts(name: str, values: np.ndarray, source: PathLike | None) -> None:

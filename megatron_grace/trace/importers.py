@@ -19,9 +19,12 @@ Statistics only (-> :class:`ExpertStats`):
 * ``load-matrix``: a plain ``[layers, experts]`` (or ``[steps, layers, experts]``) expert-load
   matrix as DeepSeek EPLB / SGLang / vLLM dump it (``.npy``, ``.npz``, ``.json``, ``.csv``,
   ``.txt``, ``.pt``).
+* ``topk-ids``: a plain integer array of chosen experts, ``[tokens, layers]`` (top-1) or
+  ``[tokens, layers, k]``, in the same containers (-> :class:`RoutingTrace`).
 
-Plus our own files (``grace-trace``, ``grace-stats``). :func:`detect_format` guesses the format
-of a file and :func:`import_any` dispatches on it.
+Plus our own files (``grace-trace``, ``grace-stats``). :func:`detect_format` finds the format of
+a file, refusing files that two formats could read, and :func:`import_any` dispatches on it.
+Every size a file claims is checked against :mod:`megatron_grace.limits` before it is allocated.
 
 Every problem with the input raises :class:`GraceInputError` with a one-line message naming the
 file (and, for JSONL, the line) and what is wrong.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -40,9 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from megatron_grace._files import PathLike, load_json, load_npz
+from megatron_grace import limits
+from megatron_grace._files import PathLike, check_input_file, check_npz_members, load_json, load_npy, load_npz, parse_json_text
 from megatron_grace._progress import progress as _progress
-from megatron_grace.errors import GraceInputError
+from megatron_grace.errors import GraceInputError, GraceInputWarning
 from megatron_grace.statistics.expert_stats import STATS_FORMAT, ExpertStats
 from megatron_grace.trace.routing_trace import PHASE_DECODE, PHASE_PREFILL, TRACE_FORMAT, RoutingTrace
 
@@ -55,6 +60,7 @@ __all__ = [
     "import_qwen_coactivation",
     "import_sglang_jsonl",
     "import_switch_load",
+    "import_topk_ids",
     "import_vllm_records_jsonl",
 ]
 
@@ -74,16 +80,17 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
 
 
+def _isfinite(value: Any) -> bool:
+    """``math.isfinite`` that calls an integer too large for a float (10**400) not finite instead of raising."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check_file(path: PathLike) -> Path:
-    """The path as a :class:`Path`; a missing, non-regular or empty file raises."""
-    p = Path(path)
-    if not p.exists():
-        raise GraceInputError("file not found", p)
-    if not p.is_file():
-        raise GraceInputError("is not a regular file", p)
-    if p.stat().st_size == 0:
-        raise GraceInputError("file is empty", p)
-    return p
+    """The path as a :class:`Path`; a missing, non-regular (FIFO, device), unreadable or empty file raises."""
+    return check_input_file(path)
 
 
 def _require_zip(path: Path) -> None:
@@ -100,10 +107,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return load_json(path)
-    except RecursionError:
-        raise GraceInputError("JSON nested too deeply", path) from None
+    return load_json(path)
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -119,12 +123,10 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             if not text:
                 continue
             try:
-                obj = json.loads(text)
-            except (json.JSONDecodeError, RecursionError) as exc:
+                obj = parse_json_text(text)
+            except GraceInputError as exc:
                 cut = "" if raw.endswith(b"\n") else "; the file ends mid-line (truncated?)"
-                msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-                col = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-                raise GraceInputError(f"line {lineno}: invalid JSON ({msg}{col}){cut}", path) from None
+                raise GraceInputError(f"line {lineno}: {exc.problem}{cut}", path) from None
             seen = True
             yield lineno, obj
     if not seen:
@@ -142,7 +144,7 @@ def _weight_list(value: Any, k: int, where: str, path: Path) -> list[float]:
         raise GraceInputError(f"{where}: gate weights must be a list of numbers, got {_short(value)}", path)
     if len(value) != k:
         raise GraceInputError(f"{where}: {len(value)} gate weights for {k} experts", path)
-    if not all(math.isfinite(v) and v >= 0 for v in value):
+    if not all(_isfinite(v) and v >= 0 for v in value):
         raise GraceInputError(f"{where}: gate weights must be finite and non-negative, got {value}", path)
     return value
 
@@ -155,6 +157,7 @@ def _check_expert_ids(ids: list[int], k: int, num_experts: int | None, where: st
             raise GraceInputError(f"{where}: negative expert id {e}", path)
         if num_experts is not None and e >= num_experts:
             raise GraceInputError(f"{where}: expert id {e} out of range [0, {num_experts})", path)
+        limits.check_count("experts", e + 1, f"{where}: expert id {e} implies {e + 1} experts per layer, which", path)
     if len(set(ids)) != len(ids):
         raise GraceInputError(f"{where}: the same expert is chosen twice: {ids}", path)
 
@@ -196,9 +199,10 @@ def _check_matrix_values(name: str, values: np.ndarray, path: Path, axes: tuple[
 
 def _resolve_num_experts(max_id: int, num_experts: int | None, path: PathLike) -> int:
     if num_experts is None:
-        return max_id + 1
+        return limits.check_count("experts", max_id + 1, f"expert id {max_id} implies {max_id + 1} experts per layer, which", path)
     if not _is_int(num_experts) or num_experts < 1:
         raise GraceInputError(f"num_experts must be a positive integer, got {num_experts!r}", path)
+    limits.check_count("experts", int(num_experts), "num_experts", path)
     if max_id >= num_experts:
         raise GraceInputError(f"expert id {max_id} out of range [0, {num_experts})", path)
     return int(num_experts)
@@ -207,7 +211,16 @@ def _resolve_num_experts(max_id: int, num_experts: int | None, path: PathLike) -
 def _resolve_top_k(top_k: Any, what: str, path: PathLike) -> int:
     if not _is_int(top_k) or int(top_k) < 1:
         raise GraceInputError(f"{what} must be a positive integer, got {top_k!r}", path)
-    return int(top_k)
+    return limits.check_count("top_k", int(top_k), what, path)
+
+
+def _check_layer(layer: int, where: str, path: PathLike) -> None:
+    """A layer index read from a file must leave the layer count under the limit."""
+    limits.check_count("layers", layer + 1, f"{where}: layer {layer} implies {layer + 1} layers, which", path)
+
+
+def _check_token_index(tok: int, where: str, path: PathLike) -> None:
+    limits.check_count("tokens", tok + 1, f"{where}: token index {tok}, which", path)
 
 
 # ====================================================================== vLLM per-record JSONL
@@ -245,6 +258,8 @@ def import_vllm_records_jsonl(
         _resolve_num_experts(-1, num_experts, files[0])
     if num_layers is not None and (not _is_int(num_layers) or num_layers < 1):
         raise GraceInputError(f"num_layers must be a positive integer, got {num_layers!r}", files[0])
+    if num_layers is not None:
+        limits.check_count("layers", int(num_layers), "num_layers", files[0])
 
     req_index: dict[tuple[str, Any], int] = {}
     rec_req: list[int] = []
@@ -274,8 +289,10 @@ def import_vllm_records_jsonl(
                 raise GraceInputError(f"{where}: layer must be a non-negative integer, got {_short(layer)}", path)
             if num_layers is not None and layer >= num_layers:
                 raise GraceInputError(f"{where}: layer {layer} out of range [0, {num_layers})", path)
+            _check_layer(layer, where, path)
             if not _is_int(tok) or tok < 0:
                 raise GraceInputError(f"{where}: token_idx must be a non-negative integer, got {_short(tok)}", path)
+            _check_token_index(tok, where, path)
             ids = _int_list(rec["experts"], "experts", where, path)
             if k is None:
                 k, k_where = len(ids), f"{path}:{lineno}"
@@ -325,6 +342,7 @@ def import_vllm_records_jsonl(
             files[rec_file[second]],
         )
     T = uniq.size
+    limits.check_shape((T, L, k), np.int32, f"a trace of {T} tokens x {L} layers x top-{k}", label := _source_label(files))
     expert_ids = np.full((T, L, k), -1, dtype=np.int32)
     expert_ids[row, layer_a] = ids_a
     gate = None
@@ -333,7 +351,6 @@ def import_vllm_records_jsonl(
         gate[row, layer_a] = np.asarray(rec_gw, dtype=np.float64)
     request_ids = np.empty(T, dtype=np.int64)
     request_ids[row] = req
-    label = _source_label(files)
     if E < k:
         raise GraceInputError(f"k={k} experts per token but only {E} distinct expert ids; pass num_experts", label)
     return RoutingTrace(
@@ -367,16 +384,8 @@ def import_mixtral_npz(path: PathLike, num_experts: int | None = None, model: st
     data = _read_npz(path)
     if "expert_ids" not in data:
         raise GraceInputError(f"no 'expert_ids' array (arrays: {', '.join(sorted(data)) or 'none'})", path)
-    ids = data["expert_ids"]
-    if ids.ndim != 3 or not np.issubdtype(ids.dtype, np.integer):
-        raise GraceInputError(f"expert_ids must be an integer array [tokens, layers, k], got {ids.dtype} {ids.shape}", path)
-    if ids.size == 0:
-        raise GraceInputError(f"expert_ids is empty, shape {ids.shape}", path)
-    if (ids < -1).any():
-        t, l, s = np.argwhere(ids < -1)[0]
-        raise GraceInputError(f"negative expert id {int(ids[t, l, s])} at token {t}, layer {l} (-1 is the only missing marker)", path)
+    ids, E = _checked_ids(data["expert_ids"], "expert_ids", num_experts, path)
     T = ids.shape[0]
-    E = _resolve_num_experts(int(ids.max()), num_experts, path)
     missing = ids < 0
     gate = None
     if "gate_probs" in data:
@@ -407,7 +416,7 @@ def import_mixtral_npz(path: PathLike, num_experts: int | None = None, model: st
         else:
             raise GraceInputError(f"request must hold names or integer ids, got dtype {req.dtype}", path)
     return RoutingTrace(
-        expert_ids=ids.astype(np.int32),
+        expert_ids=ids,
         num_experts=E,
         gate_weights=gate,
         request_ids=request_ids,
@@ -417,6 +426,65 @@ def import_mixtral_npz(path: PathLike, num_experts: int | None = None, model: st
         source=str(path),
         extra={"importer": "mixtral-npz"},
     )
+
+
+def _checked_ids(ids: np.ndarray, what: str, num_experts: int | None, path: Path) -> tuple[np.ndarray, int]:
+    """(int32 ``[T, L, k]`` ids, num_experts) after range checks in the source dtype (no wrap on the cast).
+
+    ``ids`` is an integer array ``[tokens, layers, k]`` with ``-1`` for a missing record.
+    """
+    if ids.ndim != 3 or not np.issubdtype(ids.dtype, np.integer):
+        raise GraceInputError(f"{what} must be an integer array [tokens, layers, k], got {ids.dtype} {ids.shape}", path)
+    if ids.size == 0:
+        raise GraceInputError(f"{what} is empty, shape {ids.shape}", path)
+    T, L, k = ids.shape
+    limits.check_count("tokens", T, f"{what}: {T} tokens, which", path)
+    limits.check_count("layers", L, f"{what}: {L} layers, which", path)
+    limits.check_count("top_k", k, f"{what}: k = {k}, which", path)
+    if (ids < -1).any():
+        t, l, s = np.argwhere(ids < -1)[0]
+        raise GraceInputError(f"negative expert id {int(ids[t, l, s])} at token {t}, layer {l} (-1 is the only missing marker)", path)
+    hi = ids.max()  # compared in the source dtype: an id of 2**32 + 5 must not wrap to 5
+    E = _resolve_num_experts(int(hi), num_experts, path)
+    return ids.astype(np.int32), E
+
+
+# ====================================================================== plain top-k id arrays
+def import_topk_ids(path: PathLike, num_experts: int | None = None, model: str = "unknown") -> RoutingTrace:
+    """Import a plain integer array of chosen experts: ``[tokens, layers]`` (top-1) or ``[tokens, layers, k]``.
+
+    The same containers as :func:`import_load_matrix` (``.npy``, ``.npz`` with one array,
+    ``.json`` list of lists, ``.csv`` / ``.txt``, ``.pt``); ``-1`` marks a missing record. Auto
+    detection never picks this format for a 2-D array (it could equally be a load matrix):
+    pass ``--format topk-ids``.
+
+    Args:
+        path: the file.
+        num_experts: experts per layer; default ``max id + 1``.
+        model: model name to record.
+
+    Returns:
+        A trace with int32 ``expert_ids`` ``[tokens, layers, k]``, every token in request 0, decode.
+    """
+    path = _check_file(path)
+    arr, _file_k, _named = _read_plain_array(path, "expert ids")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise GraceInputError(f"expert ids must be integers, got {arr[idx]!r} at index {idx}", path)
+        if arr.size and (arr.max() >= 2**31 or arr.min() < -1):
+            raise GraceInputError(f"expert id {arr.max() if arr.max() >= 2**31 else arr.min():g} out of range", path)
+        arr = arr.astype(np.int64)
+    elif arr.dtype.kind not in "iu":
+        raise GraceInputError(f"expert ids must be integers, got dtype {arr.dtype}", path)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    ids, E = _checked_ids(arr, "expert ids", num_experts, path)
+    try:
+        return RoutingTrace(expert_ids=ids, num_experts=E, model=model, source=str(path), extra={"importer": "topk-ids"})
+    except GraceInputError as exc:
+        raise GraceInputError(exc.problem, path) from None
 
 
 # ====================================================================== simllm / SGLang JSONL
@@ -481,16 +549,17 @@ def import_sglang_jsonl(path: PathLike, num_experts: int | None = None, model: s
                     raise GraceInputError(f"{where}: expert_count must be a positive integer, got {_short(ec)}", path)
                 if num_experts is not None and num_experts != ec:
                     raise GraceInputError(f"num_experts={num_experts} contradicts the header's expert_count={ec}", path)
-                num_experts = int(ec)
+                num_experts = limits.check_count("experts", int(ec), f"{where}: expert_count", path)
             if "top_k" in prov:
                 tk = prov["top_k"]
                 if not _is_int(tk) or tk < 1:
                     raise GraceInputError(f"{where}: top_k must be a positive integer, got {_short(tk)}", path)
-                k = int(tk)
+                k = limits.check_count("top_k", int(tk), f"{where}: top_k", path)
             if "moe_layer_indices" in prov:
                 mli = prov["moe_layer_indices"]
                 if not isinstance(mli, list) or not mli or not all(_is_int(x) and x >= 0 for x in mli) or len(set(mli)) != len(mli):
                     raise GraceInputError(f"{where}: moe_layer_indices must be distinct non-negative integers, got {_short(mli)}", path)
+                _check_layer(max(mli), f"{where}: moe_layer_indices", path)
                 layer_pos = {int(x): i for i, x in enumerate(mli)}
             if model is None and isinstance(prov.get("model_id"), str):
                 model = prov["model_id"]
@@ -538,6 +607,7 @@ def import_sglang_jsonl(path: PathLike, num_experts: int | None = None, model: s
             raise GraceInputError(f"{where}: token_index must be an integer or a list of {n} integers, got {_short(tix)}", path)
         if min(tokens) < 0:
             raise GraceInputError(f"{where}: negative token_index {min(tokens)}", path)
+        _check_token_index(max(tokens), where, path)
         counters[(req, phase)] = max(tokens) + 1
         for entry in routing:
             li = entry.get("layer_index")
@@ -545,6 +615,7 @@ def import_sglang_jsonl(path: PathLike, num_experts: int | None = None, model: s
                 raise GraceInputError(f"{where}: layer_index must be a non-negative integer, got {_short(li)}", path)
             if layer_pos is not None and li not in layer_pos:
                 raise GraceInputError(f"{where}: layer_index {li} is not one of the header's moe_layer_indices", path)
+            _check_layer(li, where, path)
             if "expert_ids" not in entry:
                 raise GraceInputError(f"{where}: layer {li} lacks expert_ids", path)
             per_tok = entry["expert_ids"] if multi else [entry["expert_ids"]]
@@ -600,6 +671,7 @@ def import_sglang_jsonl(path: PathLike, num_experts: int | None = None, model: s
             f"line {r_line[b]}: duplicate routing for request {list(requests)[req_a[b]]}, {('prefill', 'decode')[phase_a[b]]} "
             f"token {tok_a[b]}, layer {raw_layer[b]} (also at line {r_line[a]})", path)
     T = uniq.size
+    limits.check_shape((T, L, k), np.int32, f"a trace of {T} tokens x {L} layers x top-{k}", path)
     expert_ids = np.full((T, L, k), -1, dtype=np.int32)
     expert_ids[row_of, layer_a] = ids_a
     gate = None
@@ -675,24 +747,23 @@ def import_qwen_coactivation(path: PathLike, top_k: int | None = None, model: st
                 raise GraceInputError(f"this .npz does not record top_k and its shape {heat.shape} is not Qwen3-30B-A3B's; pass top_k", path)
             top_k = 8
         k = _resolve_top_k(top_k, "top_k", path)
-        sums = heat.sum(axis=1).astype(np.float64)
-        tokens = sums / k
-        bad = np.flatnonzero(np.abs(tokens - np.round(tokens)) > 1e-6)
-        if bad.size:
-            raise GraceInputError(f"layer {bad[0]}: heat sums to {sums[bad[0]]:g}, not a multiple of top_k={k} (wrong top_k?)", path)
-        return _qwen_stats(heat, pairs, tokens, k, model or "qwen3-30b-a3b", path)
+        tokens = _tokens_from_load(heat, k, path)
+        return _qwen_stats(heat, pairs, tokens, k, model or "qwen3-30b-a3b", path,
+                           notes=(f"tokens per layer derived as heat.sum(1) / top_k ({k})",))
 
     doc = _read_json(path)
     if not isinstance(doc, dict):
         raise GraceInputError(f"expected a JSON object with 'layers', got {type(doc).__name__}", path)
-    lacking = [key for key in ("k", "n_decode_tokens", "layers") if key not in doc]
+    lacking = [key for key in ("layers",) if key not in doc]
+    if "k" not in doc and top_k is None:
+        lacking.append("k")
     if lacking:
-        raise GraceInputError(f"lacks the keys {', '.join(map(repr, lacking))}", path)
-    k = _resolve_top_k(doc["k"], "k", path)
+        raise GraceInputError(f"lacks the keys {', '.join(map(repr, lacking))}" + (" (or pass top_k)" if "k" in lacking else ""), path)
+    k = _resolve_top_k(doc["k"], "k", path) if "k" in doc else _resolve_top_k(top_k, "top_k", path)
     if top_k is not None and _resolve_top_k(top_k, "top_k", path) != k:
         raise GraceInputError(f"top_k={top_k} contradicts the file's k={k}", path)
-    n_tok = doc["n_decode_tokens"]
-    if not _is_number(n_tok) or not math.isfinite(n_tok) or n_tok < 0:
+    n_tok = doc.get("n_decode_tokens")
+    if n_tok is not None and (not _is_number(n_tok) or not _isfinite(n_tok) or n_tok < 0):
         raise GraceInputError(f"n_decode_tokens must be a non-negative number, got {_short(n_tok)}", path)
     layers = doc["layers"]
     if not isinstance(layers, list) or not layers:
@@ -730,9 +801,26 @@ def import_qwen_coactivation(path: PathLike, top_k: int | None = None, model: st
         raise GraceInputError(f"n_expert_per_layer={doc['n_expert_per_layer']} but heat has {heat.shape[1]} experts", path)
     pairs = np.concatenate(pair_blocks) if pair_blocks else np.zeros((0, 5))
     _check_qwen_arrays(heat, pairs, path)
-    tokens = np.full(L, float(n_tok))
+    notes: tuple[str, ...] = ()
+    if n_tok is not None:
+        tokens = np.full(L, float(n_tok))
+    else:
+        tokens = _tokens_from_load(heat, k, path)
+        notes = (f"n_decode_tokens absent: tokens per layer derived as heat.sum(1) / k ({k})",)
+    if "k" not in doc:
+        notes += (f"k absent: top_k={k} as given",)
     name = model or (doc["model"] if isinstance(doc.get("model"), str) else "qwen3-30b-a3b")
-    return _qwen_stats(heat, pairs, tokens, k, name, path)
+    return _qwen_stats(heat, pairs, tokens, k, name, path, notes=notes)
+
+
+def _tokens_from_load(load: np.ndarray, k: int, path: Path) -> np.ndarray:
+    """float64 ``[L]`` tokens per layer = ``load.sum(1) / k``; a sum that is not a multiple of k raises."""
+    sums = load.sum(axis=1).astype(np.float64)
+    tokens = sums / k
+    bad = np.flatnonzero(np.abs(tokens - np.round(tokens)) > 1e-6)
+    if bad.size:
+        raise GraceInputError(f"layer {bad[0]}: load sums to {sums[bad[0]]:g}, not a multiple of top_k={k} (wrong top_k?)", path)
+    return tokens
 
 
 def _numeric_array(value: Any, what: str, path: Path) -> np.ndarray:
@@ -741,6 +829,8 @@ def _numeric_array(value: Any, what: str, path: Path) -> np.ndarray:
         arr = np.asarray(value)
     except (ValueError, TypeError):
         raise GraceInputError(f"{what} must be a rectangular array of numbers (ragged rows?)", path) from None
+    if arr.dtype == object:
+        raise GraceInputError(f"{what} must hold numbers only (an integer too large for 64 bits, or a non-number?)", path)
     if arr.dtype.kind not in "iuf":
         raise GraceInputError(f"{what} must hold numbers only, got {arr.dtype.name} values", path)
     return arr.astype(np.float64)
@@ -749,12 +839,16 @@ def _numeric_array(value: Any, what: str, path: Path) -> np.ndarray:
 def _check_qwen_arrays(heat: np.ndarray, pairs: np.ndarray, path: Path) -> None:
     if heat.ndim != 2 or heat.shape[0] < 1 or heat.shape[1] < 1 or heat.dtype.kind not in "iuf":
         raise GraceInputError(f"heat must be a numeric [layers, experts] array, got {heat.dtype} {heat.shape}", path)
+    limits.check_count("layers", heat.shape[0], f"heat: {heat.shape[0]} layers, which", path)
+    limits.check_count("experts", heat.shape[1], f"heat: {heat.shape[1]} experts, which", path)
+    limits.check_shape((2, *heat.shape, heat.shape[1]), np.float64, f"co-activation of {heat.shape[0]} layers x {heat.shape[1]} experts", path)
     _check_matrix_values("heat", heat.astype(np.float64), path)
     if pairs.dtype.kind not in "iuf" or pairs.ndim != 2 or (pairs.size and pairs.shape[1] < 4):
         raise GraceInputError(f"pairs must be a numeric [N, 5] array (layer, i, j, count, lift), got {pairs.dtype} {pairs.shape}", path)
 
 
-def _qwen_stats(heat: np.ndarray, pairs: np.ndarray, tokens: np.ndarray, k: int, model: str, path: Path) -> ExpertStats:
+def _qwen_stats(heat: np.ndarray, pairs: np.ndarray, tokens: np.ndarray, k: int, model: str, path: Path,
+                notes: tuple[str, ...] = ()) -> ExpertStats:
     """Validate the pair list against ``heat`` and build the (partially observed) ExpertStats."""
     heat = heat.astype(np.float64)
     L, E = heat.shape
@@ -803,7 +897,7 @@ def _qwen_stats(heat: np.ndarray, pairs: np.ndarray, tokens: np.ndarray, k: int,
         obs = np.zeros((L, E, E), dtype=bool)
     try:
         return ExpertStats(load=heat, tokens=tokens, top_k=k, coactivation=co, coactivation_observed=obs,
-                           transitions=None, model=model, source=str(path))
+                           transitions=None, model=model, source=str(path), notes=notes)
     except GraceInputError as exc:
         raise GraceInputError(exc.problem, path) from None
 
@@ -840,6 +934,7 @@ def import_switch_load(path: PathLike, top_k: int = 1, model: str = "switch-base
         layer_keys = {int(key): key for key in usage}
     except ValueError:
         raise GraceInputError(f"layer names must be integers, got {sorted(usage)[:5]}", path) from None
+    limits.check_count("layers", len(layer_keys), "expert_usage_by_layer: the number of layers", path)
     order = sorted(layer_keys)
     if "layers" in doc:
         listed = doc["layers"]
@@ -849,6 +944,8 @@ def import_switch_load(path: PathLike, top_k: int = 1, model: str = "switch-base
     E = doc.get("num_experts")
     if E is not None and (not _is_int(E) or E < 1):
         raise GraceInputError(f"num_experts must be a positive integer, got {_short(E)}", path)
+    if E is not None:
+        limits.check_count("experts", E, "num_experts", path)
     rows: list[dict[int, float]] = []
     max_id = -1
     for lid in order:
@@ -860,10 +957,11 @@ def import_switch_load(path: PathLike, top_k: int = 1, model: str = "switch-base
             try:
                 e = int(ekey)
             except ValueError:
-                raise GraceInputError(f"layer {lid}: expert id {ekey!r} is not an integer", path) from None
+                raise GraceInputError(f"layer {lid}: expert id {_short(ekey)} is not an integer", path) from None
             if e < 0 or (E is not None and e >= E):
                 raise GraceInputError(f"layer {lid}: expert id {e} out of range [0, {E})", path)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
+            limits.check_count("experts", e + 1, f"layer {lid}: expert id {e} implies {e + 1} experts per layer, which", path)
+            if not _is_number(value) or not _isfinite(value) or value < 0:
                 raise GraceInputError(f"layer {lid}, expert {e}: count must be a non-negative finite number, got {_short(value)}", path)
             row[e] = float(value)
             max_id = max(max_id, e)
@@ -881,32 +979,21 @@ def import_switch_load(path: PathLike, top_k: int = 1, model: str = "switch-base
 
 
 # ====================================================================== plain load matrix
-def import_load_matrix(path: PathLike, top_k: int | None = None, model: str = "unknown") -> ExpertStats:
-    """Import a ``[layers, experts]`` expert-load matrix (DeepSeek EPLB / SGLang / vLLM dumps).
+def _read_plain_array(path: Path, what: str) -> tuple[np.ndarray, Any, bool]:
+    """(array, the file's top_k or None, whether the file names it ``logical_count``) of a plain-array file.
 
-    Accepted files: ``.npy``; ``.npz`` (array ``logical_count``, else its only array; optional
-    scalar ``top_k``); ``.json`` (a list of lists, or ``{"logical_count": ..., "top_k": k}``);
-    ``.csv`` / ``.tsv`` / ``.txt`` (numeric rows, comma or whitespace separated, ``#`` comments, one
-    optional header line); ``.pt`` (``torch.load(weights_only=True)``: a tensor or a dict with
-    ``logical_count`` and optional ``top_k``). A 3-D ``[steps, layers, experts]`` count is summed
-    over steps.
-
-    Args:
-        path: the file.
-        top_k: experts per token. Required unless the file records it: a load matrix counts
-            expert choices, and ``tokens = load.sum(1) / top_k``.
-        model: model name to record.
-
-    Returns:
-        ExpertStats with ``load`` float64 ``[L, E]``, no co-activation, no transitions.
+    Containers: ``.npy``; ``.npz`` (array ``logical_count``, else its only array; optional scalar
+    ``top_k``); ``.json`` (a list of lists, or ``{"logical_count": ..., "top_k": k}``); ``.csv`` /
+    ``.tsv`` / ``.txt``; ``.pt`` (a tensor or a dict with ``logical_count``). Sizes are checked
+    before anything is allocated.
     """
-    path = _check_file(path)
     kind = _sniff(path)
     file_k: Any = None
+    named = False
     if kind == "npz":
         data = _read_npz(path)
         if "logical_count" in data:
-            matrix = data["logical_count"]
+            matrix, named = data["logical_count"], True
         else:
             arrays = [key for key in data if key != "top_k"]
             if len(arrays) != 1:
@@ -915,35 +1002,60 @@ def import_load_matrix(path: PathLike, top_k: int | None = None, model: str = "u
         if "top_k" in data:
             file_k = data["top_k"].item() if data["top_k"].size == 1 else data["top_k"]
     elif kind == "npy":
-        try:
-            matrix = np.load(path, allow_pickle=False)
-        except _READ_ERRORS as exc:
-            raise GraceInputError(f"not a readable .npy file (truncated, corrupt or pickled: {type(exc).__name__}: {exc})", path) from None
+        matrix = load_npy(path)
     elif kind == "pt":
-        matrix, file_k = _load_torch_matrix(path)
+        matrix, file_k, named = _load_torch_matrix(path)
     elif kind == "json":
         doc = _read_json(path)
         if isinstance(doc, dict):
             if "logical_count" not in doc:
                 raise GraceInputError(f"JSON object lacks 'logical_count' (keys: {', '.join(sorted(doc)[:8])})", path)
-            matrix, file_k = doc["logical_count"], doc.get("top_k")
+            matrix, file_k, named = doc["logical_count"], doc.get("top_k"), True
         elif isinstance(doc, list):
             matrix = doc
         else:
             raise GraceInputError(f"expected a list of lists or an object with 'logical_count', got {type(doc).__name__}", path)
-        matrix = _numeric_array(matrix, "logical_count", path)
+        matrix = _numeric_array(matrix, what, path)
     elif kind == "text":
         matrix = _read_text_matrix(path)
     else:
-        raise GraceInputError("unrecognized load-matrix file (expected .npy, .npz, .json, .csv, .txt or .pt)", path)
-
+        raise GraceInputError(f"unrecognized {what} file (expected .npy, .npz, .json, .csv, .txt or .pt)", path)
     matrix = np.asarray(matrix)
-    if matrix.dtype.kind not in "iuf":
-        raise GraceInputError(f"load matrix must be numeric, got dtype {matrix.dtype}", path)
+    if matrix.dtype.kind not in "iuf":  # bool is not a count; a complex part would be dropped
+        raise GraceInputError(f"{what} must be real numbers, got dtype {matrix.dtype}", path)
+    return matrix, file_k, named
+
+
+def import_load_matrix(path: PathLike, top_k: int | None = None, model: str = "unknown") -> ExpertStats:
+    """Import a ``[layers, experts]`` expert-load matrix (DeepSeek EPLB / SGLang / vLLM dumps).
+
+    Accepted files: ``.npy``; ``.npz`` (array ``logical_count``, else its only array; optional
+    scalar ``top_k``); ``.json`` (a list of lists, or ``{"logical_count": ..., "top_k": k}``);
+    ``.csv`` / ``.tsv`` / ``.txt`` (numeric rows, comma or whitespace separated, ``#`` comments, one
+    optional header line); ``.pt`` (``torch.load(weights_only=True)``: a tensor or a dict with
+    ``logical_count`` and optional ``top_k``). A 3-D ``[steps, layers, experts]`` count is summed
+    over steps. Boolean and complex arrays are refused. A matrix implausible as load counts
+    (more layers than tokens per layer) raises a :class:`GraceInputWarning` (top-1 ids read as
+    a load matrix look like that).
+
+    Args:
+        path: the file.
+        top_k: experts per token. Required unless the file records it: a load matrix counts
+            expert choices, and ``tokens = load.sum(1) / top_k``.
+        model: model name to record.
+
+    Returns:
+        ExpertStats with ``load`` float64 ``[L, E]``, no co-activation, no transitions; its
+        ``notes`` say that tokens per layer were derived.
+    """
+    path = _check_file(path)
+    matrix, file_k, _named = _read_plain_array(path, "load matrix")
     if matrix.ndim == 3:
         matrix = matrix.astype(np.float64).sum(axis=0)
     if matrix.ndim != 2 or 0 in matrix.shape:
         raise GraceInputError(f"expected a [layers, experts] (or [steps, layers, experts]) matrix, got shape {matrix.shape}", path)
+    limits.check_count("layers", matrix.shape[0], f"load matrix: {matrix.shape[0]} layers, which", path)
+    limits.check_count("experts", matrix.shape[1], f"load matrix: {matrix.shape[1]} experts, which", path)
     load = matrix.astype(np.float64)
     _check_matrix_values("load", load, path)
     if file_k is not None:
@@ -952,38 +1064,63 @@ def import_load_matrix(path: PathLike, top_k: int | None = None, model: str = "u
             raise GraceInputError(f"top_k={top_k} contradicts the file's top_k={file_k}", path)
         top_k = file_k
     if top_k is None:
-        raise GraceInputError("top_k is unknown: a load matrix counts expert choices, so pass top_k (--top-k) to get tokens per layer", path)
+        raise GraceInputError("top_k is unknown: a load matrix counts expert choices, so tokens per layer need k; "
+                              "convert the file first with `grace import FILE --top-k K --out stats.npz`", path)
     k = _resolve_top_k(top_k, "top_k", path)
     if k > load.shape[1]:
         raise GraceInputError(f"top_k={k} exceeds the {load.shape[1]} experts per layer", path)
+    tokens = load.sum(axis=1) / k
+    L = load.shape[0]
+    if L > 1 and float(tokens.max()) < L:
+        warnings.warn(GraceInputWarning(
+            f"{path}: implausible load matrix: {L} layers but at most {tokens.max():g} tokens per layer (load.sum(1) / top_k); "
+            "is it per-token expert ids? then import it with --format topk-ids"), stacklevel=2)
     try:
-        return ExpertStats(load=load, tokens=load.sum(axis=1) / k, top_k=k, model=model, source=str(path))
+        return ExpertStats(load=load, tokens=tokens, top_k=k, model=model, source=str(path),
+                           notes=(f"tokens per layer derived as load.sum(1) / top_k ({k})",))
     except GraceInputError as exc:
         raise GraceInputError(exc.problem, path) from None
 
 
-def _load_torch_matrix(path: Path) -> tuple[np.ndarray, Any]:
-    """(matrix, top_k or None) from a ``.pt`` file, loaded with ``weights_only=True``."""
+def _load_torch_matrix(path: Path) -> tuple[np.ndarray, Any, bool]:
+    """(matrix, top_k or None, named) from a ``.pt`` file, loaded with ``weights_only=True`` after size checks."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is optional
         raise GraceInputError("reading .pt files needs PyTorch, which is not installed", path) from None
+    if zipfile.is_zipfile(path):  # the torch zip format: refuse zip bombs before torch expands anything
+        try:
+            with zipfile.ZipFile(path) as zf:
+                total = 0
+                for info in zf.infolist():
+                    limits.check_zip_member(info.filename, info.file_size, info.compress_size, path)
+                    total += info.file_size
+            limits.check_bytes(total, "the tensors of this file together", path)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+            raise GraceInputError(f"not a readable .pt file (truncated or corrupt: {type(exc).__name__}: {exc})", path) from None
+    else:
+        limits.check_bytes(path.stat().st_size, "this .pt file", path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds on corrupt input
         raise GraceInputError(f"not a readable .pt file (truncated, corrupt or not weights-only: {type(exc).__name__}: {_short(str(exc), 120)})", path) from None
     file_k = None
+    named = False
     if isinstance(obj, dict):
         if "logical_count" not in obj:
             raise GraceInputError(f"dict lacks 'logical_count' (keys: {', '.join(map(str, list(obj)[:8]))})", path)
         file_k = obj.get("top_k")
         if isinstance(file_k, torch.Tensor):
             file_k = file_k.item() if file_k.numel() == 1 else None
-        obj = obj["logical_count"]
+        obj, named = obj["logical_count"], True
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to(torch.float64).numpy(), file_k
+        if obj.is_complex() or obj.dtype == torch.bool:
+            raise GraceInputError(f"logical_count must be real numbers, got dtype {obj.dtype}", path)
+        if obj.dtype.is_floating_point:
+            return obj.detach().to(torch.float64).numpy(), file_k, named
+        return obj.detach().to(torch.int64).numpy(), file_k, named
     if isinstance(obj, list):
-        return _numeric_array(obj, "logical_count", path), file_k
+        return _numeric_array(obj, "logical_count", path), file_k, named
     raise GraceInputError(f"expected a tensor or a dict with 'logical_count', got {type(obj).__name__}", path)
 
 
@@ -1044,35 +1181,43 @@ def _sniff(path: Path) -> str:
 
 
 def detect_format(path: PathLike) -> str:
-    """Guess the import format of a file (a name of :data:`IMPORT_FORMATS`).
+    """The import format of a file (a name of :data:`IMPORT_FORMATS`); it never guesses.
 
-    ``.npz`` files are told apart by their arrays (our own by their ``format`` array), JSON and
-    JSONL files by their keys; ``.npy``, ``.csv``, ``.txt`` and ``.pt`` are load matrices.
+    ``.npz`` files are told apart by their arrays (our own by their ``format`` array; a file
+    whose metadata says it is ours but that lacks ``format`` is refused, not read as another
+    format), JSON and JSONL files by their keys. A plain array (``.npy``, ``.csv``, ``.txt``,
+    ``.pt``, a JSON list, an ``.npz`` of one array) is a load matrix when its values can only be
+    counts (fractional) or the file names it ``logical_count``; an integer array that could as
+    well be per-token expert ids is refused with both readings and the ``--format`` of each.
     Raises GraceInputError when the file is missing, empty, unreadable or of no known kind.
     """
     path = _check_file(path)
     kind = _sniff(path)
     if kind == "npz":
         _require_zip(path)
+        names = set(check_npz_members(path))
         try:
             with np.load(path, allow_pickle=False) as data:
-                names = set(data.files)
                 fmt = str(data["format"]) if "format" in names else ""
+                meta = str(data["metadata"]) if "format" not in names and "metadata" in names and data["metadata"].ndim == 0 else ""
         except _READ_ERRORS as exc:
             raise GraceInputError(f"not a readable .npz file (truncated or corrupt: {type(exc).__name__}: {exc})", path) from None
         if fmt == TRACE_FORMAT or fmt.startswith("grace-trace"):
             return "grace-trace"
         if fmt == STATS_FORMAT or fmt.startswith("grace-stats"):
             return "grace-stats"
+        _refuse_headless_own_file(names, meta, path)
         if {"heat", _QWEN_PAIRS_KEY} <= names:
             return "qwen-coactivation"
         if "expert_ids" in names:
             return "mixtral-npz"
-        if "logical_count" in names or len(names - {"top_k"}) == 1:
+        if "logical_count" in names:
             return "load-matrix"
+        if len(names - {"top_k"}) == 1:
+            return _plain_array_format(path)
         raise GraceInputError(f"unrecognized .npz layout (arrays: {', '.join(sorted(names)) or 'none'})", path)
     if kind in ("npy", "pt", "text"):
-        return "load-matrix"
+        return _plain_array_format(path)
     if kind == "jsonl":
         return _detect_jsonl(path)
     if kind == "json":
@@ -1085,7 +1230,7 @@ def detect_format(path: PathLike) -> str:
                 pass
             raise
         if isinstance(doc, list):
-            return "load-matrix"
+            return _plain_array_format(path)
         if isinstance(doc, dict):
             if "expert_usage_by_layer" in doc or "layer_statistics" in doc:
                 return "switch-load"
@@ -1097,6 +1242,50 @@ def detect_format(path: PathLike) -> str:
                 return _detect_jsonl(path)
         raise GraceInputError("unrecognized JSON layout (no expert_usage_by_layer, layers[].heat or logical_count)", path)
     raise GraceInputError("unrecognized file format (pass the format name explicitly)", path)
+
+
+def _refuse_headless_own_file(names: set[str], meta: str, path: Path) -> None:
+    """An ``.npz`` whose metadata (or arrays) say it is a grace trace or statistics but that lacks ``format``."""
+    claimed = ""
+    try:
+        doc = json.loads(meta) if meta else None
+    except (ValueError, RecursionError):
+        doc = None
+    if isinstance(doc, dict) and str(doc.get("format", "")).startswith(("grace-trace", "grace-stats")):
+        claimed = str(doc["format"])
+    elif {"metadata", "expert_ids", "request_ids", "phase"} <= names:
+        claimed = TRACE_FORMAT
+    elif {"metadata", "load", "tokens"} <= names:
+        claimed = STATS_FORMAT
+    if claimed:
+        raise GraceInputError(f"looks like a {claimed.split('/')[0]} file (metadata and arrays) but lacks its 'format' array: "
+                              "damaged or edited; refused rather than read as another format", path)
+
+
+def _plain_array_format(path: Path) -> str:
+    """``load-matrix`` or ``topk-ids`` for a plain array file, or a refusal naming both readings."""
+    arr, _file_k, named = _read_plain_array(path, "array")
+    if named or arr.ndim not in (2, 3) or arr.size == 0:
+        return "load-matrix"  # the importer reports anything wrong with it
+    if arr.dtype.kind == "f" and not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+        return "load-matrix"  # fractional values are counts (averaged), never ids
+    lo = float(arr.min())
+    if lo < 0:
+        return "topk-ids" if lo == -1 else "load-matrix"  # -1 marks a missing id; other negatives fail the import
+    if arr.ndim == 3 and arr.shape[2] > 1:
+        srt = np.sort(arr, axis=2)
+        if (srt[:, :, 1:] == srt[:, :, :-1]).any():
+            return "load-matrix"  # a token never picks one expert twice: these are not top-k ids
+    shape = "x".join(map(str, arr.shape))
+    if arr.ndim == 2:
+        r, c = arr.shape
+        readings = (f"a load matrix ({r} layers x {c} experts: --format load-matrix) or top-1 expert ids "
+                    f"({r} tokens x {c} layers: --format topk-ids)")
+    else:
+        st, r, c = arr.shape
+        readings = (f"load counts ({st} steps x {r} layers x {c} experts: --format load-matrix) or top-{c} expert ids "
+                    f"({st} tokens x {r} layers x {c}: --format topk-ids)")
+    raise GraceInputError(f"ambiguous: this {shape} array of integers could be {readings}; pass the --format that is meant", path)
 
 
 def _detect_jsonl(path: Path) -> str:
@@ -1139,12 +1328,13 @@ IMPORT_FORMATS: dict[str, Callable[..., RoutingTrace | ExpertStats]] = {
     "qwen-coactivation": import_qwen_coactivation,
     "switch-load": import_switch_load,
     "load-matrix": import_load_matrix,
+    "topk-ids": import_topk_ids,
     "grace-trace": _read_grace_trace,
     "grace-stats": _read_grace_stats,
 }
 """Format name -> importer. Trace formats return :class:`RoutingTrace`, the others :class:`ExpertStats`."""
 
-TRACE_FORMATS = frozenset({"vllm-records-jsonl", "mixtral-npz", "sglang-jsonl", "grace-trace"})
+TRACE_FORMATS = frozenset({"vllm-records-jsonl", "mixtral-npz", "sglang-jsonl", "topk-ids", "grace-trace"})
 """The formats that import to a :class:`RoutingTrace`."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from megatron_grace import limits
 from megatron_grace._files import PathLike, load_npz, save_npz_atomic
 from megatron_grace.errors import GraceInputError
 
@@ -87,20 +88,22 @@ class RoutingTrace:
             raise GraceInputError(f"expert_ids must be integers, got dtype {ids.dtype}", src)
         if ids.shape[1] < 1 or ids.shape[2] < 1:
             raise GraceInputError(f"expert_ids needs at least one layer and k >= 1, got shape {ids.shape}", src)
-        if int(self.num_experts) < 1:
-            raise GraceInputError(f"num_experts must be >= 1, got {self.num_experts}", src)
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int | np.integer) or int(self.num_experts) < 1:
+            raise GraceInputError(f"num_experts must be an integer >= 1, got {self.num_experts!r}", src)
+        limits.check_count("experts", int(self.num_experts), "num_experts", src)
+        limits.check_count("layers", ids.shape[1], f"expert_ids: {ids.shape[1]} layers, which", src)
         if ids.shape[2] > self.num_experts:
             raise GraceInputError(f"k={ids.shape[2]} is larger than num_experts={self.num_experts}", src)
-        if ids.dtype != np.int32:
-            object.__setattr__(self, "expert_ids", ids.astype(np.int32))
-            ids = self.expert_ids
-        if ids.size:
+        if ids.size:  # range-checked in the source dtype: a cast first would wrap 2**32 + 5 to 5
             lo, hi = int(ids.min()), int(ids.max())
             if lo < -1 or hi >= self.num_experts:
                 bad = np.argwhere((ids < -1) | (ids >= self.num_experts))[0]
                 raise GraceInputError(
                     f"expert id {int(ids[tuple(bad)])} out of range [0, {self.num_experts}) at token {bad[0]}, layer {bad[1]}", src
                 )
+        if ids.dtype != np.int32:
+            object.__setattr__(self, "expert_ids", ids.astype(np.int32))
+            ids = self.expert_ids
         present = ids >= 0
         partial = present.any(axis=2) & ~present.all(axis=2)
         if partial.any():
@@ -194,12 +197,12 @@ class RoutingTrace:
                 raise GraceInputError(f"routing trace lacks the array {key!r}", path)
         try:
             meta = json.loads(str(data["metadata"]))
-            num_experts = int(meta["num_experts"])
-            top_k = int(meta["top_k"])
+            num_experts = metadata_int(meta, "num_experts")
+            top_k = metadata_int(meta, "top_k")
             extra = dict(meta.get("extra", {}))
             request_names = tuple(str(n) for n in meta.get("request_names", []))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GraceInputError(f"routing trace has unreadable metadata ({exc})", path) from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise GraceInputError(f"routing trace has unreadable metadata ({type(exc).__name__}: {str(exc)[:120]})", path) from None
         ids = data["expert_ids"]
         if ids.ndim == 3 and ids.shape[2] != top_k:
             raise GraceInputError(f"inconsistent k: metadata says top_k={top_k}, expert_ids has k={ids.shape[2]}", path)
@@ -224,3 +227,11 @@ class RoutingTrace:
             f"RoutingTrace(model={self.model!r}, tokens={self.num_tokens}, layers={self.num_layers}, "
             f"experts={self.num_experts}, k={self.top_k}, gate_weights={self.gate_weights is not None})"
         )
+
+
+def metadata_int(meta: dict[str, Any], key: str) -> int:
+    """An integer field of a file's JSON metadata; a float (1.7), a bool or a string raises ValueError."""
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r}"[:120])
+    return value

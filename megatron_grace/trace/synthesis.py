@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_grace import limits
 from megatron_grace._segments import rank_in_group
 from megatron_grace.errors import GraceInputError
 from megatron_grace.statistics.expert_stats import ExpertStats
@@ -552,12 +553,13 @@ def synthesize_trace(stats: ExpertStats, num_tokens: int, seed: int = 0, progres
         raise GraceInputError(f"seed must be a non-negative integer, got {seed!r}")
     config = config or SynthesisConfig()
     L, k = stats.num_layers, stats.top_k
+    workers = max(1, min(workers if workers is not None else min(2, os.cpu_count() or 1), L))
+    _check_memory(num_tokens, L, k, stats.num_experts, workers)
     threshold = _listing_threshold(stats)
     for layer in range(L):  # validate every layer before spending time on any
         _layer_targets_check(stats, layer)
     seeds = np.random.SeedSequence(seed).spawn(L)
     ids = np.empty((num_tokens, L, k), dtype=np.int32)
-    workers = max(1, min(workers if workers is not None else min(2, os.cpu_count() or 1), L))
 
     def run(layer: int) -> int:
         ids[:, layer, :] = _synthesize_layer(stats, layer, num_tokens, threshold, config, seeds[layer]).T
@@ -582,6 +584,19 @@ def synthesize_trace(stats: ExpertStats, num_tokens: int, seed: int = 0, progres
         extra={"synthesis": {"seed": int(seed), "num_tokens": num_tokens, "config": asdict(config),
                              "ignored": ["transitions"] if stats.transitions is not None else []}},
     )
+
+
+def _check_memory(num_tokens: int, L: int, k: int, E: int, workers: int) -> None:
+    """Refuse a synthesis whose output and working arrays would exceed the memory limit, before any allocation.
+
+    Output: int32 ``[tokens, L, k]``. Per concurrently synthesized layer: a few int32/int64
+    ``[k, tokens]`` arrays and float64 ``[E, E]`` target and count matrices.
+    """
+    limits.check_count("tokens", num_tokens, "num_tokens")
+    out = limits.check_shape((num_tokens, L, k), np.int32, f"a synthesized trace of {num_tokens} tokens x {L} layers x top-{k}")
+    per_layer = 6 * 8 * k * num_tokens + 10 * 8 * E * E
+    limits.check_bytes(out + workers * per_layer, f"synthesizing {num_tokens} tokens x {L} layers x top-{k} of {E} experts "
+                       f"({workers} layers at a time)")
 
 
 def _layer_targets_check(stats: ExpertStats, layer: int) -> None:
