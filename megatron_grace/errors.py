@@ -24,3 +24,8 @@ class GraceInputError(ValueError):
 
 class GraceInputWarning(UserWarning):
     """Input that is read but looks implausible (the CLI prints it as one ``warning:`` line)."""
+
+
+class ContradictionWarning(GraceInputWarning):
+    """Inputs that contradict each other (a model shape of 128 experts for an 8-expert trace): the
+    library warns and goes on with what it was told; the CLI refuses with exit code 2."""

@@ -5,7 +5,7 @@ its sub-commands; each sub-command sets ``func(args) -> int``. Bad input
 (:class:`GraceInputError`, out-of-range flags, OS errors such as a permission denied or a
 name too long, input too large or too deep) is reported as one line on stderr with exit code
 2; a closed output pipe (``grace stats | head -1``) ends quietly with 141 like Unix tools;
-:class:`GraceInputWarning` prints one ``warning:`` line. ``--limit NAME=VALUE`` raises a
+:class:`GraceInputWarning` prints one ``warning:`` line, a :class:`ContradictionWarning` is an error. ``--limit NAME=VALUE`` raises a
 ceiling of :mod:`megatron_grace.limits`.
 """
 
@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Sequence
 
 from megatron_grace import __version__
-from megatron_grace.errors import GraceInputError, GraceInputWarning
+from megatron_grace.errors import ContradictionWarning, GraceInputError, GraceInputWarning
 
 COMMAND_MODULES = (
     "megatron_grace.cli.cmd_data",
@@ -96,13 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show
+            warnings.simplefilter("error", ContradictionWarning)  # contradicting inputs: refused, not warned
             limits.set_limits(**limits.parse_limits(args.limit))
             check_numbers(args)
             check_outputs(args)
             code = int(args.func(args) or 0)
             sys.stdout.flush()  # a closed pipe shows here, inside the handlers below, not at exit
             return code
-    except GraceInputError as exc:
+    except (GraceInputError, ContradictionWarning) as exc:
         return error(str(exc))
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from megatron_grace._files import PathLike, load_npz, save_json_atomic, save_npz_atomic
-from megatron_grace.errors import GraceInputError, GraceInputWarning
+from megatron_grace.errors import ContradictionWarning, GraceInputError, GraceInputWarning
 from megatron_grace.plan.placement import PlacementPlan
 from megatron_grace.plan.topology import MODEL_PRESETS, ModelShape, Topology
 from megatron_grace.routing import RoutingOptions
@@ -112,15 +112,15 @@ def token_start_gpus(num_tokens: int, num_gpus: int, placement: str = "round-rob
 def resolve_model_shape(model_shape: ModelShape | str | None, model_name: str = "", trace: RoutingTrace | None = None) -> ModelShape:
     """The model shape to use: the given one, a preset by name, or the preset the trace's model
     name contains (``"Qwen/Qwen3-30B-A3B"`` -> ``qwen3-30b-a3b``; the longest match wins).
-    A preset named here whose experts per layer or k differ from ``trace``'s raises GraceInputError;
-    one taken from the model name gives a GraceInputWarning."""
+    A preset named here whose experts per layer or k differ from ``trace``'s gives a
+    ContradictionWarning (the CLI refuses it); one taken from the model name a GraceInputWarning."""
     shape = _pick_model_shape(model_shape, model_name)
     if trace is not None and (shape.num_experts, shape.top_k) != (trace.num_experts, trace.top_k):
         problem = (f"model shape {shape.name} has {shape.num_experts} experts per layer, top-{shape.top_k}; the trace "
                    f"{trace.num_experts}, top-{trace.top_k}")
-        if isinstance(model_shape, str) and model_shape:  # asked for by name (--model-shape): a contradiction
-            raise GraceInputError(f"{problem} (give the matching --model-shape)")
-        if model_shape is None:  # a ModelShape object was chosen by the caller, who has been told
+        if isinstance(model_shape, str) and model_shape:  # asked for by name (--model-shape): the CLI refuses it
+            warnings.warn(ContradictionWarning(f"{problem} (give the matching --model-shape)"), stacklevel=3)
+        elif model_shape is None:  # a ModelShape object was chosen by the caller, who has been told
             warnings.warn(GraceInputWarning(f"{problem}: the shape was taken from the model name {model_name!r}; bytes and FLOPs "
                                             "use its sizes (give --model-shape to choose)"), stacklevel=3)
     return shape
