@@ -21,6 +21,7 @@ TRACE_FORMAT = "grace-trace/1"
 PHASE_PREFILL = 0
 PHASE_DECODE = 1
 PHASE_NAMES = {PHASE_PREFILL: "prefill", PHASE_DECODE: "decode"}
+_VALIDATE_BLOCK = 1 << 22  # ids per validation block (16 MB as int32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,39 +95,22 @@ class RoutingTrace:
         limits.check_count("layers", ids.shape[1], f"expert_ids: {ids.shape[1]} layers, which", src)
         if ids.shape[2] > self.num_experts:
             raise GraceInputError(f"k={ids.shape[2]} is larger than num_experts={self.num_experts}", src)
-        if ids.size:  # range-checked in the source dtype: a cast first would wrap 2**32 + 5 to 5
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < -1 or hi >= self.num_experts:
-                bad = np.argwhere((ids < -1) | (ids >= self.num_experts))[0]
-                raise GraceInputError(
-                    f"expert id {int(ids[tuple(bad)])} out of range [0, {self.num_experts}) at token {bad[0]}, layer {bad[1]}", src
-                )
-        if ids.dtype != np.int32:
-            object.__setattr__(self, "expert_ids", ids.astype(np.int32))
-            ids = self.expert_ids
-        present = ids >= 0
-        partial = present.any(axis=2) & ~present.all(axis=2)
-        if partial.any():
-            t, l = np.argwhere(partial)[0]
-            raise GraceInputError(f"inconsistent k: token {t}, layer {l} has {int(present[t, l].sum())} experts, expected {ids.shape[2]}", src)
-        if ids.shape[2] > 1 and ids.size:
-            srt = np.sort(ids, axis=2)
-            dup = ((srt[:, :, 1:] == srt[:, :, :-1]) & (srt[:, :, 1:] >= 0)).any(axis=2)
-            if dup.any():
-                t, l = np.argwhere(dup)[0]
-                raise GraceInputError(f"token {t}, layer {l} chooses the same expert twice: {ids[t, l].tolist()}", src)
         n = ids.shape[0]
+        gw = None
         if self.gate_weights is not None:
             gw = np.asarray(self.gate_weights)
             if gw.shape != ids.shape:
                 raise GraceInputError(f"gate_weights shape {gw.shape} does not match expert_ids shape {ids.shape}", src)
             if not np.issubdtype(gw.dtype, np.floating):
                 raise GraceInputError(f"gate_weights must be floats, got dtype {gw.dtype}", src)
-            gw_present = gw[present]
-            if not np.isfinite(gw_present).all() or (gw_present < 0).any():
-                raise GraceInputError("gate_weights contain NaN, infinite or negative values for chosen experts", src)
-            # Missing records carry no weight: normalise them to 0 whatever the source wrote.
-            object.__setattr__(self, "gate_weights", np.where(present, gw, 0).astype(np.float32))
+            gw = np.array(gw, dtype=np.float32)  # our own copy: missing records are zeroed in it below
+        out = ids if ids.dtype == np.int32 else np.empty(ids.shape, dtype=np.int32)
+        step = max(1, _VALIDATE_BLOCK // (ids.shape[1] * ids.shape[2]))
+        for start in range(0, n, step):  # in blocks of tokens: no temporaries of the whole trace's size
+            self._validate_block(ids[start:start + step], start, out, gw, src)
+        object.__setattr__(self, "expert_ids", out)
+        if gw is not None:
+            object.__setattr__(self, "gate_weights", gw)
         req = np.asarray(self.request_ids)
         if req.shape != (n,) or not np.issubdtype(req.dtype, np.integer):
             raise GraceInputError(f"request_ids must be integers of shape ({n},), got {req.dtype} {req.shape}", src)
@@ -137,6 +121,36 @@ class RoutingTrace:
         object.__setattr__(self, "phase", ph.astype(np.int8, copy=False))
         if self.request_names and req.size and int(req.max()) >= len(self.request_names):
             raise GraceInputError(f"request id {int(req.max())} has no name ({len(self.request_names)} names)", src)
+
+    def _validate_block(self, ids: np.ndarray, start: int, out: np.ndarray, gw: np.ndarray | None, src: PathLike | None) -> None:
+        """Check the tokens ``start:start + len(ids)``, copy them into ``out`` as int32 and zero
+        ``gw`` where records are missing. Ids are range-checked in their source dtype before the
+        cast (a cast first would wrap 2**32 + 5 to 5)."""
+        E, k = self.num_experts, ids.shape[2]
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < -1 or hi >= E:
+            bad = np.argwhere((ids < -1) | (ids >= E))[0]
+            raise GraceInputError(f"expert id {int(ids[tuple(bad)])} out of range [0, {E}) at token {start + bad[0]}, layer {bad[1]}", src)
+        block = ids if ids.dtype == np.int32 else ids.astype(np.int32)
+        present = block >= 0
+        partial = present.any(axis=2) & ~present.all(axis=2)
+        if partial.any():
+            t, l = np.argwhere(partial)[0]
+            raise GraceInputError(f"inconsistent k: token {start + t}, layer {l} has {int(present[t, l].sum())} experts, expected {k}", src)
+        if k > 1:
+            srt = np.sort(block, axis=2)
+            dup = ((srt[:, :, 1:] == srt[:, :, :-1]) & (srt[:, :, 1:] >= 0)).any(axis=2)
+            if dup.any():
+                t, l = np.argwhere(dup)[0]
+                raise GraceInputError(f"token {start + t}, layer {l} chooses the same expert twice: {block[t, l].tolist()}", src)
+        if out is not ids:
+            out[start:start + len(block)] = block
+        if gw is not None:
+            g = gw[start:start + len(block)]
+            chosen = g[present]
+            if not np.isfinite(chosen).all() or (chosen < 0).any():
+                raise GraceInputError("gate_weights contain NaN, infinite or negative values for chosen experts", src)
+            g[~present] = 0  # missing records carry no weight, whatever the source wrote
 
     # ------------------------------------------------------------------ slicing
     def select_tokens(self, index: np.ndarray | slice) -> RoutingTrace:
@@ -177,13 +191,14 @@ class RoutingTrace:
         arrays = {
             "format": np.array(TRACE_FORMAT),
             "metadata": np.array(json.dumps(meta)),
-            "expert_ids": self.expert_ids.astype(np.int16 if self.num_experts < 32000 else np.int32),
+            "expert_ids": self.expert_ids,
             "request_ids": self.request_ids,
             "phase": self.phase,
         }
         if self.gate_weights is not None:
             arrays["gate_weights"] = self.gate_weights
-        save_npz_atomic(path, arrays, verify=RoutingTrace.read)
+        small = np.int16 if self.num_experts < 32000 else np.int32  # cast chunk by chunk while writing
+        save_npz_atomic(path, arrays, verify=RoutingTrace.read, dtypes={"expert_ids": small})
 
     @staticmethod
     def read(path: PathLike) -> RoutingTrace:
