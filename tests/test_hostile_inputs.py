@@ -26,7 +26,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from megatron_grace import ExpertStats, RoutingTrace, limits
-from megatron_grace._files import atomic_path, load_json, load_npz, remove_stale_temporaries, save_npz_atomic
+from megatron_grace._files import atomic_path, load_npz, remove_stale_temporaries, save_npz_atomic
 from megatron_grace.cli.main import build_parser, main
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.topology import Topology

@@ -227,3 +227,42 @@ def test_split_and_select(rng):
     np.testing.assert_array_equal(np.concatenate([a.expert_ids, b.expert_ids]), trace.expert_ids)
     complete = trace.complete_tokens()
     assert complete.valid.all()
+
+
+def test_big_write_is_streamed_and_verified_structurally(rng, tmp_path, monkeypatch):
+    """Above FULL_VERIFY_BYTES a save is verified by headers and CRCs; the file reads back equal, and
+    members written in several chunks (int32 ids cast to int16 chunk by chunk) are byte-exact."""
+    from megatron_grace import _files
+
+    trace = make_trace(rng, tokens=500)
+    monkeypatch.setattr(_files, "FULL_VERIFY_BYTES", 0)
+    monkeypatch.setattr(_files, "_CHUNK_BYTES", 64)  # many chunks per member
+    calls = []
+    monkeypatch.setattr(RoutingTrace, "read", staticmethod(lambda p, _read=RoutingTrace.read: calls.append(p) or _read(p)))
+    trace.save(tmp_path / "t.npz")
+    assert calls == []  # not read back in full
+    monkeypatch.undo()
+    back = RoutingTrace.read(tmp_path / "t.npz")
+    np.testing.assert_array_equal(back.expert_ids, trace.expert_ids)
+    np.testing.assert_array_equal(back.gate_weights, trace.gate_weights)
+    assert np.load(tmp_path / "t.npz")["expert_ids"].dtype == np.int16
+
+
+def test_validation_in_blocks_names_the_global_token(rng, monkeypatch):
+    from megatron_grace.trace import routing_trace
+
+    monkeypatch.setattr(routing_trace, "_VALIDATE_BLOCK", 3 * 3 * 7)  # 7 tokens per block
+    ids = make_trace(rng, tokens=50, missing=0.0).expert_ids.astype(np.int64)
+    same = RoutingTrace(ids, 12)
+    np.testing.assert_array_equal(same.expert_ids, ids)
+    assert same.expert_ids.dtype == np.int32
+    for bad, words in ((2**32 + 5, "expert id 4294967301 out of range [0, 12) at token 33, layer 1"),
+                       (None, "token 33, layer 1 chooses the same expert twice")):
+        broken = ids.copy()
+        broken[33, 1, 0] = bad if bad is not None else broken[33, 1, 1]
+        with pytest.raises(GraceInputError, match=words.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):
+            RoutingTrace(broken, 12)
+    gw = np.full(ids.shape, 0.5, np.float32)
+    gw[40, 2, 1] = np.nan
+    with pytest.raises(GraceInputError, match="gate_weights contain NaN"):
+        RoutingTrace(ids, 12, gate_weights=gw)
