@@ -139,11 +139,15 @@ def _hint(name: str) -> str:
 
 
 def check_count(name: str, value: int, what: str | None = None, source: object = None) -> int:
-    """Refuse ``value`` above the ceiling ``name`` (one of :class:`Limits`' integer fields)."""
+    """Refuse ``value`` above the ceiling ``name`` (one of :class:`Limits`' integer fields).
+
+    ``what`` says where the number comes from, value included (``"line 3: layer 100000"``);
+    default ``"{name} = {value}"``.
+    """
     limit = getattr(current(), name)
     if value > limit:
-        label = what or _WHAT.get(name, name)
-        raise GraceInputError(f"{label} = {value} is implausible: above the limit of {limit} {_WHAT.get(name, name)} ({_hint(name)})",
+        label = what or f"{_WHAT.get(name, name)} = {value}"
+        raise GraceInputError(f"{label} is implausible: above the limit of {limit} {_WHAT.get(name, name)} ({_hint(name)})",
                               None if source is None else str(source))
     return int(value)
 

@@ -67,6 +67,6 @@ def check_numbers(args: argparse.Namespace) -> None:
         if value < low:
             raise GraceInputError(f"{flag} must be >= {low}, got {value}")
         if ceiling is not None:
-            limits.check_count(ceiling, value, flag)
+            limits.check_count(ceiling, value, f"{flag} {value}")
         elif value > INT64_MAX:
             raise GraceInputError(f"{flag} must be below 2**63, got {value}")

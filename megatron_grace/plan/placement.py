@@ -200,10 +200,10 @@ class PlacementPlan:
             raise GraceInputError(f"not a placement plan (format {data.get('format')!r}, expected {PLAN_FORMAT!r})", source)
         try:
             topology = Topology.from_dict(data["topology"])
-            limits.check_count("gpus", topology.num_gpus, f"topology {topology.name!r}: {topology.num_gpus} GPUs, which")
-            num_experts = limits.check_count("experts", _strict_int(data["num_experts"], "num_experts"), "num_experts")
+            limits.check_count("gpus", topology.num_gpus, f"topology {topology.name!r} with {topology.num_gpus} GPUs")
+            num_experts = limits.check_count("experts", _strict_int(data["num_experts"], "num_experts"), f"num_experts {data['num_experts']}")
             layers = data["layers"]
-            limits.check_count("layers", len(layers), f"{len(layers)} layers, which")
+            limits.check_count("layers", len(layers), f"a plan of {len(layers)} layers")
             gpu_experts = [[[_strict_int(e, "expert id") for e in gpu] for gpu in layer["gpu_experts"]] for layer in layers]
             num_layers = _strict_int(data.get("num_layers", len(layers)), "num_layers")
             metadata = dict(data.get("metadata", {}))

@@ -84,8 +84,8 @@ class ExpertStats:
             raise GraceInputError(f"load must be a 2-D array [layers, experts], got shape {load.shape}", src)
         if load.dtype.kind not in "iuf":  # booleans are not counts; a complex part would be dropped
             raise GraceInputError(f"load must be real numbers, got dtype {load.dtype}", src)
-        limits.check_count("layers", load.shape[0], f"load: {load.shape[0]} layers, which", src)
-        limits.check_count("experts", load.shape[1], f"load: {load.shape[1]} experts, which", src)
+        limits.check_count("layers", load.shape[0], f"load of {load.shape[0]} layers", src)
+        limits.check_count("experts", load.shape[1], f"load of {load.shape[1]} experts", src)
         load = load.astype(np.float64)
         _check_counts("load", load, src)
         object.__setattr__(self, "load", load)

@@ -157,7 +157,7 @@ def _check_expert_ids(ids: list[int], k: int, num_experts: int | None, where: st
             raise GraceInputError(f"{where}: negative expert id {e}", path)
         if num_experts is not None and e >= num_experts:
             raise GraceInputError(f"{where}: expert id {e} out of range [0, {num_experts})", path)
-        limits.check_count("experts", e + 1, f"{where}: expert id {e} implies {e + 1} experts per layer, which", path)
+        limits.check_count("experts", e + 1, f"{where}: expert id {e} ({e + 1} experts per layer)", path)
     if len(set(ids)) != len(ids):
         raise GraceInputError(f"{where}: the same expert is chosen twice: {ids}", path)
 
@@ -199,10 +199,10 @@ def _check_matrix_values(name: str, values: np.ndarray, path: Path, axes: tuple[
 
 def _resolve_num_experts(max_id: int, num_experts: int | None, path: PathLike) -> int:
     if num_experts is None:
-        return limits.check_count("experts", max_id + 1, f"expert id {max_id} implies {max_id + 1} experts per layer, which", path)
+        return limits.check_count("experts", max_id + 1, f"expert id {max_id} ({max_id + 1} experts per layer)", path)
     if not _is_int(num_experts) or num_experts < 1:
         raise GraceInputError(f"num_experts must be a positive integer, got {num_experts!r}", path)
-    limits.check_count("experts", int(num_experts), "num_experts", path)
+    limits.check_count("experts", int(num_experts), f"num_experts {num_experts}", path)
     if max_id >= num_experts:
         raise GraceInputError(f"expert id {max_id} out of range [0, {num_experts})", path)
     return int(num_experts)
@@ -211,16 +211,16 @@ def _resolve_num_experts(max_id: int, num_experts: int | None, path: PathLike) -
 def _resolve_top_k(top_k: Any, what: str, path: PathLike) -> int:
     if not _is_int(top_k) or int(top_k) < 1:
         raise GraceInputError(f"{what} must be a positive integer, got {top_k!r}", path)
-    return limits.check_count("top_k", int(top_k), what, path)
+    return limits.check_count("top_k", int(top_k), f"{what} {top_k}", path)
 
 
 def _check_layer(layer: int, where: str, path: PathLike) -> None:
     """A layer index read from a file must leave the layer count under the limit."""
-    limits.check_count("layers", layer + 1, f"{where}: layer {layer} implies {layer + 1} layers, which", path)
+    limits.check_count("layers", layer + 1, f"{where}: layer {layer} ({layer + 1} layers)", path)
 
 
 def _check_token_index(tok: int, where: str, path: PathLike) -> None:
-    limits.check_count("tokens", tok + 1, f"{where}: token index {tok}, which", path)
+    limits.check_count("tokens", tok + 1, f"{where}: token index {tok}", path)
 
 
 # ====================================================================== vLLM per-record JSONL
@@ -259,7 +259,7 @@ def import_vllm_records_jsonl(
     if num_layers is not None and (not _is_int(num_layers) or num_layers < 1):
         raise GraceInputError(f"num_layers must be a positive integer, got {num_layers!r}", files[0])
     if num_layers is not None:
-        limits.check_count("layers", int(num_layers), "num_layers", files[0])
+        limits.check_count("layers", int(num_layers), f"num_layers {num_layers}", files[0])
 
     req_index: dict[tuple[str, Any], int] = {}
     rec_req: list[int] = []
@@ -438,9 +438,9 @@ def _checked_ids(ids: np.ndarray, what: str, num_experts: int | None, path: Path
     if ids.size == 0:
         raise GraceInputError(f"{what} is empty, shape {ids.shape}", path)
     T, L, k = ids.shape
-    limits.check_count("tokens", T, f"{what}: {T} tokens, which", path)
-    limits.check_count("layers", L, f"{what}: {L} layers, which", path)
-    limits.check_count("top_k", k, f"{what}: k = {k}, which", path)
+    limits.check_count("tokens", T, f"{what} with {T} tokens", path)
+    limits.check_count("layers", L, f"{what} with {L} layers", path)
+    limits.check_count("top_k", k, f"{what} with k = {k}", path)
     if (ids < -1).any():
         t, l, s = np.argwhere(ids < -1)[0]
         raise GraceInputError(f"negative expert id {int(ids[t, l, s])} at token {t}, layer {l} (-1 is the only missing marker)", path)
@@ -549,12 +549,12 @@ def import_sglang_jsonl(path: PathLike, num_experts: int | None = None, model: s
                     raise GraceInputError(f"{where}: expert_count must be a positive integer, got {_short(ec)}", path)
                 if num_experts is not None and num_experts != ec:
                     raise GraceInputError(f"num_experts={num_experts} contradicts the header's expert_count={ec}", path)
-                num_experts = limits.check_count("experts", int(ec), f"{where}: expert_count", path)
+                num_experts = limits.check_count("experts", int(ec), f"{where}: expert_count {ec}", path)
             if "top_k" in prov:
                 tk = prov["top_k"]
                 if not _is_int(tk) or tk < 1:
                     raise GraceInputError(f"{where}: top_k must be a positive integer, got {_short(tk)}", path)
-                k = limits.check_count("top_k", int(tk), f"{where}: top_k", path)
+                k = limits.check_count("top_k", int(tk), f"{where}: top_k {tk}", path)
             if "moe_layer_indices" in prov:
                 mli = prov["moe_layer_indices"]
                 if not isinstance(mli, list) or not mli or not all(_is_int(x) and x >= 0 for x in mli) or len(set(mli)) != len(mli):
@@ -839,8 +839,8 @@ def _numeric_array(value: Any, what: str, path: Path) -> np.ndarray:
 def _check_qwen_arrays(heat: np.ndarray, pairs: np.ndarray, path: Path) -> None:
     if heat.ndim != 2 or heat.shape[0] < 1 or heat.shape[1] < 1 or heat.dtype.kind not in "iuf":
         raise GraceInputError(f"heat must be a numeric [layers, experts] array, got {heat.dtype} {heat.shape}", path)
-    limits.check_count("layers", heat.shape[0], f"heat: {heat.shape[0]} layers, which", path)
-    limits.check_count("experts", heat.shape[1], f"heat: {heat.shape[1]} experts, which", path)
+    limits.check_count("layers", heat.shape[0], f"heat with {heat.shape[0]} layers", path)
+    limits.check_count("experts", heat.shape[1], f"heat with {heat.shape[1]} experts", path)
     limits.check_shape((2, *heat.shape, heat.shape[1]), np.float64, f"co-activation of {heat.shape[0]} layers x {heat.shape[1]} experts", path)
     _check_matrix_values("heat", heat.astype(np.float64), path)
     if pairs.dtype.kind not in "iuf" or pairs.ndim != 2 or (pairs.size and pairs.shape[1] < 4):
@@ -934,7 +934,7 @@ def import_switch_load(path: PathLike, top_k: int = 1, model: str = "switch-base
         layer_keys = {int(key): key for key in usage}
     except ValueError:
         raise GraceInputError(f"layer names must be integers, got {sorted(usage)[:5]}", path) from None
-    limits.check_count("layers", len(layer_keys), "expert_usage_by_layer: the number of layers", path)
+    limits.check_count("layers", len(layer_keys), f"expert_usage_by_layer with {len(layer_keys)} layers", path)
     order = sorted(layer_keys)
     if "layers" in doc:
         listed = doc["layers"]
@@ -945,7 +945,7 @@ def import_switch_load(path: PathLike, top_k: int = 1, model: str = "switch-base
     if E is not None and (not _is_int(E) or E < 1):
         raise GraceInputError(f"num_experts must be a positive integer, got {_short(E)}", path)
     if E is not None:
-        limits.check_count("experts", E, "num_experts", path)
+        limits.check_count("experts", E, f"num_experts {E}", path)
     rows: list[dict[int, float]] = []
     max_id = -1
     for lid in order:
@@ -960,7 +960,7 @@ def import_switch_load(path: PathLike, top_k: int = 1, model: str = "switch-base
                 raise GraceInputError(f"layer {lid}: expert id {_short(ekey)} is not an integer", path) from None
             if e < 0 or (E is not None and e >= E):
                 raise GraceInputError(f"layer {lid}: expert id {e} out of range [0, {E})", path)
-            limits.check_count("experts", e + 1, f"layer {lid}: expert id {e} implies {e + 1} experts per layer, which", path)
+            limits.check_count("experts", e + 1, f"layer {lid}: expert id {e} ({e + 1} experts per layer)", path)
             if not _is_number(value) or not _isfinite(value) or value < 0:
                 raise GraceInputError(f"layer {lid}, expert {e}: count must be a non-negative finite number, got {_short(value)}", path)
             row[e] = float(value)
@@ -1054,8 +1054,8 @@ def import_load_matrix(path: PathLike, top_k: int | None = None, model: str = "u
         matrix = matrix.astype(np.float64).sum(axis=0)
     if matrix.ndim != 2 or 0 in matrix.shape:
         raise GraceInputError(f"expected a [layers, experts] (or [steps, layers, experts]) matrix, got shape {matrix.shape}", path)
-    limits.check_count("layers", matrix.shape[0], f"load matrix: {matrix.shape[0]} layers, which", path)
-    limits.check_count("experts", matrix.shape[1], f"load matrix: {matrix.shape[1]} experts, which", path)
+    limits.check_count("layers", matrix.shape[0], f"a load matrix of {matrix.shape[0]} layers", path)
+    limits.check_count("experts", matrix.shape[1], f"a load matrix of {matrix.shape[1]} experts", path)
     load = matrix.astype(np.float64)
     _check_matrix_values("load", load, path)
     if file_k is not None:

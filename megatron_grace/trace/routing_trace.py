@@ -91,8 +91,8 @@ class RoutingTrace:
             raise GraceInputError(f"expert_ids needs at least one layer and k >= 1, got shape {ids.shape}", src)
         if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int | np.integer) or int(self.num_experts) < 1:
             raise GraceInputError(f"num_experts must be an integer >= 1, got {self.num_experts!r}", src)
-        limits.check_count("experts", int(self.num_experts), "num_experts", src)
-        limits.check_count("layers", ids.shape[1], f"expert_ids: {ids.shape[1]} layers, which", src)
+        limits.check_count("experts", int(self.num_experts), f"num_experts {self.num_experts}", src)
+        limits.check_count("layers", ids.shape[1], f"expert_ids with {ids.shape[1]} layers", src)
         if ids.shape[2] > self.num_experts:
             raise GraceInputError(f"k={ids.shape[2]} is larger than num_experts={self.num_experts}", src)
         n = ids.shape[0]

@@ -592,7 +592,7 @@ def _check_memory(num_tokens: int, L: int, k: int, E: int, workers: int) -> None
     Output: int32 ``[tokens, L, k]``. Per concurrently synthesized layer: a few int32/int64
     ``[k, tokens]`` arrays and float64 ``[E, E]`` target and count matrices.
     """
-    limits.check_count("tokens", num_tokens, "num_tokens")
+    limits.check_count("tokens", num_tokens, f"num_tokens {num_tokens}")
     out = limits.check_shape((num_tokens, L, k), np.int32, f"a synthesized trace of {num_tokens} tokens x {L} layers x top-{k}")
     per_layer = 6 * 8 * k * num_tokens + 10 * 8 * E * E
     limits.check_bytes(out + workers * per_layer, f"synthesizing {num_tokens} tokens x {L} layers x top-{k} of {E} experts "
