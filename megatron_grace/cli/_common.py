@@ -69,14 +69,15 @@ def with_model(data, model: str | None):
     return dataclasses.replace(data, model=model)
 
 
-def model_shape_for(model_shape: str | None, model: str, what: str):
-    """The model shape of ``--model-shape`` or of the data's model name, with an error that says how to fix it."""
+def model_shape_for(model_shape: str | None, model: str, what: str, data=None):
+    """The model shape of ``--model-shape`` or of the data's model name, with an error that says how to fix it;
+    checked against ``data``'s experts per layer and k when given (a contradiction is an error in the CLI)."""
     from megatron_grace.errors import GraceInputError
     from megatron_grace.plan.topology import MODEL_PRESETS
     from megatron_grace.simulation.simulator import resolve_model_shape
 
     try:
-        return resolve_model_shape(model_shape, model)
+        return resolve_model_shape(model_shape, model, data)
     except GraceInputError:
         raise GraceInputError(
             f"cannot tell the model shape (sizes for bytes and FLOPs) from the {what}'s model name {model!r}: give "

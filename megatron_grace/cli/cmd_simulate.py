@@ -115,7 +115,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     plan = PlacementPlan.read(args.plan)
     trace = read_trace(args.trace, args.model)
-    shape = model_shape_for(args.model_shape, trace.model, "trace")
+    shape = model_shape_for(args.model_shape, trace.model, "trace", trace)
     share = in_sample_share(plan.metadata, trace)
     if share is not None and share >= IN_SAMPLE_SHARE:
         source = plan.metadata["planned_on"].get("source", "?")
@@ -196,7 +196,7 @@ def run_compare(args: argparse.Namespace) -> int:
     else:
         source = read_stats(args.stats or BUNDLED, args.model)
         tokens = args.tokens or 100_000
-    shape = model_shape_for(args.model_shape, source.model, "trace" if args.trace is not None else "statistics")
+    shape = model_shape_for(args.model_shape, source.model, "trace" if args.trace is not None else "statistics", source)
     from megatron_grace.simulation.policies import policy_names
 
     policies = policy_names() if args.policy == "all" else [p.strip() for p in args.policy.split(",") if p.strip()]

@@ -5,8 +5,8 @@ its sub-commands; each sub-command sets ``func(args) -> int``. Bad input
 (:class:`GraceInputError`, out-of-range flags, OS errors such as a permission denied or a
 name too long, input too large or too deep) is reported as one line on stderr with exit code
 2; a closed output pipe (``grace stats | head -1``) ends quietly with 141 like Unix tools;
-:class:`GraceInputWarning` prints one ``warning:`` line, a :class:`ContradictionWarning` is an error. ``--limit NAME=VALUE`` raises a
-ceiling of :mod:`megatron_grace.limits`.
+:class:`GraceInputWarning` prints one ``warning:`` line, a :class:`ContradictionWarning` is an
+error. ``--limit NAME=VALUE`` raises a ceiling of :mod:`megatron_grace.limits`.
 """
 
 from __future__ import annotations
@@ -67,8 +67,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _command_of(argv: Sequence[str]) -> str:
-    """The sub-command named in ``argv`` (its first non-option word), or ``""`` when none is."""
-    return next((a for a in argv if not a.startswith("-")), None) or ""
+    """The sub-command named in ``argv`` (its first non-option word, skipping ``--limit``'s value), or ``""``."""
+    words = iter(argv)
+    for a in words:
+        if a == "--limit":
+            next(words, None)
+        elif not a.startswith("-"):
+            return a
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,10 +109,11 @@ def token_start_gpus(num_tokens: int, num_gpus: int, placement: str = "round-rob
     raise GraceInputError(f"unknown token placement {placement!r}; known: {', '.join(TOKEN_PLACEMENTS)}")
 
 
-def resolve_model_shape(model_shape: ModelShape | str | None, model_name: str = "", trace: RoutingTrace | None = None) -> ModelShape:
+def resolve_model_shape(model_shape: ModelShape | str | None, model_name: str = "", trace: Any = None) -> ModelShape:
     """The model shape to use: the given one, a preset by name, or the preset the trace's model
     name contains (``"Qwen/Qwen3-30B-A3B"`` -> ``qwen3-30b-a3b``; the longest match wins).
-    A preset named here whose experts per layer or k differ from ``trace``'s gives a
+    ``trace`` is anything with ``num_experts`` and ``top_k`` (a trace or statistics). A preset
+    named here whose experts per layer or k differ from ``trace``'s gives a
     ContradictionWarning (the CLI refuses it); one taken from the model name a GraceInputWarning."""
     shape = _pick_model_shape(model_shape, model_name)
     if trace is not None and (shape.num_experts, shape.top_k) != (trace.num_experts, trace.top_k):
