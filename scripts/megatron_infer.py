@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1e-5, help="max relative error accepted (exit code 1 above)")
     p.add_argument("--json", help="write the results to this file (rank 0)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait before the job fails")
     return p.parse_args(argv)
 
 
@@ -168,12 +169,17 @@ def megatron_rows_by_link(trace_ids: np.ndarray, rank: int, world: int, gpn: int
     return {name: int((link == i).sum()) for i, name in enumerate(LINK_TYPES)}
 
 
-def init_torchrun() -> tuple[int, int]:
-    """Join the torchrun job (NCCL on GPUs, gloo on CPU), inference mode; returns (rank, world)."""
+def init_torchrun(timeout_s: float) -> tuple[int, int]:
+    """Join the torchrun job (NCCL on GPUs, gloo on CPU), inference mode; returns (rank, world).
+
+    A collective that waits longer than ``timeout_s`` (a rank died or diverged) raises instead of hanging.
+    """
+    from datetime import timedelta
+
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     torch.set_grad_enabled(False)
     return dist.get_rank(), dist.get_world_size()
 
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_grace.adapters.megatron import testing as mt
 
     missing = mt.quiet_megatron_warnings()
-    rank, world = init_torchrun()
+    rank, world = init_torchrun(args.timeout)
     if rank == 0 and missing:
         print(f"note: {' and '.join(missing)} not installed: Megatron uses its torch fallbacks (fine for this check)")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,13 +27,19 @@ def test_torchrun_megatron_infer_with_a_cli_plan(tmp_path):
     from megatron_grace.layer.launch import free_port
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port())]
-    run = subprocess.run(torchrun + [str(ROOT / "scripts" / "megatron_infer.py"), "--plan", str(plan), "--hidden", "32",
-                                     "--moe-ffn", "16", "--batch", "2", "--prompt", "8", "--decode", "2",
-                                     "--json", str(tmp_path / "out.json")],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "agreement: OK" in run.stdout
-    assert "Unknown MLP type" not in run.stdout + run.stderr  # the known warnings are silenced
+    cmd = torchrun + [str(ROOT / "scripts" / "megatron_infer.py"), "--plan", str(plan), "--hidden", "32", "--moe-ffn", "16",
+                      "--batch", "2", "--prompt", "8", "--decode", "2", "--timeout", "300", "--json", str(tmp_path / "out.json")]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a timeout kills the ranks too
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail("torchrun megatron_infer.py timed out:\n" + stdout[-2000:] + stderr[-2000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "agreement: OK" in stdout
+    assert "Unknown MLP type" not in stdout + stderr  # the known warnings are silenced
     import json
 
     result = json.loads((tmp_path / "out.json").read_text())
