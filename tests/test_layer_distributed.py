@@ -516,3 +516,37 @@ def test_nccl_bf16_two_gpus():
     results = run_distributed(worker_nccl, world_size=2, timeout=180, backend="nccl")
     for r in results:
         assert r["flat"] < 2e-2 and r["hierarchical"] < 2e-2, r
+
+
+# ---------------------------------------------------------------------------------------------- set-up watchdog
+def _stalled_rank_worker(rank: int, world: int) -> str | None:
+    """Rank 2 never reaches set-up (as if stopped); the others must fail naming it, not hang."""
+    import os
+    import time
+
+    from megatron_grace.errors import GraceInputError
+    from megatron_grace.layer import GraceMoELayer, random_expert_weights
+    from megatron_grace.plan.placement import PlacementPlan
+    from megatron_grace.plan.topology import Topology
+
+    os.environ["GRACE_SETUP_TIMEOUT"] = "3"
+    if rank == 2:
+        time.sleep(8)  # stalled past the others' 3 s watchdog (then it simply returns)
+        return None
+    plan = PlacementPlan(Topology.parse("1x3"), 6, [[[0, 1], [2, 3], [4, 5]]])
+    t0 = time.monotonic()
+    try:
+        GraceMoELayer.from_full_weights(plan, 0, random_expert_weights(6, 8, 4, "swiglu"), hidden_size=8, ffn_size=4)
+    except GraceInputError as exc:
+        return f"{time.monotonic() - t0:.1f}s {exc}"
+    return "no error"
+
+
+def test_setup_watchdog_names_the_rank_that_did_not_arrive():
+    from megatron_grace.layer.launch import run_distributed
+
+    results = run_distributed(_stalled_rank_worker, world_size=3, timeout=60)
+    for r in (0, 1):
+        msg = results[r]
+        assert msg is not None and "global rank(s) [2]" in msg and "GRACE_SETUP_TIMEOUT" in msg, msg
+        assert float(msg.split("s ", 1)[0]) < 10, msg

@@ -6,11 +6,19 @@ collective. Instead every rank runs its cheap local checks, then all ranks excha
 fingerprint (``all_gather_single`` / ``all_gather_into_tensor`` of a fixed-size int64 vector holding an ok flag, the
 plan hash, the world size, model sizes and the local error text), and every rank raises the same
 GraceInputError when any rank failed or when the ranks disagree.
+
+A rank that never arrives (stopped, crashed inside other code, running another program) would
+still leave the others waiting in that exchange. So, before it, every rank checks in through the
+job's key-value store (the watchdog): a rank that waits longer than ``GRACE_SETUP_TIMEOUT``
+seconds (default 300; 0 turns the watchdog off) for the others raises GraceInputError naming the
+global ranks that did not check in.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from typing import Any
 
 import torch
@@ -52,6 +60,56 @@ def comm_device(group: Any, preferred: torch.device | str | None = None) -> torc
     return torch.device("cpu")
 
 
+SETUP_TIMEOUT_ENV = "GRACE_SETUP_TIMEOUT"
+DEFAULT_SETUP_TIMEOUT_S = 300.0
+_CHECK_INS: dict[tuple[int, ...], int] = {}  # group members -> check-ins so far (same order on every member)
+
+
+def setup_timeout_s() -> float:
+    """The set-up watchdog's timeout from ``GRACE_SETUP_TIMEOUT`` (seconds; 0 = off; default 300)."""
+    text = os.environ.get(SETUP_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_SETUP_TIMEOUT_S
+    except ValueError:
+        raise GraceInputError(f"{SETUP_TIMEOUT_ENV}={text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise GraceInputError(f"{SETUP_TIMEOUT_ENV} must be >= 0 seconds, got {text}")
+    return value
+
+
+def check_in(group: Any, timeout_s: float | None = None) -> None:
+    """Watchdog: wait until every rank of ``group`` has reached this point, at most ``timeout_s`` seconds.
+
+    Each rank writes a key into the default group's store and polls for the others' keys (no
+    collective, so a missing rank cannot block it). Raises GraceInputError naming the global
+    ranks that did not arrive in time. A no-op when the timeout is 0 or the job has no store.
+    """
+    timeout_s = setup_timeout_s() if timeout_s is None else timeout_s
+    if timeout_s <= 0:
+        return
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):  # no store (e.g. a custom init): nothing to watch with
+        return
+    members = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(dist.get_world_size()))
+    n = _CHECK_INS.get(members, 0)
+    _CHECK_INS[members] = n + 1
+    prefix = f"grace/check-in/{hashlib.sha256(repr(members).encode()).hexdigest()[:12]}/{n}/"
+    store.set(prefix + str(dist.get_rank()), "1")
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        missing = [r for r in members if not store.check([prefix + str(r)])]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise GraceInputError(f"GRACE set-up: global rank(s) {missing} of {list(members)} did not reach set-up within "
+                                  f"{timeout_s:g} s (stopped, crashed or running other code); set {SETUP_TIMEOUT_ENV} to "
+                                  "wait longer (0 = wait forever)")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
+
+
 def agree_across_ranks(group: Any, fingerprint: dict[str, int], local_error: str | None, device: torch.device) -> None:
     """Exchange set-up fingerprints; raise GraceInputError on every rank if any rank failed or they differ.
 
@@ -61,6 +119,7 @@ def agree_across_ranks(group: Any, fingerprint: dict[str, int], local_error: str
         local_error: this rank's problem, or None.
         device: device of the exchanged tensor (CUDA for NCCL).
     """
+    check_in(group)
     world = dist.get_world_size(group)
     me = dist.get_rank(group)
     F = len(FINGERPRINT_FIELDS)
