@@ -7,7 +7,7 @@ set -euo pipefail
 GRACE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${GRACE_VENV:-$GRACE_ROOT/.venv}"
 TORCH_SPEC="${GRACE_TORCH:-torch==2.13.0}"
-EXTRAS="${GRACE_EXTRAS:-dev,megatron}"
+EXTRAS="${GRACE_EXTRAS:-dev,megatron,deepspeed}"
 PY="${PYTHON:-python3}"
 stamp="$VENV/.grace-installed"
 want="$(cat "$GRACE_ROOT/setup.py" "$GRACE_ROOT/pyproject.toml" "$GRACE_ROOT/scripts/setup_env.sh" $(ls "$GRACE_ROOT"/csrc/* 2>/dev/null) | sha256sum | cut -c1-16) $TORCH_SPEC $EXTRAS"

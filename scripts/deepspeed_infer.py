@@ -1,0 +1,279 @@
+#!/usr/bin/env python
+"""A DeepSpeed-MoE inference job: DeepSpeed's own MoE, then the same model converted to GRACE.
+
+Run under DeepSpeed's launcher (CPU/gloo here; NCCL where CUDA is available)::
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 4 scripts/deepspeed_infer.py                   # plan made from a calibration pass
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 4 scripts/deepspeed_infer.py --plan plan.json  # a given plan (ep_size GPUs)
+
+The model: a projection and ``--layers`` residual blocks, each a real ``deepspeed.moe.layer.MoE``
+(``--experts`` experts, ``ep_size`` = the world size unless ``--ep-size``, top-``--top-k``
+``TopKGate`` without token dropping, gelu or SwiGLU experts, every expert with its own random
+weights), its expert-parallel groups created by ``MoE.set_deepspeed_parallelism``. Each rank
+runs ``--steps`` batches of ``--tokens`` tokens:
+
+1. DeepSpeed's own ``MOELayer`` (gate, capacity-padded all-to-all, experts): reference outputs,
+   and its traffic (rows of the padded ``[E, capacity, h]`` buffer sent to other ranks, and the
+   token rows among them);
+2. GRACE (``megatron_grace.adapters.deepspeed.setup_grace``, each ``--dispatch`` mode) on the same
+   batches with the same RNG state: the output is compared with DeepSpeed's (max relative
+   Frobenius error over the batches) and the core counters give the rows GRACE sent per link.
+
+Without ``--plan`` the plan is made by the project's planner (``--planner``) from the routing of a
+calibration pass on DeepSpeed's path, for ``--nodes`` x (ep_size / nodes) GPUs with
+``--extra-slots`` spare slots per GPU. With ``--plan``, ``--experts`` and ``--layers`` default to
+the plan's. Exit code 0 when every mode agrees within ``--tolerance``, 1 when not, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_grace.errors import GraceInputError  # noqa: E402
+
+LINKS = ("same_gpu", "intra_node", "inter_node")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--plan", help="placement plan JSON for ep_size GPUs; default: make one from a calibration pass")
+    p.add_argument("--planner", default="grace", choices=["vanilla", "eplb", "affinity", "grace"], help="planner without --plan")
+    p.add_argument("--nodes", type=int, default=None, help="plan topology nodes without --plan (default: 2 when ep_size is a "
+                   "multiple of 4, else 1)")
+    p.add_argument("--extra-slots", type=int, default=1, help="spare expert slots per GPU for copies, without --plan")
+    p.add_argument("--save-plan", help="write the plan used to this path (rank 0)")
+    p.add_argument("--dispatch", default="both", choices=["flat", "hierarchical", "both"])
+    p.add_argument("--policy", default="grace", help="GRACE replica-choice policy")
+    p.add_argument("--ep-size", type=int, default=None, help="DeepSpeed expert-parallel size (default: the world size)")
+    p.add_argument("--experts", type=int, default=None, help="experts per MoE layer (default: the plan's, else 16)")
+    p.add_argument("--layers", type=int, default=None, help="MoE layers (default: the plan's, else 2)")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"], help="expert MLP")
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--ffn", type=int, default=64, help="expert FFN width")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per rank per batch")
+    p.add_argument("--steps", type=int, default=3, help="batches")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max relative error accepted (exit code 1 above)")
+    p.add_argument("--json", help="write every rank's results to this file (rank 0)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    return p.parse_args(argv)
+
+
+def init() -> tuple[int, int]:
+    """Join the launcher's job through DeepSpeed's communication layer; returns (rank, world)."""
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+    torch.set_grad_enabled(False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def build(args: argparse.Namespace, ep_size: int):
+    from megatron_grace.adapters.deepspeed.testing import SwiGLUExpert, build_model, gelu_expert
+
+    expert = gelu_expert(args.hidden, args.ffn) if args.activation == "gelu" else SwiGLUExpert(args.hidden, args.ffn)
+    spec = dict(expert=expert, num_experts=args.experts, ep_size=ep_size, k=args.top_k, drop_tokens=False)
+    model = build_model(args.hidden, [spec] * args.layers, seed=args.seed)
+    return model.cuda() if torch.cuda.is_available() else model
+
+
+class GateRecorder:
+    """Forward hooks on DeepSpeed's gates: each pass's routes ``[T, k]`` and capacity, per MoE layer."""
+
+    def __init__(self, model: Any) -> None:
+        from megatron_grace.adapters.deepspeed import moe_modules
+
+        self.moes = [m for _, m in moe_modules(model)]
+        self.ids: list[list[np.ndarray]] = [[] for _ in self.moes]
+        self.capacity: list[list[int]] = [[] for _ in self.moes]
+        self.handles = [m.deepspeed_moe.gate.register_forward_hook(self._hook(i)) for i, m in enumerate(self.moes)]
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, out):  # sparse routes: (l_aux, capacity, E, indices [k, T], locations, gates, counts)
+            self.capacity[layer].append(int(out[1]))
+            self.ids[layer].append(out[3].t().cpu().numpy().astype(np.int32))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def run(model: Any, batches: list[torch.Tensor], seed: int, on_pass=None) -> list[torch.Tensor]:
+    """Model outputs ``[T, h]`` per batch; the torch RNG is reseeded per batch (top-2 samples its second expert)."""
+    outs = []
+    for step, x in enumerate(batches):
+        torch.manual_seed(seed * 7919 + step)
+        outs.append(model(x)[0].float())
+        if on_pass is not None:
+            on_pass()
+    return outs
+
+
+def make_plan(args: argparse.Namespace, model: Any, ep_group: Any, ep_size: int) -> tuple[Any, str]:
+    """The plan (same on every rank): read, contiguous (``vanilla``), or planned from a calibration pass."""
+    import torch.distributed as dist
+
+    from megatron_grace.plan.placement import PlacementPlan
+    from megatron_grace.plan.planners import plan_placement
+    from megatron_grace.plan.topology import Topology
+    from megatron_grace.statistics.expert_stats import ExpertStats
+    from megatron_grace.trace.routing_trace import RoutingTrace
+
+    if args.plan:
+        return PlacementPlan.read(args.plan), f"file {args.plan}"
+    nodes = args.nodes or (2 if ep_size % 4 == 0 else 1)
+    if nodes < 1 or ep_size % nodes:
+        raise GraceInputError(f"--nodes {nodes} does not divide the expert-parallel size {ep_size}")
+    base = Topology.preset("a100-2x4")
+    topo = Topology(name=f"deepspeed-infer-{nodes}x{ep_size // nodes}", num_nodes=nodes, gpus_per_node=ep_size // nodes,
+                    intra_node=base.intra_node, inter_node=base.inter_node, gpu_flops=base.gpu_flops)
+    topo = topo.with_extra_slots(args.experts, args.extra_slots)
+    rec = GateRecorder(model)
+    gen = torch.Generator().manual_seed(args.seed * 7919 + 1000 + dist.get_rank())
+    run(model, [torch.randn(args.tokens, args.hidden, generator=gen).to(_device()) for _ in range(2)], args.seed + 1)
+    rec.remove()
+    mine = np.stack([np.concatenate(per_layer) for per_layer in rec.ids], axis=1)  # [tokens, layers, k]
+    gathered: list[Any] = [None] * dist.get_world_size(ep_group)
+    dist.all_gather_object(gathered, mine, group=ep_group)  # the calibration routing of the whole EP group
+    trace = RoutingTrace(np.concatenate(gathered), args.experts, model="deepspeed-infer-calibration")
+    holder: list[Any] = [None]
+    if dist.get_rank(ep_group) == 0:  # planned once per EP group, then broadcast: every rank holds the same plan
+        holder[0] = plan_placement(ExpertStats.from_trace(trace), topo, args.planner).to_dict()
+    dist.broadcast_object_list(holder, src=dist.get_global_rank(ep_group, 0), group=ep_group)
+    return PlacementPlan.from_dict(holder[0]), f"{args.planner} from {trace.num_tokens} calibration tokens"
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def deepspeed_rows(rec: GateRecorder, ep_rank: int, ep_size: int, gpus_per_node: int, num_experts: int) -> dict[str, dict[str, int]]:
+    """Rows DeepSpeed's dispatch all-to-all sent per link type: the padded ``[E, capacity, h]`` buffer
+    (``E / ep`` experts x capacity rows to every rank) and the token rows among them."""
+    from megatron_grace.layer.counters import link_types
+
+    link = link_types(ep_rank, ep_size, gpus_per_node)
+    local = num_experts // ep_size
+    padded = dict.fromkeys(LINKS, 0)
+    tokens = dict.fromkeys(LINKS, 0)
+    for caps, ids_list in zip(rec.capacity, rec.ids):
+        for cap, ids in zip(caps, ids_list):
+            for g in range(ep_size):
+                padded[LINKS[link[g]]] += local * cap
+            owner = ids[ids >= 0] // local
+            for i, name in enumerate(LINKS):
+                tokens[name] += int((link[owner] == i).sum())
+    return {"padded": padded, "tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank, world = init()
+    import torch.distributed as dist
+
+    from megatron_grace.adapters.deepspeed import expert_parallel_group, moe_modules, setup_grace
+    from megatron_grace.plan.placement import PlacementPlan
+
+    ep_size = args.ep_size or world
+    if args.plan:
+        plan = PlacementPlan.read(args.plan)
+        args.experts = args.experts or plan.num_experts
+        args.layers = args.layers or plan.num_layers
+    args.experts, args.layers = args.experts or 16, args.layers or 2
+    if world % ep_size or args.experts % ep_size:
+        raise GraceInputError(f"DeepSpeed needs the world size ({world}) and --experts ({args.experts}) divisible by ep_size ({ep_size})")
+    model = build(args, ep_size)
+    ep_group = expert_parallel_group(moe_modules(model)[0][1])
+    ep_rank = dist.get_rank(ep_group)
+    plan, plan_source = make_plan(args, model, ep_group, ep_size)
+    if args.save_plan and rank == 0:
+        plan.save(args.save_plan)
+    gpn = plan.topology.gpus_per_node
+
+    gen = torch.Generator().manual_seed(args.seed * 7919 + rank)
+    batches = [torch.randn(args.tokens, args.hidden, generator=gen).to(_device()) for _ in range(args.steps)]
+    rec = GateRecorder(model)
+    ref = run(model, batches, args.seed)
+    rec.remove()
+    results: dict[str, Any] = {"rank": rank, "ep_rank": ep_rank,
+                               "deepspeed": {"rows_sent_by_link": deepspeed_rows(rec, ep_rank, ep_size, gpn, args.experts)}}
+
+    modes = ["flat", "hierarchical"] if args.dispatch == "both" else [args.dispatch]
+    for mode in modes:
+        layers = setup_grace(model, plan, dispatch=mode, policy=args.policy, counters=True)
+        traffic = {"rows": dict.fromkeys(LINKS, 0), "bytes": dict.fromkeys(LINKS, 0), "pairs": 0}
+
+        def on_pass(traffic: dict[str, Any] = traffic) -> None:
+            for layer in layers:
+                c = layer.last_counters
+                traffic["pairs"] += c.pairs
+                for name in LINKS:
+                    traffic["rows"][name] += c.rows_sent_by_link[name]
+                    traffic["bytes"][name] += c.bytes_sent_by_link[name]
+
+        outs = run(model, batches, args.seed, on_pass)
+        rel = max(float((y.double() - r.double()).norm() / r.double().norm()) for y, r in zip(outs, ref, strict=True))
+        results[mode] = {"max_rel_err": rel, "max_abs_err": max(float((y - r).abs().max()) for y, r in zip(outs, ref, strict=True)),
+                         "traffic": traffic}
+
+    everything: list[Any] = [None] * world
+    dist.all_gather_object(everything, results)
+    ok = all(r[m]["max_rel_err"] <= args.tolerance for r in everything for m in modes)
+    if rank == 0:
+        report(args, plan, plan_source, everything, modes, world, ep_size, ok)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "plan_source": plan_source, "ranks": everything, "ok": ok},
+                                                  indent=1))
+    dist.barrier()
+    return 0 if ok else 1
+
+
+def report(args: argparse.Namespace, plan: Any, plan_source: str, ranks: list[dict], modes: list[str], world: int, ep_size: int,
+           ok: bool) -> None:
+    """Print the agreement and the per-rank traffic."""
+    slots = [len(x) for x in plan.gpu_experts[0]]
+    topo = plan.topology
+    print(f"model: {args.layers} DeepSpeed MoE layers, {args.experts} experts, top-{args.top_k} TopKGate (no token dropping), "
+          f"{args.activation} experts, hidden {args.hidden}, FFN {args.ffn}; {world} ranks, ep_size {ep_size}; "
+          f"{args.steps} batches x {args.tokens} tokens per rank")
+    print(f"plan: {plan_source}; {topo.num_nodes} node(s) x {topo.gpus_per_node} GPUs; layer 0 experts per GPU {slots} "
+          f"(copies: {sum(slots) - args.experts})")
+    for mode in modes:
+        worst = max(r[mode]["max_rel_err"] for r in ranks)
+        worst_abs = max(r[mode]["max_abs_err"] for r in ranks)
+        verdict = "agree" if worst <= args.tolerance else "DISAGREE"
+        print(f"\nGRACE {mode} vs DeepSpeed MoE: {verdict} (max relative error {worst:.2e}, max abs error {worst_abs:.2e}, "
+              f"tolerance {args.tolerance:g})")
+    print("\nhidden rows sent towards experts per rank, all layers and batches, per link (same GPU / same node / other node):")
+    print("DeepSpeed sends its capacity-padded [E, capacity, h] buffer (token rows in brackets); GRACE sends one row per")
+    print("(token, expert copy) it routes off the GPU (hierarchical: once per remote node, then inside the node)")
+    head = f"{'rank':>4} {'DeepSpeed padded [tokens]':>34}" + "".join(f" {('GRACE ' + m):>22}" for m in modes)
+    print(head)
+    for r in ranks:
+        ds = r["deepspeed"]["rows_sent_by_link"]
+        cell = "/".join(str(ds["padded"][k]) for k in LINKS) + " [" + "/".join(str(ds["tokens"][k]) for k in LINKS) + "]"
+        grace = "".join(f" {'/'.join(str(r[m]['traffic']['rows'][k]) for k in LINKS):>22}" for m in modes)
+        print(f"{r['rank']:>4} {cell:>34}{grace}")
+    print(f"\nagreement: {'OK' if ok else 'FAILED'}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except GraceInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
