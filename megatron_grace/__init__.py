@@ -1,7 +1,7 @@
 """megatron-grace: GRACE-MoE expert placement, replication and locality-aware routing.
 
 The data flows trace -> statistics -> plan -> routing -> dispatch -> experts; framework
-adapter for Megatron-Core sits at the edge (a DeepSpeed adapter does not exist yet); ``checkpoint`` patches Megatron-Core
+adapters for Megatron-Core and DeepSpeed sit at the edge; ``checkpoint`` patches Megatron-Core
 and DeepSpeed checkpoints to a plan's layout. The core imports neither Megatron nor DeepSpeed.
 """
 

@@ -136,6 +136,8 @@ def _worker(rank: int, world: int) -> dict:
         res["errors"][f"mixed-2x2-{mode}"] = r
         res[f"counters-{mode}"] = [(c.tokens, c.pairs, int(c.slot_load.sum()), int(c.rows_sent.sum()))
                                    for c in (m.deepspeed_moe.last_counters for m in model.moes)]
+    for moe in model.moes:  # what deepspeed.initialize does to every MoE: accepted, the group is the same
+        moe.set_deepspeed_parallelism()
     keys = model.state_dict().keys()
     res["state_keys"] = sorted(k for k in keys if "moes.0." in k)
     res["converted"] = [type(m.deepspeed_moe).__name__ for m in model.moes]
