@@ -66,27 +66,20 @@ def _model(kind: str, ep_size: int = 4, parallel: bool = True):
     return build_model(H, _layers(kind, ep_size), seed=0)
 
 
-def _topology(nodes: int, gpn: int):
-    from megatron_grace.plan.topology import Topology
-
-    base = Topology.preset("a100-2x4")
-    return Topology(name=f"test-{nodes}x{gpn}", num_nodes=nodes, gpus_per_node=gpn, intra_node=base.intra_node,
-                    inter_node=base.inter_node, gpu_flops=base.gpu_flops)
-
-
 def _plans() -> dict:
     from megatron_grace.plan.placement import PlacementPlan
+    from megatron_grace.plan.topology import Topology
 
     contiguous = [[0, 1], [2, 3], [4, 5], [6, 7]]
     return {
         # unequal slot counts (GPU 1 of layer 1 hosts one expert), copies on both nodes
-        "2x2": PlacementPlan(_topology(2, 2), E, [[[0, 1, 5], [2, 3, 0], [4, 5], [6, 7, 1, 2]],
-                                                  [[0, 1, 2, 3, 7], [4], [5, 6, 0], [7, 1, 6]]]),
-        "1x4": PlacementPlan(_topology(1, 4), E, [contiguous, contiguous]),
-        "2x1": PlacementPlan(_topology(2, 1), E, [[[0, 1, 2, 5, 6], [3, 4, 5, 6, 7, 0]], [[0, 1, 2, 3], [4, 5, 6, 7, 3]]]),
-        "1x2": PlacementPlan(_topology(1, 2), E, [[[0, 1, 2, 3], [4, 5, 6, 7]]] * 2),
-        "2x2-16": PlacementPlan(_topology(2, 2), 2 * E, [[list(range(g * 4, g * 4 + 4)) for g in range(4)]] * 2),
-        "2x2-1layer": PlacementPlan(_topology(2, 2), E, [contiguous]),
+        "2x2": PlacementPlan(Topology.parse("2x2"), E, [[[0, 1, 5], [2, 3, 0], [4, 5], [6, 7, 1, 2]],
+                                                        [[0, 1, 2, 3, 7], [4], [5, 6, 0], [7, 1, 6]]]),
+        "1x4": PlacementPlan(Topology.parse("1x4"), E, [contiguous, contiguous]),
+        "2x1": PlacementPlan(Topology.parse("2x1"), E, [[[0, 1, 2, 5, 6], [3, 4, 5, 6, 7, 0]], [[0, 1, 2, 3], [4, 5, 6, 7, 3]]]),
+        "1x2": PlacementPlan(Topology.parse("1x2"), E, [[[0, 1, 2, 3], [4, 5, 6, 7]]] * 2),
+        "2x2-16": PlacementPlan(Topology.parse("2x2"), 2 * E, [[list(range(g * 4, g * 4 + 4)) for g in range(4)]] * 2),
+        "2x2-1layer": PlacementPlan(Topology.parse("2x2"), E, [contiguous]),
     }
 
 

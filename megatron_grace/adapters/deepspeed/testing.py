@@ -42,7 +42,8 @@ def gelu_expert(hidden_size: int, ffn_size: int, bias: bool = False, activation:
 
 
 class TinyMoEModel(nn.Module):
-    """``h = proj(x)``, then ``h = h + MoE_i(h)`` per layer; returns ``(h [..., hidden], sum of l_aux)``.
+    """``h = proj(x)``, then ``h = h + MoE_i(LayerNorm_i(h))`` per layer (pre-norm residual blocks);
+    returns ``(h [..., hidden], sum of l_aux)``.
 
     Args:
         hidden_size: h.
@@ -53,12 +54,13 @@ class TinyMoEModel(nn.Module):
     def __init__(self, hidden_size: int, layers: list[dict[str, Any]]) -> None:
         super().__init__()
         self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in layers)
         self.moes = nn.ModuleList(MoE(hidden_size, **spec) for spec in layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, aux = self.proj(x), x.new_zeros(())
-        for moe in self.moes:
-            out, l_aux, _counts = moe(h)
+        for norm, moe in zip(self.norms, self.moes):
+            out, l_aux, _counts = moe(norm(h))
             h, aux = h + out, aux + l_aux
         return h, aux
 
