@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +74,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=1e-5, help="max relative error accepted (exit code 1 above)")
     p.add_argument("--json", help="write every rank's results to this file (rank 0)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds a collective may wait (a dead rank fails the job)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
     return p.parse_args(argv)
 
 
-def init() -> tuple[int, int]:
+def init(timeout_s: float) -> tuple[int, int]:
     """Join the launcher's job through DeepSpeed's communication layer; returns (rank, world)."""
     import deepspeed
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
     torch.set_grad_enabled(False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
@@ -226,7 +228,7 @@ def deepspeed_rows(rec: GateRecorder, ep_rank: int, ep_size: int, gpus_per_node:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank, world = init()
+    rank, world = init(args.timeout)
     import torch.distributed as dist
 
     from megatron_grace.adapters.deepspeed import expert_parallel_group, moe_modules, setup_grace
