@@ -110,8 +110,22 @@ def _failed(problem: GraceInputError, plan: Any, rank: int) -> dict[str, Any]:
                 activation="gelu", dtype=torch.float32, device=None, gate_args=None, wg=None)
 
 
+def _patched_slots(path: PathLike | str, layer: int, rank: int, plan: PlacementPlan, activation: str) -> Any:
+    """A weight source reading this rank's slots of ``layer`` from a patched checkpoint on first use (errors reach every rank)."""
+    cache: dict[str, Any] = {}
+
+    def weights(expert: int) -> Any:
+        if "slots" not in cache:
+            from megatron_grace.checkpoint.loader import load_rank_slots
+
+            cache["slots"] = load_rank_slots(path, layer, rank, plan=plan, activation=activation)
+        return cache["slots"][expert]
+
+    return weights
+
+
 def setup_grace(model: nn.Module, plan: PlacementPlan | PathLike, *, dispatch: str = "flat", policy: str = "grace",
-                drop_tokens: bool = False, **layer_kwargs: Any) -> list[GraceMOELayer]:
+                drop_tokens: bool = False, checkpoint: PathLike | str | None = None, **layer_kwargs: Any) -> list[GraceMOELayer]:
     """Convert every DeepSpeed ``MoE`` of ``model`` into a GRACE layer, in place (collective: every rank calls it).
 
     Args:
@@ -123,6 +137,8 @@ def setup_grace(model: nn.Module, plan: PlacementPlan | PathLike, *, dispatch: s
         policy: replica-choice policy (:data:`megatron_grace.routing.POLICY_NAMES`).
         drop_tokens: False (default): never drop a token; True: drop exactly the routes DeepSpeed's
             gate drops with the model's capacity settings (see :mod:`.gate`).
+        checkpoint: a checkpoint patched for ``plan`` (``grace checkpoint patch``): each rank reads
+            only its own slots from it instead of moving DeepSpeed's loaded experts.
         **layer_kwargs: more :class:`GraceMoELayer` arguments (``counters``, ``timing``, ``decode``,
             ``predictor``, ``grace_options``, ``seed``).
 
@@ -149,10 +165,14 @@ def setup_grace(model: nn.Module, plan: PlacementPlan | PathLike, *, dispatch: s
             problem = exc if isinstance(exc, GraceInputError) else GraceInputError(f"{type(exc).__name__}: {exc}")
             src = _failed(problem, plan, rank)
         try:
-            grace = GraceMoELayer.from_owned_weights(
-                plan, layer, src["owned"], src["owner"], hidden_size=src["hidden_size"], ffn_size=src["ffn_size"],
-                activation=src["activation"], dtype=src["dtype"], device=src["device"], group=ep_group, dispatch=dispatch,
-                policy=policy, hierarchical_groups=hier, num_experts=moe.num_experts, num_model_layers=len(moes), **layer_kwargs)
+            shape = dict(hidden_size=src["hidden_size"], ffn_size=src["ffn_size"], activation=src["activation"], dtype=src["dtype"],
+                         device=src["device"], group=ep_group, dispatch=dispatch, policy=policy, hierarchical_groups=hier,
+                         num_experts=moe.num_experts, num_model_layers=len(moes), **layer_kwargs)
+            if checkpoint is not None and src["gate_args"] is not None:  # src is real (not a reported failure)
+                grace = GraceMoELayer.from_full_weights(plan, layer, _patched_slots(checkpoint, layer, rank, plan, src["activation"]),
+                                                        **shape)
+            else:
+                grace = GraceMoELayer.from_owned_weights(plan, layer, src["owned"], src["owner"], **shape)
         except GraceInputError as exc:
             raise GraceInputError(f"DeepSpeed MoE {name or '<model>'!r} (ep_size {moe.ep_size}, {moe.num_experts} experts): {exc}") from None
         gate = inference_gate(src["gate_args"], src["wg"], drop_tokens)
