@@ -121,3 +121,12 @@ def test_synthesize_and_demo_commands(tmp_path, capsys):
     assert report["statistics"]["skew"]["median"] == pytest.approx(5.686, abs=1e-3)
     assert report["synthesis"]["overall"]["layers"] == 48
     assert (tmp_path / "demo" / "plots" / "coactivation.png").exists()
+
+
+def test_demo_with_too_few_tokens(tmp_path, capsys):
+    """1 token is refused in one line; 2 tokens run, and an unmeasurable load error says so instead of 'nan%'."""
+    assert main(["demo", "--tokens", "1", "--out", str(tmp_path / "d1")]) == 2
+    assert "at least 2 tokens" in capsys.readouterr().err
+    assert main(["demo", "--tokens", "2", "--out", str(tmp_path / "d2")]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out.lower() and "too few tokens to measure" in out

@@ -20,6 +20,8 @@ IN_SAMPLE_SHARE = 0.5  # warn when at least this share of the sample is in the m
 
 def token_fingerprints(trace: RoutingTrace) -> np.ndarray:
     """uint64 ``[T]``: a hash of each token's expert ids ``[L, k]`` (missing records included)."""
+    if trace.num_tokens == 0:
+        return np.zeros(0, dtype=np.uint64)
     ids = trace.expert_ids.reshape(trace.num_tokens, -1).astype(np.int64) + 2  # -1 (missing) -> 1, never 0
     rng = np.random.default_rng(0x67726163)
     coeffs = rng.integers(1, 2**63, size=ids.shape[1], dtype=np.uint64) | np.uint64(1)

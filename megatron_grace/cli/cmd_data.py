@@ -147,7 +147,8 @@ def format_fidelity(fidelity: dict) -> str:
     o = fidelity["overall"]
 
     def pct(key: str, digits: int) -> str:
-        return "n/a" if o.get(key) is None else f"{o[key]:.{digits}%}"
+        x = o.get(key)
+        return "n/a (too few tokens to measure)" if x is None or x != x else f"{x:.{digits}%}"  # x != x: NaN
 
     return (f"load: max relative error {pct('load_max_rel_err', 3)} (experts with >= {o['min_expected_load']:.0f} expected "
             f"tokens); listed co-activation pairs: weighted relative error {pct('pair_weighted_rel_err', 2)}")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from megatron_grace._files import atomic_path, save_json_atomic
+from megatron_grace.errors import GraceInputError
 
 DEMO_TOPOLOGY = "a100-2x4"
 DEMO_EXTRA_SLOTS = 1
@@ -60,6 +61,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.tokens < 2:
+        raise GraceInputError(f"--tokens {args.tokens}: the demo needs at least 2 tokens (half to plan on, half to measure on)")
     report: dict = {"tokens": args.tokens, "seed": args.seed}
     t0 = time.perf_counter()
 
@@ -178,7 +181,7 @@ def _write_markdown(path: Path, report: dict) -> None:
     rows = {(r["planner"], r["dispatch"]): r for r in sim["rows"]}
 
     def pct(x: float | None, digits: int = 2) -> str:
-        return "n/a" if x is None else f"{x:.{digits}%}"
+        return "n/a (too few tokens to measure)" if x is None or x != x else f"{x:.{digits}%}"  # x != x: NaN
 
     def rng(metric: str, spec: str) -> str:
         m = s[metric]
