@@ -12,14 +12,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from _dist_utils import free_port
+from _dist_utils import free_port, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(sys.executable).parent / "deepspeed"
@@ -34,15 +33,8 @@ def test_deepspeed_launcher_job_agrees(tmp_path):
     cmd = [str(LAUNCHER), "--num_gpus", "4", "--master_port", str(free_port()), str(ROOT / "scripts" / "deepspeed_infer.py"),
            "--layers", "1", "--experts", "8", "--tokens", "32", "--steps", "1", "--json", str(out_json),
            "--save-plan", str(plan_json), "--timeout", "300"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: a timeout kills the ranks too
-    try:
-        log, _ = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail("deepspeed scripts/deepspeed_infer.py timed out:\n" + log[-4000:])
-    assert proc.returncode == 0, log[-4000:]
+    rc, log = run_job(cmd, tmp_path, env, timeout=400)
+    assert rc == 0, log[-4000:]
     assert "GRACE flat vs DeepSpeed MoE: agree" in log and "GRACE hierarchical vs DeepSpeed MoE: agree" in log, log[-4000:]
     assert "agreement: OK" in log
     result = json.loads(out_json.read_text())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ import pytest
 if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
     pytest.skip("megatron-core is not installed", allow_module_level=True)
 
+from _dist_utils import free_port, run_job  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,22 +25,13 @@ def test_torchrun_megatron_infer_with_a_cli_plan(tmp_path):
     plan = tmp_path / "plan.json"
     subprocess.run([sys.executable, "-m", "megatron_grace", "plan", "--topology", "1x4", "--extra-slots", "1", "--out", str(plan)],
                    check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300)
-    from megatron_grace.layer.launch import free_port
-
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port", str(free_port())]
     cmd = torchrun + [str(ROOT / "scripts" / "megatron_infer.py"), "--plan", str(plan), "--hidden", "32", "--moe-ffn", "16",
                       "--batch", "2", "--prompt", "8", "--decode", "2", "--timeout", "300", "--json", str(tmp_path / "out.json")]
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: a timeout kills the ranks too
-    try:
-        stdout, stderr = proc.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail("torchrun megatron_infer.py timed out:\n" + stdout[-2000:] + stderr[-2000:])
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    assert "agreement: OK" in stdout
-    assert "Unknown MLP type" not in stdout + stderr  # the known warnings are silenced
+    rc, log = run_job(cmd, tmp_path, env, timeout=600)
+    assert rc == 0, log[-4000:]
+    assert "agreement: OK" in log
+    assert "Unknown MLP type" not in log  # the known warnings are silenced
     import json
 
     result = json.loads((tmp_path / "out.json").read_text())
