@@ -618,3 +618,20 @@ def test_generated_truncations_and_byte_flips(tmp_path: Path) -> None:
                 import_any(path, top_k=2) if base.suffix == ".npy" else import_any(path)
             except GraceInputError as exc:
                 assert "\n" not in str(exc)
+
+
+def test_plan_mismatch_errors_name_the_plan_file(tmp_path, capsys):
+    """A plan that does not fit the trace (simulate) or the layer's group (GraceDispatch) is named by its file."""
+    from megatron_grace.layer.grace_dispatch import plan_slots
+    from megatron_grace.plan.placement import PlacementPlan
+
+    plan_path = tmp_path / "my-plan.json"
+    PlacementPlan(Topology.parse("1x2"), 4, [[[0, 1], [2, 3]]] * 32).save(plan_path)
+    trace = tmp_path / "t.npz"  # Mixtral's shape (32 layers, top-2 of 8), so only the plan does not fit
+    ids = np.broadcast_to(np.array([0, 5], dtype=np.int32), (16, 32, 2)).copy()
+    RoutingTrace(ids, num_experts=8, model="mixtral-8x7b").save(trace)
+    code, _, err = _cli(capsys, "simulate", "--plan", str(plan_path), "--trace", str(trace))
+    assert code == 2 and "my-plan.json" in err and "experts per layer" in err, err
+    plan = PlacementPlan.read(plan_path)
+    with pytest.raises(GraceInputError, match="my-plan.json.*expert-parallel group has 4 ranks"):
+        plan_slots(plan, 0, 0, 4)

@@ -90,13 +90,13 @@ def plan_slots(plan: PlacementPlan, layer: int, rank: int, world: int, num_exper
     topo = plan.topology
     if plan.num_gpus != world:
         raise GraceInputError(f"the plan is for {plan.num_gpus} GPUs ({topo.num_nodes} node(s) x {topo.gpus_per_node} GPU(s), topology "
-                              f"{topo.name!r}) but the expert-parallel group has {world} ranks")
+                              f"{topo.name!r}) but the expert-parallel group has {world} ranks", plan.source)
     if num_model_layers is not None and plan.num_layers != num_model_layers:
-        raise GraceInputError(f"the plan has {plan.num_layers} MoE layer(s) but the model has {num_model_layers}")
+        raise GraceInputError(f"the plan has {plan.num_layers} MoE layer(s) but the model has {num_model_layers}", plan.source)
     if not 0 <= layer < plan.num_layers:
-        raise GraceInputError(f"layer {layer} is outside the plan's {plan.num_layers} MoE layer(s)")
+        raise GraceInputError(f"layer {layer} is outside the plan's {plan.num_layers} MoE layer(s)", plan.source)
     if num_experts is not None and plan.num_experts != num_experts:
-        raise GraceInputError(f"the plan has {plan.num_experts} experts per layer but the model has {num_experts}")
+        raise GraceInputError(f"the plan has {plan.num_experts} experts per layer but the model has {num_experts}", plan.source)
     return plan.gpu_experts[layer][rank]
 
 

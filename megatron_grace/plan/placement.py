@@ -40,6 +40,7 @@ class PlacementPlan:
         gpu_experts: ``[layer][gpu] -> list of expert ids`` hosted, one per slot.
         planner: name of the planner that made it.
         metadata: free-form JSON-able details (knobs, statistics source).
+        source: the file the plan was read from, or None; errors about the plan name it.
     """
 
     topology: Topology
@@ -47,6 +48,7 @@ class PlacementPlan:
     gpu_experts: tuple[tuple[tuple[int, ...], ...], ...]
     planner: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, repr=False)  # the file it was read from (named in errors); not saved
 
     def __post_init__(self) -> None:
         layers = tuple(tuple(tuple(int(e) for e in gpu) for gpu in layer) for layer in self.gpu_experts)
@@ -215,7 +217,8 @@ class PlacementPlan:
             raise GraceInputError(f"plan says num_layers={num_layers} but lists {len(gpu_experts)} layers", source)
         try:
             return PlacementPlan(topology=topology, num_experts=num_experts, gpu_experts=gpu_experts,
-                                 planner=str(data.get("planner", "")), metadata=metadata)
+                                 planner=str(data.get("planner", "")), metadata=metadata,
+                                 source=None if source is None else str(source))
         except GraceInputError as exc:
             raise GraceInputError(exc.problem, source) from None
 

@@ -162,10 +162,10 @@ def check_compatible(plan: PlacementPlan, trace: RoutingTrace) -> None:
         top = int(trace.expert_ids.max()) if trace.expert_ids.size else -1
         detail = f" (trace ids go up to {top})" if top >= plan.num_experts else ""
         raise GraceInputError(
-            f"the plan is for {plan.num_experts} experts per layer but the trace has {trace.num_experts}{detail}"
+            f"the plan is for {plan.num_experts} experts per layer but the trace has {trace.num_experts}{detail}", plan.source
         )
     if plan.num_layers != trace.num_layers:
-        raise GraceInputError(f"the plan has {plan.num_layers} MoE layers but the trace has {trace.num_layers}")
+        raise GraceInputError(f"the plan has {plan.num_layers} MoE layers but the trace has {trace.num_layers}", plan.source)
     if trace.expert_ids.size and int(trace.expert_ids.max()) >= plan.num_experts:  # pragma: no cover - trace validates
         raise GraceInputError(f"trace has expert id {int(trace.expert_ids.max())}, beyond the plan's {plan.num_experts} experts")
 
