@@ -39,6 +39,7 @@ if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("dee
 
 from megatron_grace.checkpoint import load_rank_slots, open_source, patch_checkpoint, unpatch_checkpoint, verify_checkpoint  # noqa: E402
 from megatron_grace.checkpoint import manifest as mf  # noqa: E402
+from megatron_grace.checkpoint.safe_load import load_torch_file  # noqa: E402
 from megatron_grace.cli.main import main as grace_main  # noqa: E402
 from megatron_grace.layer.launch import free_port  # noqa: E402
 
@@ -406,9 +407,10 @@ def test_missing_truncated_and_unsafe_sources_are_refused(ckpts, ds_src, tmp_pat
     unsafe = tmp_path / "unsafe"
     shutil.copytree(sources["megatron-torch"][0], unsafe)
     f = unsafe / "iter_0000003" / "mp_rank_00_000" / "model_optim_rng.pt"
-    state = torch.load(f, weights_only=False)
+    state = load_torch_file(f)  # the project's safe loader (weights_only=True, Namespace and numpy allowed)
     state["args"].tokenizer_path = Path("/x")  # a pathlib object: not an allowed global
-    torch.save(state, f)
+    torch.save(state, f.with_suffix(".new"))  # not onto f itself: the loaded tensors are memory-mapped from it
+    os.replace(f.with_suffix(".new"), f)
     _check_refused(capsys, ["checkpoint", "patch", str(unsafe), str(dst), "--plan", str(plan)], "weights_only=True", dst)
     _check_refused(capsys, ["checkpoint", "patch", str(tmp_path / "nothing"), str(dst), "--plan", str(plan)], "not found", dst)
 
