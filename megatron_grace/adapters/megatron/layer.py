@@ -48,8 +48,7 @@ from megatron_grace.experts.exchange import (
 )
 from megatron_grace.experts.mlp import expert_weight_shapes, unpack_expert
 from megatron_grace.layer.counters import LayerCounters
-from megatron_grace.layer.grace_dispatch import ExpertShape, GraceDispatch, agree_or_raise, is_world
-from megatron_grace.plan.placement import PlacementPlan
+from megatron_grace.layer.grace_dispatch import ExpertShape, GraceDispatch, agree_or_raise
 
 
 class GraceMegatronMoELayer(MoELayer):
@@ -74,7 +73,6 @@ class GraceMegatronMoELayer(MoELayer):
         self.grace_setup_info: dict[str, Any] = {}
         self._pg_collection = pg_collection
         self._megatron_dispatcher = self.token_dispatcher
-        self._plan: PlacementPlan | None = None
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -88,10 +86,10 @@ class GraceMegatronMoELayer(MoELayer):
     def _layout(self) -> tuple[list[list[int]], np.ndarray]:
         """The current layout: every rank's logical expert per local expert, and each expert's owner (its primary copy)."""
         E, ep = int(self.config.num_moe_experts), dist.get_world_size(self._group())
-        if self._plan is None:
+        if self.grace is None:
             return contiguous_slots(E, ep), contiguous_owners(E, ep)
-        layer = self.grace.layer_index
-        return [list(x) for x in self._plan.gpu_experts[layer]], primary_owners(self._plan, layer)
+        plan, layer = self.grace.plan, self.grace.layer_index
+        return [list(x) for x in plan.gpu_experts[layer]], primary_owners(plan, layer)
 
     def _shape(self) -> ExpertShape:
         """The experts' shape; GraceInputError for Megatron settings GRACE does not run."""
@@ -150,8 +148,6 @@ class GraceMegatronMoELayer(MoELayer):
             problem = exc
         if new_plan is None:
             agree_or_raise(group, None, layer, opts.dispatch, shape, problem or GraceInputError("no plan"), self._device())
-        if opts.dispatch == "hierarchical" and hierarchical_groups is None and is_world(group) and problem is None:
-            hierarchical_groups = HierarchicalGroups.build(new_plan.topology.gpus_per_node, group)
 
         def local_check(rank: int, world: int) -> None:
             if problem is not None:
@@ -168,7 +164,7 @@ class GraceMegatronMoELayer(MoELayer):
             shapes = expert_weight_shapes(shape.activation, shape.hidden_size, shape.ffn_size)
             states = [unpack_expert(row, shapes) for row in exchange_packed(packed, group, world)]
         self._install_experts(states, engine.max_slots, shape)
-        self.grace, self._plan, self.grace_config = engine, new_plan, opts
+        self.grace, self.grace_config = engine, opts
         self.token_dispatcher = GraceTokenDispatcher(engine, engine.max_slots, self.config, self._pg_collection)
         self.grace_setup_info = {"plan_layer": layer, "slots": len(engine.local_experts), "experts": list(engine.local_experts),
                                  "padded_to": engine.max_slots, "activation": shape.activation,
@@ -189,7 +185,7 @@ class GraceMegatronMoELayer(MoELayer):
         shapes = expert_weight_shapes(shape.activation, shape.hidden_size, shape.ffn_size)
         rows = exchange_packed(self._pack_for(target, shape), group, world)
         self._install_experts([unpack_expert(row, shapes) for row in rows], len(target[rank]), shape)
-        self.grace, self._plan = None, None
+        self.grace = None
         self.token_dispatcher = self._megatron_dispatcher
         self.grace_setup_info = {}
 
@@ -218,7 +214,7 @@ class GraceMegatronMoELayer(MoELayer):
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         singleton = bool((metadata or {}).get("singleton_local_shards", False))
         E = int(self.config.num_moe_experts)
-        hosts = self._plan.expert_gpus[self.grace.layer_index]  # [E, copies] GPUs holding each expert, ascending
+        hosts = self.grace.plan.expert_gpus[self.grace.layer_index]  # [E, copies] GPUs holding each expert, ascending
         rank, dp = self.grace.rank, experts.dp_group
         base = f"{prefix}experts."
         for i, e in enumerate(self.grace.local_experts):
