@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-import torch
 import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
@@ -34,6 +32,7 @@ from megatron_grace.dispatch.hierarchical import HierarchicalGroups
 from megatron_grace.errors import GraceInputError
 from megatron_grace.experts.exchange import contiguous_owners, primary_owners
 from megatron_grace.layer import GraceMoELayer
+from megatron_grace.layer.grace_dispatch import agree_or_raise
 from megatron_grace.plan.placement import PlacementPlan
 
 from .experts import identify_expert
@@ -96,20 +95,6 @@ def _source(moe: MoE, plan: Any, ep_group: Any) -> dict[str, Any]:
                 wg=current.gate.wg)
 
 
-def _failed(problem: GraceInputError, plan: Any, rank: int) -> dict[str, Any]:
-    """Arguments that make :meth:`GraceMoELayer.from_owned_weights` report ``problem`` on every rank.
-
-    This rank claims every expert and its weight source raises ``problem``: the core then fails its
-    set-up agreement with that message before any weight moves.
-    """
-    def raise_problem(expert: int) -> Any:
-        raise problem
-
-    num_experts = plan.num_experts if isinstance(plan, PlacementPlan) else 1
-    return dict(owned=raise_problem, owner=np.full(num_experts, rank, dtype=np.int64), hidden_size=1, ffn_size=1,
-                activation="gelu", dtype=torch.float32, device=None, gate_args=None, wg=None)
-
-
 def _patched_slots(path: PathLike | str, layer: int, rank: int, plan: PlacementPlan, activation: str) -> Any:
     """A weight source reading this rank's slots of ``layer`` from a patched checkpoint on first use (errors reach every rank)."""
     cache: dict[str, Any] = {}
@@ -160,15 +145,14 @@ def setup_grace(model: nn.Module, plan: PlacementPlan | PathLike, *, dispatch: s
     built = []
     for layer, (name, moe) in enumerate(moes):
         try:
-            src = _source(moe, plan, ep_group)
-        except Exception as exc:  # noqa: BLE001 - reported on every rank through the core's set-up agreement
-            problem = exc if isinstance(exc, GraceInputError) else GraceInputError(f"{type(exc).__name__}: {exc}")
-            src = _failed(problem, plan, rank)
-        try:
+            try:
+                src = _source(moe, plan, ep_group)
+            except Exception as exc:  # noqa: BLE001 - reported on every rank by the core's set-up agreement
+                agree_or_raise(ep_group, plan, layer, dispatch, None, exc)
             shape = dict(hidden_size=src["hidden_size"], ffn_size=src["ffn_size"], activation=src["activation"], dtype=src["dtype"],
                          device=src["device"], group=ep_group, dispatch=dispatch, policy=policy, hierarchical_groups=hier,
                          num_experts=moe.num_experts, num_model_layers=len(moes), **layer_kwargs)
-            if checkpoint is not None and src["gate_args"] is not None:  # src is real (not a reported failure)
+            if checkpoint is not None:
                 grace = GraceMoELayer.from_full_weights(plan, layer, _patched_slots(checkpoint, layer, rank, plan, src["activation"]),
                                                         **shape)
             else:
