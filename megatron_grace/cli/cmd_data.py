@@ -142,13 +142,14 @@ def run_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+def pct(x: float | None, digits: int = 2) -> str:
+    """``x`` as a percentage; None or NaN (nothing was measured) as n/a."""
+    return "n/a (too few tokens to measure)" if x is None or x != x else f"{x:.{digits}%}"  # x != x: NaN
+
+
 def format_fidelity(fidelity: dict) -> str:
     """One line: how well a synthesized trace reproduces its statistics (from ``synthesis_fidelity``)."""
     o = fidelity["overall"]
 
-    def pct(key: str, digits: int) -> str:
-        x = o.get(key)
-        return "n/a (too few tokens to measure)" if x is None or x != x else f"{x:.{digits}%}"  # x != x: NaN
-
-    return (f"load: max relative error {pct('load_max_rel_err', 3)} (experts with >= {o['min_expected_load']:.0f} expected "
-            f"tokens); listed co-activation pairs: weighted relative error {pct('pair_weighted_rel_err', 2)}")
+    return (f"load: max relative error {pct(o.get('load_max_rel_err'), 3)} (experts with >= {o['min_expected_load']:.0f} expected "
+            f"tokens); listed co-activation pairs: weighted relative error {pct(o.get('pair_weighted_rel_err'), 2)}")

@@ -169,6 +169,7 @@ def format_headline(h: dict[str, float]) -> str:
 
 def _write_markdown(path: Path, report: dict) -> None:
     """The human-readable report of the demo: results, what the figures mean, assumptions, plots."""
+    from megatron_grace.cli.cmd_data import pct
     from megatron_grace.plan.topology import ModelShape
     from megatron_grace.statistics.summary import MIN_PAIR_COUNT
 
@@ -179,9 +180,6 @@ def _write_markdown(path: Path, report: dict) -> None:
     topo = sim["topology"]
     shape = ModelShape.preset(sim["model_shape"])
     rows = {(r["planner"], r["dispatch"]): r for r in sim["rows"]}
-
-    def pct(x: float | None, digits: int = 2) -> str:
-        return "n/a (too few tokens to measure)" if x is None or x != x else f"{x:.{digits}%}"  # x != x: NaN
 
     def rng(metric: str, spec: str) -> str:
         m = s[metric]

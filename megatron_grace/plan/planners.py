@@ -713,7 +713,6 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
         hosts[gpu_of, np.arange(E)] = True
         group_sizes.append(np.bincount(gpu_of, minlength=G))
         if max_new != 0:
-            copy_load = None
             if opts.replica_strategy == "demand" and target is None:
                 hosts = _demand_replicas(hosts, w, a, A, ctx, lo, opts, anchor, max_new, l)
                 added = 0  # repacked inside
@@ -725,7 +724,7 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
                 hosts, added = add_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A, max_new=max_new,
                                             balance_target=target, locality_weight=opts.replica_locality_weight)
             if added and opts.repack:
-                hosts = _repack_nodes(hosts, w, a, ctx, lo, opts.balance_weight, anchor, opts.load_slack, copy_load)
+                hosts = _repack_nodes(hosts, w, a, ctx, lo, opts.balance_weight, anchor, opts.load_slack)
         prev_hosts = hosts
         out.append(_lists(hosts))
     ctx.notes["group_sizes"] = np.array(group_sizes)  # [L, G] experts per GPU after grouping, before copies
