@@ -231,6 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = init(args.timeout)
     import torch.distributed as dist
 
+    try:
+        return _job(args, rank, world)
+    finally:
+        # Tear the groups down while the interpreter is whole: gloo groups (the world, DeepSpeed's expert
+        # groups, GRACE's hierarchical ones) left to interpreter shutdown can abort the rank with
+        # "terminate called without an active exception" after the job itself succeeded.
+        dist.destroy_process_group()
+
+
+def _job(args: argparse.Namespace, rank: int, world: int) -> int:
+    """The job proper: build, plan, compare GRACE with DeepSpeed, report. Returns the exit status."""
+    import torch.distributed as dist
+
     from megatron_grace.adapters.deepspeed import expert_parallel_group, moe_modules, setup_grace
     from megatron_grace.plan.placement import PlacementPlan
 
