@@ -10,7 +10,8 @@ state (top-2's second expert is sampled, as in DeepSpeed by default):
 - outputs and ``l_aux`` match within 1e-5 (float32, relative) for: gelu experts with top-1 and
   SwiGLU experts with top-2 plus PR-MoE's residual MLP (``use_residual=True``) on a 2x2 plan with
   unequal slot counts and copies, flat and hierarchical; the same model converted again to a 1x4
-  plan (weights then come from the GRACE slots); top-3 with zero biases on the contiguous plan;
+  plan (weights then come from the GRACE slots); top-3 with biased experts (random non-zero
+  biases, ``nn.Linear``'s default) on the 2x2 plan and on the contiguous plan;
   ``ep_size=2`` on 4 ranks (two DeepSpeed expert-parallel groups, each its own GRACE layer, on a
   2x1 plan, flat and hierarchical); DeepSpeed's capacity drops (``drop_tokens=True``) reproduced;
 - the converted modules are registered (``state_dict`` holds the GRACE slots, not DeepSpeed's experts)
@@ -192,7 +193,8 @@ def _worker(rank: int, world: int) -> dict:
     ref = res["errors"]["mixed-2x2-hierarchical"]["ref"]
     res["errors"]["reconvert-1x4"] = {"rel": float((out.double() - ref.double()).norm() / ref.double().norm())}
 
-    res["errors"]["top3-zero-bias-1x4-hier"] = _compare(rank, "top3", plans["1x4"], "hierarchical")[0]
+    res["errors"]["top3-bias-1x4-hier"] = _compare(rank, "top3", plans["1x4"], "hierarchical")[0]
+    res["errors"]["top3-bias-2x2-flat"] = _compare(rank, "top3", plans["2x2"], "flat")[0]
     for mode in ("flat", "hierarchical"):
         res["errors"][f"ep2-2x1-{mode}"] = _compare(rank, "mixed", plans["2x1"], mode, ep_size=2)[0]
 
@@ -219,9 +221,9 @@ def _worker(rank: int, world: int) -> dict:
     res["refusals"]["no-group"] = _refusal(lambda: setup_grace(_model("mixed", ep_size=1, parallel=False), plans["2x2"]))
     res["refusals"]["bad-dispatch"] = _refusal(lambda: setup_grace(_model("mixed"), plans["2x2"], dispatch="ring"))
     one_rank = _model("top3")
-    if rank == 3:  # a non-zero bias in one expert that only rank 3 holds
-        nn.init.ones_(one_rank.moes[1].deepspeed_moe.experts.deepspeed_experts[1][2].bias)
-    res["refusals"]["bias-on-rank-3"] = _refusal(lambda: setup_grace(one_rank, plans["2x2"]))
+    if rank == 3:  # one expert that only rank 3 holds has a wrong shape (say, a bad load)
+        one_rank.moes[1].deepspeed_moe.experts.deepspeed_experts[1][2] = nn.Linear(F + 1, H)
+    res["refusals"]["shape-on-rank-3"] = _refusal(lambda: setup_grace(one_rank, plans["2x2"]))
     res["still_ds_after_rank_problem"] = all(isinstance(m.deepspeed_moe, MOELayer) for m in one_rank.moes)
     res["grace_class"] = GraceMOELayer.__name__
     for r in res["errors"].values():
@@ -236,7 +238,7 @@ def results():
 
 def test_grace_matches_deepspeed_moe(results):
     names = set(results[0]["errors"])
-    assert {"mixed-2x2-flat", "mixed-2x2-hierarchical", "reconvert-1x4", "top3-zero-bias-1x4-hier", "ep2-2x1-flat",
+    assert {"mixed-2x2-flat", "mixed-2x2-hierarchical", "reconvert-1x4", "top3-bias-1x4-hier", "top3-bias-2x2-flat", "ep2-2x1-flat",
             "ep2-2x1-hierarchical", "drop-tokens", "no-drop-vs-ds-no-drop", "patched-checkpoint"} <= names
     for rank, res in enumerate(results):
         assert res["errors"]["patched-checkpoint"]["wrong_rel"] > 1e-2  # the experts really were replaced before set-up
@@ -286,9 +288,9 @@ def test_refusals_on_every_rank(results, case, needles):
 
 
 def test_problem_on_one_rank_fails_every_rank(results):
-    msgs = [res["refusals"]["bias-on-rank-3"] for res in results]
-    assert "expert 7: the expert's Linear '2' has a non-zero bias" in msgs[3], msgs[3]
+    msgs = [res["refusals"]["shape-on-rank-3"] for res in results]
+    assert "weight 'fc2' of expert 7 has shape (25, 16), expected (24, 16)" in msgs[3], msgs[3]
     for msg in msgs[:3]:
-        assert "failed on rank(s) 3" in msg and "non-zero bias" in msg, msg
+        assert "failed on rank(s) 3" in msg and "of expert 7 has shape" in msg, msg
     assert all(res["still_ds_after_rank_problem"] for res in results)
     assert np.all([res["grace_class"] == "GraceMOELayer" for res in results])

@@ -76,7 +76,7 @@ def _core_out(ds, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from megatron_grace.experts.mlp import SlotExperts
 
     mlp = ds.identify_expert(module, x.shape[1])
-    slots = SlotExperts([0], mlp.hidden_size, mlp.ffn_size, mlp.activation, mlp.dtype)
+    slots = SlotExperts([0], mlp.hidden_size, mlp.ffn_size, mlp.activation, mlp.dtype, bias=mlp.bias)
     slots.load_slot(0, mlp.state(module))
     return slots(x, [x.shape[0]])
 
@@ -98,17 +98,38 @@ def test_identify_supported_experts(ds, make, activation, names):
     torch.testing.assert_close(_core_out(ds, module, x), module(x), rtol=1e-5, atol=1e-6)
 
 
-def test_zero_biases_and_bf16_accepted(ds):
+class PartlyBiased(nn.Module):
+    """SwiGLU whose down projection alone has a bias (the others get zero biases in the core)."""
+
+    def __init__(self, h: int, f: int) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False), nn.Linear(f, h)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("make, activation", [
+    (lambda: HFSwiGLU(H, F, bias=True), "swiglu"),
+    (lambda: _gelu_mlp(bias=True), "gelu"),
+    (lambda: PartlyBiased(H, F), "swiglu"),
+])
+def test_biased_experts_carried(ds, make, activation):
+    """Experts built with ``nn.Linear``'s default bias (random, non-zero) compute the same function in the core."""
     torch.manual_seed(1)
-    module = HFSwiGLU(H, F, bias=True)
+    module = make()
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.normal_(m.bias, std=0.5)
     mlp = ds.identify_expert(module, H)
-    assert mlp.activation == "swiglu"
-    nn.init.ones_(module.up_proj.bias)  # every expert's biases are checked when its weights are read
-    with pytest.raises(GraceInputError, match="Linear 'up_proj' has a non-zero bias"):
-        mlp.state(module)
+    assert (mlp.activation, mlp.bias) == (activation, True)
+    state = mlp.state(module)
+    assert {n for n in state if n.endswith("_bias")} == {f"{n}_bias" for n in mlp.linears}
+    x = torch.randn(12, H)
+    torch.testing.assert_close(_core_out(ds, module, x), module(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_read_as_views(ds):
     bf = _gelu_mlp().to(torch.bfloat16)
     mlp = ds.identify_expert(bf, H)
     assert mlp.dtype == torch.bfloat16 and mlp.state(bf)["fc1"].shape == (H, F)
@@ -119,7 +140,6 @@ def test_zero_biases_and_bf16_accepted(ds):
     (lambda: nn.Linear(H, H), "single Linear"),
     (lambda: _gelu_mlp(act=nn.ReLU()), "does not compute an MLP GRACE supports"),
     (lambda: _gelu_mlp(act=nn.GELU(approximate="tanh")), "does not compute an MLP GRACE supports"),
-    (lambda: _gelu_mlp(bias=True), "non-zero bias"),
     (lambda: WithNorm(H, F), "parameters outside its Linear layers (norm.weight, norm.bias)"),
     (lambda: nn.Sequential(*_gelu_mlp(), nn.Linear(H, H, bias=False), nn.Linear(H, H, bias=False)), "has 4 Linear layers"),
     (lambda: _gelu_mlp(H + 1, F), "does not map hidden size 16"),

@@ -276,6 +276,26 @@ def worker_four(rank: int, world: int) -> dict:
     x, ids, w = _batch(13 + rank, 16, E, k, dtype=torch.bfloat16)
     res["bf16"] = _rel(layer(x, ids, w), ref(x, ids, w))
 
+    # --- experts with biases (DeepSpeed's nn.Linear default), moved from the frameworks' contiguous owners
+    from megatron_grace.experts.exchange import contiguous_owners
+
+    biased = random_expert_weights(E, H, F, seed=7, bias=True)
+    bref = DenseReferenceMoE(biased, E, H, F, bias=True)
+    owners = contiguous_owners(E, world) if E % world == 0 else np.arange(E) % world
+    res["bias"] = {}
+    for act in ("swiglu", "gelu"):
+        src = random_expert_weights(E, H, F, activation=act, seed=7, bias=True) if act == "gelu" else biased
+        rf = DenseReferenceMoE(src, E, H, F, act, bias=True) if act == "gelu" else bref
+        for mode in ("flat", "hierarchical"):
+            owned = {e: src(e) for e in range(E) if int(owners[e]) == rank}
+            layer = GraceMoELayer.from_owned_weights(hand, 0, owned, owners, hidden_size=H, ffn_size=F, activation=act,
+                                                     dispatch=mode, bias=True)
+            x, ids, w = _batch(16 + rank, 13, E, k)
+            res["bias"][f"{act}/{mode}"] = _rel(layer(x, ids, w), rf(x, ids, w))
+    layer = GraceMoELayer.from_full_weights(hand, 0, biased, hidden_size=H, ffn_size=F, dtype=torch.bfloat16, bias=True)
+    x, ids, w = _batch(17 + rank, 16, E, k, dtype=torch.bfloat16)  # bf16: the grouped-GEMM path on CPU
+    res["bias_bf16"] = _rel(layer(x, ids, w), bref(x, ids, w))
+
     # --- counters agree with the decisions
     res["counters"] = _counter_checks(rank, world, hand, weights, E, k)
 
@@ -345,8 +365,12 @@ def worker_four(rank: int, world: int) -> dict:
     def different_dispatch():  # rank 0 asks for hierarchical, the others for flat
         GraceMoELayer.from_full_weights(hand, 0, weights, dispatch="hierarchical" if rank == 0 else "flat", **kw)
 
+    def bias_on_one_rank():  # rank 2's experts have biases, the others' not
+        src = random_expert_weights(E, H, F, seed=5, bias=rank == 2)
+        GraceMoELayer.from_full_weights(hand, 0, src, bias=rank == 2, **kw)
+
     for fn in (wrong_slot_count, wrong_expert_in_slot, wrong_weight_shape, weight_source_crashes, different_plans, missing_primary,
-               different_dispatch):
+               different_dispatch, bias_on_one_rank):
         bad[fn.__name__.replace("_", "-")] = _catch(fn)
     bad["unknown-policy"] = _catch(lambda: GraceMoELayer.from_full_weights(hand, 0, weights, policy="nearest", **kw))
 
@@ -483,6 +507,14 @@ def test_four_ranks_bf16(four_rank):
     assert max(r["bf16"] for r in four_rank) < 2e-2
 
 
+def test_four_ranks_experts_with_biases(four_rank):
+    worst = _worst(four_rank, "bias")
+    assert len(worst) == 2 * 2
+    bad = {k: v for k, v in worst.items() if not v < TOL}
+    assert not bad, bad
+    assert max(r["bias_bf16"] for r in four_rank) < 2e-2
+
+
 def test_four_ranks_counters_agree_with_decisions(four_rank):
     problems = [p for r in four_rank for p in r["counters"]]
     assert not problems, problems
@@ -508,6 +540,7 @@ def test_bad_input_raises_on_every_rank(four_rank):
     assert "different placement plans" in four_rank[0]["bad"]["different-plans"]
     assert "no weights given for expert" in four_rank[1]["bad"]["missing-primary"]
     assert "different dispatch" in four_rank[3]["bad"]["different-dispatch"]
+    assert "expert_bias" in four_rank[0]["bad"]["bias-on-one-rank"], four_rank[0]["bad"]["bias-on-one-rank"]
     assert max(r["after_errors"] for r in four_rank) < TOL
 
 

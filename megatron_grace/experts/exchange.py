@@ -21,6 +21,7 @@ Wire format of one expert: its matrices in the dict layout of :mod:`megatron_gra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,14 +84,14 @@ def pack_owned_weights(slots: Sequence[Sequence[int]], rank: int, owned: WeightS
         owned: ``expert id -> {name: tensor}`` (mapping or callable); read only for the experts
             ``owner`` gives to this rank.
         owner: int ``[E]`` rank holding each expert's source weights.
-        shapes: name -> shape of one expert's matrices.
+        shapes: name -> shape of one expert's weights (matrices, then biases if any).
         dtype, device: of the wire rows (the slots' storage).
 
     Raises:
         GraceInputError: a missing expert, or wrong names / shapes.
     """
     world = len(slots)
-    width = int(sum(a * b for a, b in shapes.values()))
+    width = int(sum(math.prod(shape) for shape in shapes.values()))
     blobs: dict[int, torch.Tensor] = {}
     for e in np.nonzero(owner == rank)[0].tolist():
         state = fetch_expert(owned, e)

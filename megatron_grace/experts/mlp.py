@@ -8,6 +8,10 @@ layout of ``nn.Linear`` (and of Megatron-Core's grouped experts), gate and up fu
   ``y = silu(x W_gate^T) * (x W_up^T)) W_down^T``;
 - ``gelu``: ``w_fc1 [S, f, h]``, ``w_fc2 [S, h, f]``; ``y = gelu(x W_fc1^T) W_fc2^T`` (exact erf GELU).
 
+With ``bias=True`` every projection also adds a bias, stacked per slot like the weights:
+``b_gate_up [S, 2f]`` and ``b_down [S, h]`` (swiglu), ``b_fc1 [S, f]`` and ``b_fc2 [S, h]`` (gelu)
+(DeepSpeed's experts are ``nn.Linear`` with a bias by default).
+
 Compute (:meth:`SlotExperts.forward`) is one grouped GEMM per projection over all local slots:
 ``torch._grouped_mm`` with the slot offsets on the device where torch supports it for the
 dtype (bf16 on CPU and Hopper GPUs, fp16/fp32 in eager mode), else a padded batched matmul
@@ -15,12 +19,15 @@ dtype (bf16 on CPU and Hopper GPUs, fp16/fp32 in eager mode), else a padded batc
 
 One expert's weights, as passed to :meth:`SlotExperts.from_full_weights` or returned by
 :meth:`SlotExperts.expert_state`, are a dict with the same names without the slot axis:
-``{"gate": [h, f], "up": [h, f], "down": [f, h]}`` (swiglu) or ``{"fc1": [h, f], "fc2": [f, h]}`` (gelu).
+``{"gate": [h, f], "up": [h, f], "down": [f, h]}`` (swiglu) or ``{"fc1": [h, f], "fc2": [f, h]}`` (gelu),
+plus, with biases, ``{name}_bias`` vectors: ``gate_bias [f]``, ``up_bias [f]``, ``down_bias [h]``
+(swiglu) or ``fc1_bias [f]``, ``fc2_bias [h]`` (gelu).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -37,14 +44,18 @@ ExpertState = Mapping[str, torch.Tensor]
 WeightSource = Union[Mapping[int, ExpertState], Callable[[int], ExpertState]]
 
 
-def expert_weight_shapes(activation: str, hidden_size: int, ffn_size: int) -> dict[str, tuple[int, int]]:
-    """Name -> shape of one expert's weight matrices."""
+def expert_weight_shapes(activation: str, hidden_size: int, ffn_size: int, bias: bool = False) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of one expert's weights: the ``[in, out]`` matrices, then (``bias``) the ``[out]`` biases."""
     h, f = hidden_size, ffn_size
     if activation == "swiglu":
-        return {"gate": (h, f), "up": (h, f), "down": (f, h)}
-    if activation == "gelu":
-        return {"fc1": (h, f), "fc2": (f, h)}
-    raise GraceInputError(f"unknown expert activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        shapes: dict[str, tuple[int, ...]] = {"gate": (h, f), "up": (h, f), "down": (f, h)}
+    elif activation == "gelu":
+        shapes = {"fc1": (h, f), "fc2": (f, h)}
+    else:
+        raise GraceInputError(f"unknown expert activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+    if bias:
+        shapes.update({f"{name}_bias": (shape[1],) for name, shape in list(shapes.items())})
+    return shapes
 
 
 def fetch_expert(weights: WeightSource, expert: int) -> ExpertState:
@@ -58,7 +69,7 @@ def fetch_expert(weights: WeightSource, expert: int) -> ExpertState:
     return state
 
 
-def check_expert_state(state: ExpertState, expert: int, shapes: Mapping[str, tuple[int, int]]) -> None:
+def check_expert_state(state: ExpertState, expert: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raise GraceInputError unless ``state`` has exactly the names and shapes of ``shapes``, in floating point."""
     if set(state) != set(shapes):
         raise GraceInputError(f"weights of expert {expert} have names {sorted(state)}, expected {sorted(shapes)}")
@@ -72,12 +83,13 @@ def check_expert_state(state: ExpertState, expert: int, shapes: Mapping[str, tup
             raise GraceInputError(f"weight {name!r} of expert {expert} has dtype {t.dtype}, expected a floating type")
 
 
-def unpack_expert(flat: torch.Tensor, shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """``[floats_per_expert]`` wire row (matrices flattened and concatenated in ``shapes`` order) -> ``{name: view}``."""
+def unpack_expert(flat: torch.Tensor, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """``[floats_per_expert]`` wire row (weights flattened and concatenated in ``shapes`` order) -> ``{name: view}``."""
     out, offset = {}, 0
-    for name, (a, b) in shapes.items():
-        out[name] = flat[offset: offset + a * b].view(a, b)
-        offset += a * b
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        out[name] = flat[offset: offset + n].view(shape)
+        offset += n
     return out
 
 
@@ -163,22 +175,31 @@ class SlotExperts(nn.Module):
         ffn_size: f (expert MLP inner width).
         activation: ``swiglu`` or ``gelu``.
         dtype, device: of the weights (zeros until loaded).
+        bias: every projection adds a per-slot bias (``b_first [S, 2f | f]``, ``b_second [S, h]``).
     """
 
     def __init__(self, expert_ids: Sequence[int], hidden_size: int, ffn_size: int, activation: str = "swiglu",
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, bias: bool = False) -> None:
         super().__init__()
         if hidden_size < 1 or ffn_size < 1:
             raise GraceInputError(f"hidden_size and ffn_size must be >= 1, got {hidden_size} and {ffn_size}")
-        self.shapes = expert_weight_shapes(activation, hidden_size, ffn_size)
+        self.shapes = expert_weight_shapes(activation, hidden_size, ffn_size, bias)
         self.expert_ids = tuple(int(e) for e in expert_ids)
-        self.hidden_size, self.ffn_size, self.activation = hidden_size, ffn_size, activation
+        self.hidden_size, self.ffn_size, self.activation, self.bias = hidden_size, ffn_size, activation, bool(bias)
         S, h, f = len(self.expert_ids), hidden_size, ffn_size
         first = (2 * f, h) if activation == "swiglu" else (f, h)
-        self.first_name = "w_gate_up" if activation == "swiglu" else "w_fc1"
-        self.second_name = "w_down" if activation == "swiglu" else "w_fc2"
-        self.register_parameter(self.first_name, nn.Parameter(torch.zeros((S,) + first, dtype=dtype, device=device), requires_grad=False))
-        self.register_parameter(self.second_name, nn.Parameter(torch.zeros((S, h, f), dtype=dtype, device=device), requires_grad=False))
+        suffix = ("gate_up", "down") if activation == "swiglu" else ("fc1", "fc2")
+        self.first_name, self.second_name = (f"w_{x}" for x in suffix)
+
+        def zeros(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.register_parameter(self.first_name, zeros(S, *first))
+        self.register_parameter(self.second_name, zeros(S, h, f))
+        if self.bias:  # b_gate_up / b_down (b_fc1 / b_fc2), reached through b_first / b_second
+            self.register_parameter(f"b_{suffix[0]}", zeros(S, first[0]))
+            self.register_parameter(f"b_{suffix[1]}", zeros(S, h))
+        self._bias_names = (f"b_{suffix[0]}", f"b_{suffix[1]}") if self.bias else None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -196,6 +217,16 @@ class SlotExperts(nn.Module):
         return getattr(self, self.second_name)
 
     @property
+    def b_first(self) -> torch.Tensor | None:
+        """``[S, 2f]`` (swiglu, gate then up) or ``[S, f]`` (gelu); None without biases."""
+        return getattr(self, self._bias_names[0]) if self._bias_names else None
+
+    @property
+    def b_second(self) -> torch.Tensor | None:
+        """``[S, h]``; None without biases."""
+        return getattr(self, self._bias_names[1]) if self._bias_names else None
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.w_first.dtype
 
@@ -205,8 +236,8 @@ class SlotExperts(nn.Module):
 
     @property
     def floats_per_expert(self) -> int:
-        """Number of weight values of one expert (all matrices)."""
-        return sum(a * b for a, b in self.shapes.values())
+        """Number of weight values of one expert (all matrices and biases)."""
+        return sum(math.prod(shape) for shape in self.shapes.values())
 
     # ------------------------------------------------------------------ weights
     def check_expert_state(self, state: ExpertState, expert: int) -> None:
@@ -217,21 +248,22 @@ class SlotExperts(nn.Module):
     def load_slot(self, slot: int, state: ExpertState) -> None:
         """Copy one expert's weights (dict, see the module docstring) into ``slot``."""
         self.check_expert_state(state, self.expert_ids[slot])
-        f = self.ffn_size
-        if self.activation == "swiglu":
-            self.w_first[slot, :f].copy_(state["gate"].t())
-            self.w_first[slot, f:].copy_(state["up"].t())
-            self.w_second[slot].copy_(state["down"].t())
-        else:
-            self.w_first[slot].copy_(state["fc1"].t())
-            self.w_second[slot].copy_(state["fc2"].t())
+        for name, view in self.expert_state(slot).items():
+            view.copy_(state[name])
 
     def expert_state(self, slot: int) -> dict[str, torch.Tensor]:
-        """The weights held in ``slot`` in the dict layout of the module docstring (transposed views)."""
+        """The weights held in ``slot`` in the dict layout of the module docstring (views: writing them writes the slot)."""
         f = self.ffn_size
         if self.activation == "swiglu":
-            return {"gate": self.w_first[slot, :f].t(), "up": self.w_first[slot, f:].t(), "down": self.w_second[slot].t()}
-        return {"fc1": self.w_first[slot].t(), "fc2": self.w_second[slot].t()}
+            out = {"gate": self.w_first[slot, :f].t(), "up": self.w_first[slot, f:].t(), "down": self.w_second[slot].t()}
+        else:
+            out = {"fc1": self.w_first[slot].t(), "fc2": self.w_second[slot].t()}
+        if self.b_first is not None and self.b_second is not None:
+            if self.activation == "swiglu":
+                out.update(gate_bias=self.b_first[slot, :f], up_bias=self.b_first[slot, f:], down_bias=self.b_second[slot])
+            else:
+                out.update(fc1_bias=self.b_first[slot], fc2_bias=self.b_second[slot])
+        return out
 
     def flat_slot(self, slot: int) -> torch.Tensor:
         """``[floats_per_expert]``: the slot's matrices in the dict layout, flattened and concatenated (wire format)."""
@@ -246,7 +278,7 @@ class SlotExperts(nn.Module):
     @staticmethod
     def from_full_weights(expert_ids: Sequence[int], weights: WeightSource, hidden_size: int, ffn_size: int,
                           activation: str = "swiglu", dtype: torch.dtype = torch.float32,
-                          device: torch.device | str | None = None) -> SlotExperts:
+                          device: torch.device | str | None = None, bias: bool = False) -> SlotExperts:
         """Experts for the given slots, each loaded from the full dense state.
 
         Args:
@@ -254,7 +286,7 @@ class SlotExperts(nn.Module):
             weights: ``expert id -> {name: tensor}`` as a mapping or a callable (called only for
                 the experts in ``expert_ids``).
         """
-        experts = SlotExperts(expert_ids, hidden_size, ffn_size, activation, dtype, device)
+        experts = SlotExperts(expert_ids, hidden_size, ffn_size, activation, dtype, device, bias)
         for slot, e in enumerate(experts.expert_ids):
             experts.load_slot(slot, fetch_expert(weights, e))
         return experts
@@ -288,13 +320,23 @@ class SlotExperts(nn.Module):
         else:
             offsets = None
             padded = PaddedRows.from_counts(counts, n, n if max_rows_per_slot is None else max_rows_per_slot)
+        row_slot = None
+        if self.b_first is not None:  # slot of each row (padding rows: the last slot; their output is unspecified)
+            row_slot = torch.searchsorted(torch.cumsum(counts, 0), torch.arange(n, device=x.device), right=True)
+            row_slot = row_slot.clamp_(max=self.num_slots - 1)
         hidden = grouped_linear(x, self.w_first, offsets, padded)  # [n, 2f] or [n, f]
+        if row_slot is not None:
+            hidden = hidden + self.b_first.index_select(0, row_slot)
         if self.activation == "swiglu":
             f = self.ffn_size
             hidden = F.silu(hidden[:, :f]) * hidden[:, f:]
         else:
             hidden = F.gelu(hidden)
-        return grouped_linear(hidden, self.w_second, offsets, padded)
+        out = grouped_linear(hidden, self.w_second, offsets, padded)
+        if row_slot is not None:
+            out = out + self.b_second.index_select(0, row_slot)
+        return out
 
     def extra_repr(self) -> str:
-        return f"slots={self.num_slots}, experts={list(self.expert_ids)}, hidden={self.hidden_size}, ffn={self.ffn_size}, {self.activation}"
+        return (f"slots={self.num_slots}, experts={list(self.expert_ids)}, hidden={self.hidden_size}, ffn={self.ffn_size}, "
+                f"{self.activation}{', bias' if self.bias else ''}")

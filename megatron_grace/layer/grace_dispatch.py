@@ -68,6 +68,7 @@ class ExpertShape:
     ffn_size: int
     activation: str
     dtype: torch.dtype
+    bias: bool = False
 
 
 def is_world(group: Any) -> bool:
@@ -105,7 +106,7 @@ def setup_fingerprint(plan: PlacementPlan | Any, layer: int, world: int, dispatc
     fp = {"world_size": world, "layer": layer, "dispatch": code(dispatch, DISPATCH_MODES)}
     if shape is not None:
         fp.update(hidden_size=shape.hidden_size, ffn_size=shape.ffn_size, activation=code(shape.activation, ACTIVATIONS),
-                  dtype=code(shape.dtype, _DTYPES))
+                  dtype=code(shape.dtype, _DTYPES), expert_bias=int(shape.bias))
     if isinstance(plan, PlacementPlan):
         fp.update(plan_gpus=plan.num_gpus, gpus_per_node=plan.topology.gpus_per_node, plan_hash=plan_hash(plan),
                   num_experts=plan.num_experts, num_layers=plan.num_layers)

@@ -54,7 +54,7 @@ __all__ = ["DISPATCH_MODES", "GraceMoELayer", "RouteDecision"]
 def _shape_of(experts: Any) -> ExpertShape | None:
     if not isinstance(experts, SlotExperts):
         return None
-    return ExpertShape(experts.hidden_size, experts.ffn_size, experts.activation, experts.dtype)
+    return ExpertShape(experts.hidden_size, experts.ffn_size, experts.activation, experts.dtype, experts.bias)
 
 
 def _check_experts(plan: PlacementPlan, layer: int, experts: SlotExperts, rank: int) -> None:
@@ -101,7 +101,7 @@ class GraceMoELayer(GraceDispatch):
     @classmethod
     def from_full_weights(cls, plan: PlacementPlan, layer: int, weights: WeightSource, *, hidden_size: int, ffn_size: int,
                           activation: str = "swiglu", dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                          **kwargs: Any) -> GraceMoELayer:
+                          bias: bool = False, **kwargs: Any) -> GraceMoELayer:
         """Build the layer, loading every local slot (copies included) from the full dense state.
 
         Args:
@@ -109,15 +109,16 @@ class GraceMoELayer(GraceDispatch):
             weights: ``expert id -> {name: tensor}`` (mapping or callable; called only for this
                 rank's experts); names and shapes in :mod:`megatron_grace.experts.mlp`.
             hidden_size, ffn_size, activation, dtype, device: the experts' shape and storage.
+            bias: the experts add biases (``{name}_bias`` entries in ``weights``).
             **kwargs: constructor arguments (``group``, ``policy``, ``dispatch``, ...).
         """
         group = kwargs.get("group")
         rank, world = rank_and_world(group)
         try:
             ids = plan_slots(plan, layer, rank, world, kwargs.get("num_experts"), kwargs.get("num_model_layers"))
-            experts = SlotExperts.from_full_weights(ids, weights, hidden_size, ffn_size, activation, dtype, device)
+            experts = SlotExperts.from_full_weights(ids, weights, hidden_size, ffn_size, activation, dtype, device, bias)
         except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks, not hang them
-            agree_or_raise(group, plan, layer, kwargs.get("dispatch", "flat"), ExpertShape(hidden_size, ffn_size, activation, dtype),
+            agree_or_raise(group, plan, layer, kwargs.get("dispatch", "flat"), ExpertShape(hidden_size, ffn_size, activation, dtype, bias),
                            exc if isinstance(exc, GraceInputError) else GraceInputError(
                                f"loading expert weights failed: {type(exc).__name__}: {exc}"), device)
             raise AssertionError("unreachable: agree_or_raise raises on a local error")  # pragma: no cover
@@ -126,7 +127,7 @@ class GraceMoELayer(GraceDispatch):
     @classmethod
     def from_owned_weights(cls, plan: PlacementPlan, layer: int, owned_weights: WeightSource, owner: np.ndarray, *,
                            hidden_size: int, ffn_size: int, activation: str = "swiglu", dtype: torch.dtype = torch.float32,
-                           device: torch.device | str | None = None, **kwargs: Any) -> GraceMoELayer:
+                           device: torch.device | str | None = None, bias: bool = False, **kwargs: Any) -> GraceMoELayer:
         """Build the layer where each rank holds only the experts it owns (collective).
 
         Each rank reads the experts ``owner`` gives it from ``owned_weights``; after the set-up
@@ -148,7 +149,7 @@ class GraceMoELayer(GraceDispatch):
         problem: Exception | None = None
         try:
             ids = plan_slots(plan, layer, rank, world, kwargs.get("num_experts"), kwargs.get("num_model_layers"))
-            experts = SlotExperts(ids, hidden_size, ffn_size, activation, dtype, device)
+            experts = SlotExperts(ids, hidden_size, ffn_size, activation, dtype, device, bias)
             owner = np.asarray(owner, dtype=np.int64)
             if owner.shape != (plan.num_experts,) or owner.min(initial=0) < 0 or owner.max(initial=0) >= world:
                 raise GraceInputError(f"owner must give a rank in [0, {world}) for each of the plan's {plan.num_experts} experts, "
@@ -162,7 +163,7 @@ class GraceMoELayer(GraceDispatch):
                 raise problem
 
         if experts is None:  # nothing to build: report the problem on every rank
-            agree_or_raise(group, plan, layer, kwargs.get("dispatch", "flat"), ExpertShape(hidden_size, ffn_size, activation, dtype),
+            agree_or_raise(group, plan, layer, kwargs.get("dispatch", "flat"), ExpertShape(hidden_size, ffn_size, activation, dtype, bias),
                            problem, device)
         layer_obj = cls(plan, layer, experts, local_check=local_check, **kwargs)
         assert packed is not None

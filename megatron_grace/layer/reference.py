@@ -14,19 +14,20 @@ from megatron_grace.experts.mlp import ExpertState, WeightSource, expert_weight_
 
 
 def random_expert_weights(num_experts: int, hidden_size: int, ffn_size: int, activation: str = "swiglu", seed: int = 0,
-                          dtype: torch.dtype = torch.float32):
-    """A callable ``expert -> {name: tensor}`` with reproducible random weights (std ``1/sqrt(fan_in)``).
+                          dtype: torch.dtype = torch.float32, bias: bool = False):
+    """A callable ``expert -> {name: tensor}`` with reproducible random weights (std ``1/sqrt(fan_in)``; biases std 0.1
+    with ``bias=True``).
 
     Expert ``e``'s weights depend only on ``(seed, e)``, so every rank can build any expert
     without holding the full state.
     """
-    shapes = expert_weight_shapes(activation, hidden_size, ffn_size)
+    shapes = expert_weight_shapes(activation, hidden_size, ffn_size, bias)
 
     def weights(expert: int) -> dict[str, torch.Tensor]:
         if not 0 <= int(expert) < num_experts:
             raise KeyError(expert)
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(expert))
-        return {name: (torch.randn(shape, generator=gen, dtype=torch.float64) / shape[0] ** 0.5).to(dtype)
+        return {name: (torch.randn(shape, generator=gen, dtype=torch.float64) * (0.1 if len(shape) == 1 else shape[0] ** -0.5)).to(dtype)
                 for name, shape in shapes.items()}
 
     return weights
@@ -40,11 +41,12 @@ class DenseReferenceMoE:
         num_experts: E.
         hidden_size, ffn_size, activation: expert shape (``swiglu`` or ``gelu``).
         dtype: compute dtype (float64 by default: a gold standard for float32 checks).
+        bias: the experts' projections add biases (``{name}_bias`` entries of the weights).
     """
 
     def __init__(self, weights: WeightSource, num_experts: int, hidden_size: int, ffn_size: int, activation: str = "swiglu",
-                 dtype: torch.dtype = torch.float64) -> None:
-        self.shapes = expert_weight_shapes(activation, hidden_size, ffn_size)
+                 dtype: torch.dtype = torch.float64, bias: bool = False) -> None:
+        self.shapes = expert_weight_shapes(activation, hidden_size, ffn_size, bias)
         self.num_experts, self.activation, self.dtype = num_experts, activation, dtype
         self.experts: list[dict[str, torch.Tensor]] = []
         for e in range(num_experts):
@@ -54,9 +56,14 @@ class DenseReferenceMoE:
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` applied to ``x [n, h]``."""
         w = self.experts[e]
+
+        def linear(inp: torch.Tensor, name: str) -> torch.Tensor:
+            y = inp @ w[name]
+            return y + w[f"{name}_bias"] if f"{name}_bias" in w else y
+
         if self.activation == "swiglu":
-            return (F.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
-        return F.gelu(x @ w["fc1"]) @ w["fc2"]
+            return linear(F.silu(linear(x, "gate")) * linear(x, "up"), "down")
+        return linear(F.gelu(linear(x, "fc1")), "fc2")
 
     def __call__(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Dense MoE output.

@@ -30,7 +30,7 @@ from megatron_grace.experts.mlp import ACTIVATIONS
 from megatron_grace.plan.placement import PlacementPlan
 
 FINGERPRINT_FIELDS = ("world_size", "plan_gpus", "gpus_per_node", "plan_hash", "num_experts", "num_layers", "layer",
-                      "hidden_size", "ffn_size", "activation", "dispatch", "dtype")
+                      "hidden_size", "ffn_size", "activation", "dispatch", "dtype", "expert_bias")
 _MSG_BYTES = 400
 _UNKNOWN = -1
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -28,7 +28,7 @@ Supported (anything else raises GraceInputError naming the module and the proble
   never dropped by default; ``drop_tokens=True`` drops what DeepSpeed's capacity drops;
 - experts: ``Linear(h, f) -> exact GELU -> Linear(f, h)`` or SwiGLU ``down(silu(gate(x)) * up(x))``,
   as ``nn.Sequential`` or any module whose Linear layers compute that (checked numerically,
-  :mod:`.experts`); no biases (zero biases are accepted), no other parameters;
+  :mod:`.experts`), with or without Linear biases, no other parameters;
   float32 / bfloat16 / float16 / float64;
 - ``use_residual=True`` (PR-MoE): DeepSpeed's own ``MoE.forward`` mixes the residual MLP in;
 - expert parallelism in DeepSpeed's groups (``ep_size`` = the plan's GPU count; ``ep_size`` smaller
@@ -37,7 +37,7 @@ Supported (anything else raises GraceInputError naming the module and the proble
 
 Refused: tensor parallelism (``groups.mpu`` with tensor-parallel size > 1, expert tensor
 parallelism), other gate classes, single-Linear experts, other activations (ReLU, tanh-GELU, ...),
-non-zero biases, different expert counts across layers. Not provided: training (the GRACE layer
+different expert counts across layers, expert biases together with a patched checkpoint. Not provided: training (the GRACE layer
 runs under ``torch.no_grad``), saving DeepSpeed checkpoints from a converted model (save the
 original). Tested on CPU/gloo with deepspeed 0.19.8 (4 ranks); not run on GPUs/NCCL.
 

@@ -77,8 +77,8 @@ def _source(moe: MoE, plan: Any, ep_group: Any) -> dict[str, Any]:
         owner = primary_owners(old.plan, old.layer_index)
         owned = {e: slots.expert_state(s) for s, e in enumerate(old.local_experts) if owner[e] == rank}
         return dict(owned=owned, owner=owner, hidden_size=slots.hidden_size, ffn_size=slots.ffn_size,
-                    activation=slots.activation, dtype=slots.dtype, device=slots.device, gate_args=current.gate_args,
-                    wg=current.gate.wg)
+                    activation=slots.activation, dtype=slots.dtype, device=slots.device, bias=slots.bias,
+                    gate_args=current.gate_args, wg=current.gate.wg)
     args = gate_args(current.gate, moe.num_experts)
     experts = list(current.experts.deepspeed_experts)
     mlp = identify_expert(experts[0], args["model_dim"])
@@ -91,8 +91,8 @@ def _source(moe: MoE, plan: Any, ep_group: Any) -> dict[str, Any]:
             raise GraceInputError(f"expert {base + i}: {exc}") from None
     device = experts[0].get_parameter(f"{mlp.linears['fc1' if mlp.activation == 'gelu' else 'gate']}.weight").device
     return dict(owned=owned, owner=contiguous_owners(moe.num_experts, moe.ep_size), hidden_size=mlp.hidden_size,
-                ffn_size=mlp.ffn_size, activation=mlp.activation, dtype=mlp.dtype, device=device, gate_args=args,
-                wg=current.gate.wg)
+                ffn_size=mlp.ffn_size, activation=mlp.activation, dtype=mlp.dtype, device=device, bias=mlp.bias,
+                gate_args=args, wg=current.gate.wg)
 
 
 def _patched_slots(path: PathLike | str, layer: int, rank: int, plan: PlacementPlan, activation: str) -> Any:
@@ -149,8 +149,12 @@ def setup_grace(model: nn.Module, plan: PlacementPlan | PathLike, *, dispatch: s
                 src = _source(moe, plan, ep_group)
             except Exception as exc:  # noqa: BLE001 - reported on every rank by the core's set-up agreement
                 agree_or_raise(ep_group, plan, layer, dispatch, None, exc)
+            if checkpoint is not None and src["bias"]:
+                raise GraceInputError("the experts have biases, which patched checkpoints do not carry (grace checkpoint "
+                                      "moves expert weight matrices only): load DeepSpeed's own checkpoint and call setup_grace "
+                                      "without checkpoint=")
             shape = dict(hidden_size=src["hidden_size"], ffn_size=src["ffn_size"], activation=src["activation"], dtype=src["dtype"],
-                         device=src["device"], group=ep_group, dispatch=dispatch, policy=policy, hierarchical_groups=hier,
+                         bias=src["bias"], device=src["device"], group=ep_group, dispatch=dispatch, policy=policy, hierarchical_groups=hier,
                          num_experts=moe.num_experts, num_model_layers=len(moes), **layer_kwargs)
             if checkpoint is not None:
                 grace = GraceMoELayer.from_full_weights(plan, layer, _patched_slots(checkpoint, layer, rank, plan, src["activation"]),

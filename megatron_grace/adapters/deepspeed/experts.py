@@ -14,8 +14,8 @@ The module's Linear layers give the candidate weights; which Linear plays which 
 by a numerical probe: the module's own forward on a few random rows must equal the core's MLP on
 those weights (the first assignment that matches wins). So an expert that merely looks like an MLP
 (another activation, a tanh-approximate GELU, a norm, a residual) is refused, never converted
-into a different function. The core's experts have no biases: a Linear with a non-zero bias is
-refused; parameters outside the Linear layers are refused.
+into a different function. Linear biases are carried (the core's experts then add a bias per
+projection; a Linear without one gets zeros); parameters outside the Linear layers are refused.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class ExpertMLP:
         linears: core weight name -> name of the ``nn.Linear`` inside the expert module
             (``fc1``, ``fc2`` for gelu; ``gate``, ``up``, ``down`` for swiglu).
         dtype: of the expert's weights.
+        bias: some of its Linear layers have a bias (the core's experts then hold one per projection).
     """
 
     activation: str
@@ -51,14 +52,19 @@ class ExpertMLP:
     ffn_size: int
     linears: dict[str, str]
     dtype: torch.dtype
+    bias: bool = False
 
     def state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """One expert's weights in the core's dict layout (``{"fc1": [h, f], "fc2": [f, h]}`` or
-        ``{"gate": [h, f], "up": [h, f], "down": [f, h]}``): transposed views of the Linear weights.
-        Raises GraceInputError if one of its biases is non-zero (checked per expert)."""
+        ``{"gate": [h, f], "up": [h, f], "down": [f, h]}``): transposed views of the Linear weights;
+        with ``bias`` also ``{name}_bias [out]`` (zeros for a Linear without a bias)."""
         mods = dict(module.named_modules())
-        _check_no_bias([(path, mods[path]) for path in self.linears.values()])
-        return {name: mods[path].weight.detach().t() for name, path in self.linears.items()}
+        out = {name: mods[path].weight.detach().t() for name, path in self.linears.items()}
+        if self.bias:
+            for name, path in self.linears.items():
+                b = mods[path].bias
+                out[f"{name}_bias"] = b.detach() if b is not None else mods[path].weight.new_zeros(mods[path].out_features)
+        return out
 
 
 def _describe(module: nn.Module) -> str:
@@ -71,15 +77,8 @@ def _describe(module: nn.Module) -> str:
     return f"{type(module).__name__}({', '.join(children)})" if children else one(module)
 
 
-def _check_no_bias(linears: list[tuple[str, nn.Linear]]) -> None:
-    for name, m in linears:
-        if m.bias is not None and bool(torch.any(m.bias.detach() != 0)):
-            raise GraceInputError(f"the expert's Linear {name!r} has a non-zero bias; GRACE's experts have no biases "
-                                  "(build the expert with bias=False, or zero the biases)")
-
-
 def _linears(module: nn.Module, hidden_size: int) -> list[tuple[str, nn.Linear]]:
-    """The module's Linear layers; raise on anything the core's bias-free MLP cannot hold."""
+    """The module's Linear layers; raise on anything the core's MLP cannot hold."""
     if isinstance(module, nn.Linear):
         raise GraceInputError(f"the expert is a single {_describe(module)}, not an MLP; GRACE supports Linear -> GELU -> Linear "
                               "and SwiGLU (gate, up, down) experts")
@@ -89,7 +88,6 @@ def _linears(module: nn.Module, hidden_size: int) -> list[tuple[str, nn.Linear]]
     if stray:
         raise GraceInputError(f"the expert {_describe(module)} has parameters outside its Linear layers ({', '.join(stray)}); "
                               "GRACE supports Linear -> GELU -> Linear and SwiGLU (gate, up, down) experts without other weights")
-    _check_no_bias(linears)
     if len(linears) not in (2, 3):
         raise GraceInputError(f"the expert {_describe(module)} has {len(linears)} Linear layers; GRACE supports Linear -> GELU -> "
                               "Linear (2) and SwiGLU gate/up/down (3) experts")
@@ -114,7 +112,7 @@ def _probe_error(module: nn.Module, mlp: ExpertMLP, device: torch.device) -> flo
     The input is scaled so that the first projection's outputs have a standard deviation of about 2,
     where GELU variants (erf vs tanh) and other activations differ measurably.
     """
-    ref = SlotExperts([0], mlp.hidden_size, mlp.ffn_size, mlp.activation, mlp.dtype, device)
+    ref = SlotExperts([0], mlp.hidden_size, mlp.ffn_size, mlp.activation, mlp.dtype, device, mlp.bias)
     ref.load_slot(0, mlp.state(module))
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn(_PROBE_ROWS, mlp.hidden_size, generator=gen, dtype=torch.float64)
@@ -143,17 +141,18 @@ def identify_expert(module: nn.Module, hidden_size: int) -> ExpertMLP:
         hidden_size: the MoE's hidden size h.
 
     Raises:
-        GraceInputError: naming what does not fit (a single Linear, biases, other parameters,
+        GraceInputError: naming what does not fit (a single Linear, other parameters,
             shapes, or an activation the probe does not recognise).
     """
     linears = _linears(module, hidden_size)
     weight = linears[0][1].weight
     dtype, device = weight.dtype, weight.device
+    bias = any(m.bias is not None for _, m in linears)  # structural, so every rank decides the same
     if dtype not in _PROBE_TOL:
         raise GraceInputError(f"the expert's weights are {dtype}; GRACE supports float32, bfloat16, float16 and float64")
     tried = []
     for activation, f, names in _candidates(linears, hidden_size):
-        mlp = ExpertMLP(activation, hidden_size, f, names, dtype)
+        mlp = ExpertMLP(activation, hidden_size, f, names, dtype, bias)
         err = _probe_error(module, mlp, device)
         if err <= _PROBE_TOL[dtype]:
             return mlp

@@ -67,19 +67,18 @@ class TinyMoEModel(nn.Module):
 
 @torch.no_grad()
 def randomize_experts(model: nn.Module, seed: int) -> None:
-    """Give every expert its own weights (normal, std ``1/sqrt(fan_in)``), a function of (seed, layer, global expert id).
+    """Give every expert its own weights (normal, std ``1/sqrt(fan_in)``; biases std 0.1), a function of
+    (seed, layer, global expert id).
 
     Needs DeepSpeed's expert-parallel groups (the global id of a local expert depends on the EP rank).
-    Zero biases stay zero.
     """
     for layer, (_, moe) in enumerate(moe_modules(model)):
         base = dist.get_rank(expert_parallel_group(moe)) * moe.num_local_experts
         for i, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + layer * 10_007 + base + i)
             for name, p in expert.named_parameters():
-                if name.endswith("bias"):
-                    continue
-                w = torch.randn(p.shape, generator=gen, dtype=torch.float64) / p.shape[-1] ** 0.5
+                scale = 0.1 if name.endswith("bias") else p.shape[-1] ** -0.5
+                w = torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale
                 p.copy_(w.to(p.dtype))
 
 
