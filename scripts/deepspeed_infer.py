@@ -176,11 +176,11 @@ def make_plan(args: argparse.Namespace, model: Any, ep_group: Any, ep_size: int)
     """The plan (same on every rank): read, contiguous (``vanilla``), or planned from a calibration pass."""
     import torch.distributed as dist
 
+    from megatron_grace.adapters.deepspeed import RoutingRecorder
     from megatron_grace.plan.placement import PlacementPlan
     from megatron_grace.plan.planners import plan_placement
     from megatron_grace.plan.topology import Topology
     from megatron_grace.statistics.expert_stats import ExpertStats
-    from megatron_grace.trace.routing_trace import RoutingTrace
 
     if args.plan:
         return PlacementPlan.read(args.plan), f"file {args.plan}"
@@ -188,14 +188,12 @@ def make_plan(args: argparse.Namespace, model: Any, ep_group: Any, ep_size: int)
     if topo.num_gpus != ep_size:
         raise GraceInputError(f"--topology {topo.num_nodes}x{topo.gpus_per_node} has {topo.num_gpus} GPUs, ep_size is {ep_size}")
     topo = topo.with_extra_slots(args.experts, args.extra_slots)
-    rec = GateRecorder(model)
+    rec = RoutingRecorder(model, active=False)
     gen = torch.Generator().manual_seed(args.seed * 7919 + 1000 + dist.get_rank())
-    run(model, [torch.randn(args.tokens, args.hidden, generator=gen).to(_device()) for _ in range(2)], args.seed + 1)
+    with rec.recording(phase="prefill"):
+        run(model, [torch.randn(args.tokens, args.hidden, generator=gen).to(_device()) for _ in range(2)], args.seed + 1)
     rec.remove()
-    mine = np.stack([np.concatenate(per_layer) for per_layer in rec.ids], axis=1)  # [tokens, layers, k]
-    gathered: list[Any] = [None] * dist.get_world_size(ep_group)
-    dist.all_gather_object(gathered, mine, group=ep_group)  # the calibration routing of the whole EP group
-    trace = RoutingTrace(np.concatenate(gathered), args.experts, model="deepspeed-infer-calibration")
+    trace = rec.gathered_trace(group=ep_group, model_name="deepspeed-infer-calibration")  # the whole EP group's routing
     holder: list[Any] = [None]
     if dist.get_rank(ep_group) == 0:  # planned once per EP group, then broadcast: every rank holds the same plan
         holder[0] = plan_placement(ExpertStats.from_trace(trace), topo, args.planner).to_dict()

@@ -153,6 +153,41 @@ def _patched_checkpoint(rank: int, plan) -> dict:
             shutil.rmtree(root, ignore_errors=True)
 
 
+@torch.no_grad()
+def _recorder_checks(rank: int) -> dict:
+    """RoutingRecorder on DeepSpeed's gates vs the top-k recomputed from each gate's input (top-3, softmax, renormalised)."""
+    from megatron_grace.adapters.deepspeed import RoutingRecorder
+
+    model = _model("top3")
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [m.deepspeed_moe.gate.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i, inp[0].detach().clone()))
+             for i, m in enumerate(model.moes)]
+    rec = RoutingRecorder(model, active=False)
+    model(_inputs(rank))  # not recording
+    with rec.recording(phase="prefill"):
+        model(_inputs(rank))
+        model(_inputs(rank + 10))
+    for h in hooks:
+        h.remove()
+    trace, gathered = rec.trace("ds-test"), rec.gathered_trace(model_name="ds-test")
+    rec.remove()
+    ids_ok, max_w_err = True, 0.0
+    for layer, m in enumerate(model.moes):
+        probs = torch.softmax(seen[layer].float() @ m.deepspeed_moe.gate.wg.weight.float().t(), dim=1)  # the last pass
+        top = probs.topk(3, dim=1)
+        order = top.indices.argsort(dim=1)
+        want_ids = top.indices.gather(1, order).numpy()
+        want_w = (top.values / top.values.sum(1, keepdim=True)).gather(1, order).numpy()
+        got = trace.expert_ids[T:, layer]
+        got_order = np.argsort(got, axis=1)
+        ids_ok &= bool((np.take_along_axis(got, got_order, 1) == want_ids).all())
+        got_w = np.take_along_axis(trace.gate_weights[T:, layer], got_order, 1)
+        max_w_err = max(max_w_err, float(np.abs(got_w - want_w).max()))
+    return {"shape": tuple(trace.expert_ids.shape), "passes": trace.extra["passes"], "phase": sorted(set(trace.phase.tolist())),
+            "ids_ok": ids_ok, "max_w_err": max_w_err, "gathered_tokens": gathered.num_tokens,
+            "gathered_requests": len(set(gathered.request_ids.tolist()))}
+
+
 def _refusal(fn) -> str:
     from megatron_grace.errors import GraceInputError
 
@@ -209,6 +244,8 @@ def _worker(rank: int, world: int) -> dict:
     # a DeepSpeed checkpoint patched for the plan: each rank reads only its own slots
     res["errors"]["patched-checkpoint"] = _patched_checkpoint(rank, plans["2x2"])
 
+    res["recorder"] = _recorder_checks(rank)
+
     # refusals: every rank raises, the model stays DeepSpeed's
     relu = _model("relu")
     res["refusals"]["relu"] = _refusal(lambda: setup_grace(relu, plans["2x2"]))
@@ -247,6 +284,14 @@ def test_grace_matches_deepspeed_moe(results):
             if "aux" in r:
                 assert r["aux"] <= 1e-6, (rank, name, r)
                 assert r["layers"] == 2
+
+
+def test_routing_recorder_records_deepspeed_gates(results):
+    for res in results:
+        r = res["recorder"]
+        assert r["shape"] == (2 * T, 2, 3) and r["passes"] == 2 and r["phase"] == [0]  # two recorded passes, prefill
+        assert r["ids_ok"] and r["max_w_err"] < 1e-6, r
+        assert r["gathered_tokens"] == 4 * 2 * T and r["gathered_requests"] == 4  # one request per rank, kept distinct
 
 
 def test_drop_tokens_reproduces_deepspeed_capacity(results):

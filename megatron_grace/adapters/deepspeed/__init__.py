@@ -14,6 +14,9 @@
     layers = setup_grace(model, "plan.json", dispatch="hierarchical")   # every rank; collective
     model.eval(); out = model(x)            # MoE.forward still returns (output, l_aux, exp_counts)
 
+To plan from the model's own routing, record it first with :class:`RoutingRecorder` (a
+:class:`~megatron_grace.trace.RoutingTrace` of every rank's tokens; ``grace plan --trace``).
+
 What changes: ``moe.deepspeed_moe`` (DeepSpeed's ``MOELayer``: gate, padded all-to-all, experts)
 becomes a :class:`GraceMOELayer` holding DeepSpeed's gate and a core
 :class:`~megatron_grace.layer.GraceMoELayer` in DeepSpeed's expert-parallel group for that
@@ -48,6 +51,7 @@ from .convert import expert_parallel_group, moe_modules, setup_grace
 from .experts import ExpertMLP, identify_expert
 from .gate import gate_args, inference_gate, route
 from .layer import GraceMOELayer
+from .recorder import RoutingRecorder
 
 __all__ = ["setup_grace", "moe_modules", "expert_parallel_group", "GraceMOELayer", "ExpertMLP", "identify_expert",
-           "gate_args", "inference_gate", "route"]
+           "gate_args", "inference_gate", "route", "RoutingRecorder"]
