@@ -323,7 +323,74 @@ def _phase(rank: int, world: int, G: int, nodes: int, gpn: int) -> dict:
     g.unregister()
     restored = built_class(get_gpt_layer_local_spec(num_experts=E).submodules.mlp)
     out["info"]["register"] = (registered.__name__, restored.__name__)
+
+    # E. Megatron's GroupedMLP experts (0.16's legacy grouped GEMM, bf16)
+    out["grouped"] = _grouped_mlp_checks(rank, G, pg, plans, hier_groups, batch)
     return out
+
+
+def _install_cpu_gmm() -> bool:
+    """Give Megatron's ``grouped_gemm_util`` a CPU reference of ``grouped_gemm.ops.gmm`` (the package is CUDA-only).
+
+    Only the kernel is replaced: ``GroupedMLP``'s weight layout and forward are Megatron's own.
+    ``gmm(a [n, k], b [G, k, m] (trans_b: [G, m, k]), batch_sizes [G]) = cat_g(a_g @ b_g)``; like the
+    real kernel it needs ``batch_sizes`` to cover every row of ``a``. Returns False where the installed
+    megatron-core has no legacy ``GroupedMLP`` (0.19 removed it).
+    """
+    import types
+
+    import torch
+    from megatron.core.transformer.moe import experts
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+
+    if not hasattr(experts, "GroupedMLP"):
+        return False
+    if gg.grouped_gemm is None:
+        def gmm(a, b, batch_sizes, trans_b=False):
+            sizes = batch_sizes.tolist()
+            assert batch_sizes.device.type == "cpu" and sum(sizes) == a.shape[0] and len(sizes) == b.shape[0], (sizes, a.shape)
+            parts = [x @ (w.t() if trans_b else w) for x, w in zip(a.split(sizes), b)]
+            return torch.cat(parts)
+
+        gg.grouped_gemm = types.SimpleNamespace(ops=types.SimpleNamespace(gmm=gmm))
+        gg.ops = gg.grouped_gemm.ops
+    return True
+
+
+def _grouped_mlp_checks(rank: int, G: int, pg, plans: dict, hier_groups, batch) -> dict:
+    """GRACE with Megatron's GroupedMLP (re-built for the plan's padded slots) vs Megatron's own MoELayer with it."""
+    import torch
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    import megatron_grace.adapters.megatron as g
+    from megatron_grace.adapters.megatron import testing as mt
+
+    if not _install_cpu_gmm():
+        return {}
+    cfg = mt.small_moe_config(num_experts=E, top_k=K, hidden_size=H, moe_ffn_hidden_size=F, num_layers=LAYERS,
+                              expert_parallel_size=G, bf16=True, params_dtype=torch.bfloat16, moe_grouped_gemm=True)
+    spec = get_moe_module_spec(use_te=False, num_experts=E, moe_grouped_gemm=True, moe_use_legacy_grouped_gemm=True)
+    torch.manual_seed(0)
+    ref = mt.build_from_spec(spec, config=cfg, pg_collection=pg)
+    gl = mt.build_from_spec(g.grace_spec(spec, plan=plans["contiguous"]), config=cfg, pg_collection=pg)
+    for m in (ref, gl):
+        m.set_layer_number(2)
+        m.eval()
+    mt.randomize_experts(ref, seed=6)
+    mt.sync_replicated_params(ref, pg.ep)
+    gl.load_state_dict(ref.state_dict(), strict=True)
+    res: dict = {"kind": type(ref.experts).__name__, "rel": {}}
+    for name in ("unequal+copies", "skewed"):
+        for mode in ("flat", "hierarchical"):
+            gl.setup_grace(plan=plans[name], dispatch=mode, hierarchical_groups=hier_groups)
+            x = batch(0, 7).to(torch.bfloat16)
+            res["rel"][f"{name}/{mode}"] = _rel(gl(x)[0], ref(x)[0])
+    res["slots_kind"] = type(gl.experts).__name__
+    gl.teardown_grace()
+    x = batch(1, 7).to(torch.bfloat16)
+    res["teardown_equal"] = bool(torch.equal(gl(x)[0], ref(x)[0])) and all(
+        torch.equal(a, b) for a, b in zip(gl.experts.parameters(), ref.experts.parameters()))
+    return res
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -360,6 +427,18 @@ def test_grace_equals_megatron_moe_layer(run):
     slots = run[0]["info"]["slots"]
     assert len(set(slots["unequal+copies"])) > 1 or len(set(slots["skewed"])) > 1, slots  # unequal counts were tested
     assert sum(slots["skewed"]) > E  # copies were tested
+
+
+def test_grouped_mlp_experts(run):
+    """Megatron's GroupedMLP (grouped GEMM, bf16) under the GRACE dispatcher: padded slots, copies, both dispatch modes."""
+    if not run[0]["grouped"]:
+        pytest.skip("this megatron-core has no legacy GroupedMLP (0.19 removed it)")
+    for r, res in enumerate(run):
+        assert res["grouped"]["kind"] == res["grouped"]["slots_kind"] == "GroupedMLP", res["grouped"]
+        assert len(res["grouped"]["rel"]) == 4
+        bad = {k: v for k, v in res["grouped"]["rel"].items() if not v < 1e-2}  # bf16 rounding (~4e-3 seen); a wrong weight is O(1)
+        assert not bad, f"rank {r}: GRACE with GroupedMLP differs from Megatron's MoELayer: {bad}"
+        assert res["grouped"]["teardown_equal"], f"rank {r}: GroupedMLP teardown is not bit-exact"
 
 
 def test_megatron_layout_matches_dense_reference(run):

@@ -20,9 +20,9 @@ own experts compute. Also: :func:`register` (GRACE in Megatron's own spec builde
 Scope and limits (each raises GraceInputError naming it, at set-up):
 
 - inference (the GRACE dispatcher has no backward);
-- expert modules ``SequentialMLP`` (tested), ``GroupedMLP`` and ``TEGroupedMLP`` (weight views
-  written from their layouts; not run here: no grouped_gemm / Transformer Engine on the test
-  machine); expert tensor parallel size 1; no expert biases; swiglu (``F.silu`` + GLU) or exact
+- expert modules ``SequentialMLP`` (tested), 0.16's legacy ``GroupedMLP`` (tested in bf16 on CPU
+  with a CPU stand-in for grouped_gemm's CUDA kernel) and ``TEGroupedMLP`` (weight views written
+  from its layout; not run: no Transformer Engine on the test machine); expert tensor parallel size 1; no expert biases; swiglu (``F.silu`` + GLU) or exact
   gelu; no FP8/FP4, latent MoE, ``moe_apply_probs_on_input``, shared-expert overlap or router
   padding for quantization;
 - GPU ``g`` of the plan is rank ``g`` of the layer's expert-parallel group (node-major).
