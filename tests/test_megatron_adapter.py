@@ -341,10 +341,11 @@ def _install_cpu_gmm() -> bool:
 
     import torch
     from megatron.core.transformer.moe import experts
-    from megatron.core.transformer.moe import grouped_gemm_util as gg
 
     if not hasattr(experts, "GroupedMLP"):
         return False
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+
     if gg.grouped_gemm is None:
         def gmm(a, b, batch_sizes, trans_b=False):
             sizes = batch_sizes.tolist()
