@@ -143,15 +143,7 @@ def _phase(rank: int, world: int, G: int, nodes: int, gpn: int) -> dict:
         cfg = mt.small_moe_config(num_experts=E, top_k=K, hidden_size=H, moe_ffn_hidden_size=F, num_layers=LAYERS,
                                   activation=activation, expert_parallel_size=G, moe_shared_expert_intermediate_size=shared)
         spec = get_moe_module_spec(use_te=False, num_experts=E, moe_grouped_gemm=False)
-        torch.manual_seed(0)
-        ref = mt.build_from_spec(spec, config=cfg, pg_collection=pg)
-        gl = mt.build_from_spec(g.grace_spec(spec, plan=plans["contiguous"]), config=cfg, pg_collection=pg)
-        for m in (ref, gl):
-            m.set_layer_number(2)
-            m.eval()
-        mt.randomize_experts(ref, seed=seed)
-        mt.sync_replicated_params(ref, pg.ep)
-        gl.load_state_dict(ref.state_dict(), strict=True)  # checkpoint layout is Megatron's
+        ref, gl = _layer_pair(spec, cfg, pg, plans["contiguous"], seed)
         out["info"][f"same_state_keys/{activation}"] = sorted(gl.state_dict()) == sorted(ref.state_dict())
         weights = random_expert_weights(E, H, F, activation, seed=seed * 1009 + 1)
         return ref, gl, DenseReferenceMoE(weights, E, H, F, activation)
@@ -358,12 +350,30 @@ def _install_cpu_gmm() -> bool:
     return True
 
 
+def _layer_pair(spec, cfg, pg, plan, seed: int):
+    """Megatron's MoELayer from ``spec`` and a GraceMegatronMoELayer with the same state (layer number 2 = plan layer 1)."""
+    import torch
+
+    import megatron_grace.adapters.megatron as g
+    from megatron_grace.adapters.megatron import testing as mt
+
+    torch.manual_seed(0)
+    ref = mt.build_from_spec(spec, config=cfg, pg_collection=pg)
+    gl = mt.build_from_spec(g.grace_spec(spec, plan=plan), config=cfg, pg_collection=pg)
+    for m in (ref, gl):
+        m.set_layer_number(2)
+        m.eval()
+    mt.randomize_experts(ref, seed=seed)
+    mt.sync_replicated_params(ref, pg.ep)
+    gl.load_state_dict(ref.state_dict(), strict=True)  # checkpoint layout is Megatron's
+    return ref, gl
+
+
 def _grouped_mlp_checks(rank: int, G: int, pg, plans: dict, hier_groups, batch) -> dict:
     """GRACE with Megatron's GroupedMLP (re-built for the plan's padded slots) vs Megatron's own MoELayer with it."""
     import torch
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
-    import megatron_grace.adapters.megatron as g
     from megatron_grace.adapters.megatron import testing as mt
 
     if not _install_cpu_gmm():
@@ -371,15 +381,7 @@ def _grouped_mlp_checks(rank: int, G: int, pg, plans: dict, hier_groups, batch) 
     cfg = mt.small_moe_config(num_experts=E, top_k=K, hidden_size=H, moe_ffn_hidden_size=F, num_layers=LAYERS,
                               expert_parallel_size=G, bf16=True, params_dtype=torch.bfloat16, moe_grouped_gemm=True)
     spec = get_moe_module_spec(use_te=False, num_experts=E, moe_grouped_gemm=True, moe_use_legacy_grouped_gemm=True)
-    torch.manual_seed(0)
-    ref = mt.build_from_spec(spec, config=cfg, pg_collection=pg)
-    gl = mt.build_from_spec(g.grace_spec(spec, plan=plans["contiguous"]), config=cfg, pg_collection=pg)
-    for m in (ref, gl):
-        m.set_layer_number(2)
-        m.eval()
-    mt.randomize_experts(ref, seed=6)
-    mt.sync_replicated_params(ref, pg.ep)
-    gl.load_state_dict(ref.state_dict(), strict=True)
+    ref, gl = _layer_pair(spec, cfg, pg, plans["contiguous"], seed=6)
     res: dict = {"kind": type(ref.experts).__name__, "rel": {}}
     for name in ("unequal+copies", "skewed"):
         for mode in ("flat", "hierarchical"):
