@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"], help="expert MLP")
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--ffn", type=int, default=64, help="expert FFN width")
+    p.add_argument("--expert-bias", action="store_true", help="the experts' Linear layers have biases (nn.Linear's default)")
     p.add_argument("--tokens", type=int, default=64, help="tokens per rank per batch")
     p.add_argument("--steps", type=int, default=3, help="batches")
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +94,8 @@ def init(timeout_s: float) -> tuple[int, int]:
 def build(args: argparse.Namespace, ep_size: int):
     from megatron_grace.adapters.deepspeed.testing import SwiGLUExpert, build_model, gelu_expert
 
-    expert = gelu_expert(args.hidden, args.ffn) if args.activation == "gelu" else SwiGLUExpert(args.hidden, args.ffn)
+    bias = args.expert_bias
+    expert = gelu_expert(args.hidden, args.ffn, bias) if args.activation == "gelu" else SwiGLUExpert(args.hidden, args.ffn, bias)
     spec = dict(expert=expert, num_experts=args.experts, ep_size=ep_size, k=args.top_k, drop_tokens=False)
     model = build_model(args.hidden, [spec] * args.layers, seed=args.seed)
     return model.cuda() if torch.cuda.is_available() else model
@@ -306,7 +308,8 @@ def report(args: argparse.Namespace, plan: Any, plan_source: str, ranks: list[di
     slots = [len(x) for x in plan.gpu_experts[0]]
     topo = plan.topology
     print(f"model: {args.layers} DeepSpeed MoE layers, {args.experts} experts, top-{args.top_k} TopKGate (no token dropping), "
-          f"{args.activation} experts, hidden {args.hidden}, FFN {args.ffn}; {world} ranks, ep_size {ep_size}; "
+          f"{args.activation} experts{' with biases' if args.expert_bias else ''}, hidden {args.hidden}, FFN {args.ffn}; "
+          f"{world} ranks, ep_size {ep_size}; "
           f"{args.steps} batches x {args.tokens} tokens per rank")
     print(f"plan: {plan_source}; {topo.num_nodes} node(s) x {topo.gpus_per_node} GPUs; layer 0 experts per GPU {slots} "
           f"(copies: {sum(slots) - args.experts})")

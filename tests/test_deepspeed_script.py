@@ -1,6 +1,6 @@
 """``scripts/deepspeed_infer.py`` under DeepSpeed's own launcher (``deepspeed --num_gpus 4``, CPU ranks, gloo).
 
-One small job (1 MoE layer, 8 experts, ep_size 4, one batch of 32 tokens per rank): the script
+One small job (1 MoE layer, 8 experts with Linear biases, ep_size 4, one batch of 32 tokens per rank): the script
 makes its plan with the project's planner from a calibration pass, runs DeepSpeed's MoE, then GRACE
 with flat and hierarchical dispatch, and must print ``agree`` for both, the per-rank traffic and
 exit 0. On a machine where DeepSpeed has not yet built its shared-memory comm op
@@ -31,11 +31,11 @@ def test_deepspeed_launcher_job_agrees(tmp_path):
     out_json, plan_json = tmp_path / "result.json", tmp_path / "plan.json"
     cmd = [str(LAUNCHER), "--num_gpus", "4", "--master_port", str(free_port()), str(ROOT / "scripts" / "deepspeed_infer.py"),
            "--layers", "1", "--experts", "8", "--tokens", "32", "--steps", "1", "--json", str(out_json),
-           "--save-plan", str(plan_json), "--timeout", "300"]
+           "--save-plan", str(plan_json), "--timeout", "300", "--expert-bias"]
     rc, log = run_job(cmd, tmp_path, env, timeout=400)
     assert rc == 0, log[-4000:]
     assert "GRACE flat vs DeepSpeed MoE: agree" in log and "GRACE hierarchical vs DeepSpeed MoE: agree" in log, log[-4000:]
-    assert "agreement: OK" in log
+    assert "agreement: OK" in log and "gelu experts with biases" in log
     result = json.loads(out_json.read_text())
     assert result["ok"] and len(result["ranks"]) == 4
     for r in result["ranks"]:

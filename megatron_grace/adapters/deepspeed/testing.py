@@ -20,13 +20,13 @@ from .convert import expert_parallel_group, moe_modules
 
 
 class SwiGLUExpert(nn.Module):
-    """LLaMA-style SwiGLU expert: ``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases."""
+    """LLaMA-style SwiGLU expert: ``down_proj(silu(gate_proj(x)) * up_proj(x))`` (no biases unless ``bias``)."""
 
-    def __init__(self, hidden_size: int, ffn_size: int) -> None:
+    def __init__(self, hidden_size: int, ffn_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, ffn_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, ffn_size, bias=False)
-        self.down_proj = nn.Linear(ffn_size, hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, ffn_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, ffn_size, bias=bias)
+        self.down_proj = nn.Linear(ffn_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
