@@ -32,10 +32,14 @@ def _loop_reference(experts, x: torch.Tensor, counts: list[int]) -> torch.Tensor
     for s, n in enumerate(counts):
         st = {k: v.double() for k, v in experts.expert_state(s).items()}
         xs = x[start:start + n].double()
+
+        def lin(v: torch.Tensor, name: str) -> torch.Tensor:
+            return v @ st[name] + st[f"{name}_bias"] if f"{name}_bias" in st else v @ st[name]
+
         if experts.activation == "swiglu":
-            out.append((F.silu(xs @ st["gate"]) * (xs @ st["up"])) @ st["down"])
+            out.append(lin(F.silu(lin(xs, "gate")) * lin(xs, "up"), "down"))
         else:
-            out.append(F.gelu(xs @ st["fc1"]) @ st["fc2"])
+            out.append(lin(F.gelu(lin(xs, "fc1")), "fc2"))
         start += n
     return torch.cat(out)
 
@@ -43,23 +47,28 @@ def _loop_reference(experts, x: torch.Tensor, counts: list[int]) -> torch.Tensor
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_grouped_experts_match_a_loop_over_slots(device, dtype, tol, activation):
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_experts_match_a_loop_over_slots(device, dtype, tol, activation, bias):
+    from megatron_grace._sync_audit import SyncAudit
     from megatron_grace.experts import SlotExperts
     from megatron_grace.layer.reference import random_expert_weights
 
-    weights = random_expert_weights(6, H, FF, activation, seed=2)
-    experts = SlotExperts.from_full_weights([5, 0, 3, 3 - 2], weights, H, FF, activation, dtype, device)
+    weights = random_expert_weights(6, H, FF, activation, seed=2, bias=bias)
+    experts = SlotExperts.from_full_weights([5, 0, 3, 3 - 2], weights, H, FF, activation, dtype, device, bias)
     counts = [3, 0, 7, 1]  # an empty slot in the middle
     x = torch.randn(sum(counts) + 2, H, generator=torch.Generator().manual_seed(0)).to(device, dtype)  # 2 padding rows
-    y = experts(x, torch.tensor(counts, device=device), max(counts))
+    slot_counts = torch.tensor(counts, device=device)
+    with SyncAudit() as audit:
+        y = experts(x, slot_counts, max(counts))
+    assert audit.count == 0, dict(audit.ops)  # biases included: no host synchronisation
     ref = _loop_reference(experts, x, counts)
     n = sum(counts)
     assert y.shape == x.shape and y.dtype == dtype
     assert float((y[:n].double() - ref).norm() / ref.norm()) < tol
     # the wire format round-trips (used to copy replicas between ranks)
-    other = SlotExperts([5], H, FF, activation, dtype, device)
+    other = SlotExperts([5], H, FF, activation, dtype, device, bias)
     other.load_flat_slot(0, experts.flat_slot(0))
-    assert torch.equal(other.w_first[0], experts.w_first[0]) and torch.equal(other.w_second[0], experts.w_second[0])
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(other.parameters(), experts.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
