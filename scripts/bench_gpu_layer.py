@@ -27,7 +27,6 @@ it runs in about a minute on 2 cores. Prints a table and writes JSON
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -182,7 +181,9 @@ def main() -> int:
                 print(f"{r['tokens']:>7} {name:<15} {e['median_ms']:>9.3f} {e['vs_expert_math']:>14.2f}  {syncs}{extra}")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / ("gpu_layer.json" if cuda else "layer_one_device_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "rows": rows}, indent=2))
+    from megatron_grace._provenance import save_result_json
+
+    save_result_json(out, {"command": " ".join(["python", *sys.argv]), "rows": rows})
     print(f"wrote {out}")
     return 0
 

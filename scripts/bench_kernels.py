@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_grace import _ops  # noqa: E402
-from megatron_grace._files import save_json_atomic  # noqa: E402
+from megatron_grace._provenance import save_result_json  # noqa: E402
 
 TOP_K = 8
 NUM_RANKS, SLOTS = 16, 4  # destination keys: (rank, slot) pairs, plus one "not sent" key
@@ -213,9 +213,9 @@ def main() -> None:
     elif not args.skip_gpu:
         print("CUDA part skipped (no CUDA device or no CUDA kernels built)")
     report["wall_s"] = time.time() - start
-    save_json_atomic(args.out, report)
+    save_result_json(args.out, report)
     if os.environ.get("OUT"):
-        save_json_atomic(Path(os.environ["OUT"]) / "kernels.json", report)
+        save_result_json(Path(os.environ["OUT"]) / "kernels.json", report)
     print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
     if not all(op["identical"] for res in report["cpu"] + report["cuda"] for op in res["ops"].values()):
         print("ERROR: a compiled op differs from its pure-torch reference")

@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.steps_total = args.warmup + args.steps
 
-    from megatron_grace._files import save_json_atomic
+    from megatron_grace._provenance import save_result_json
 
     t0 = time.perf_counter()
     routing = load_routing(args)
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "threads_per_rank": 1},
         "results": rows, "grace_routing_extra": extra, "wall_s": time.perf_counter() - t0,
     }
-    save_json_atomic(args.out, result)
+    save_result_json(args.out, result)
     print(f"\nwrote {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_grace._files import save_json_atomic  # noqa: E402
+from megatron_grace._provenance import save_result_json  # noqa: E402
 from megatron_grace.data import load_bundled_stats  # noqa: E402
 from megatron_grace.plan.planners import plan_placement  # noqa: E402
 from megatron_grace.plan.topology import ModelShape, Topology  # noqa: E402
@@ -221,7 +221,7 @@ def main() -> int:
               f"{r['share_of_layer_flat']:.1%} of the modelled flat layer time ({r['modelled_layer_ms_flat']:.3f} ms), "
               f"{r['share_of_layer_hierarchical']:.1%} of the hierarchical one ({r['modelled_layer_ms_hierarchical']:.3f} ms)")
     results["overhead"] = rows
-    save_json_atomic(args.out, results)
+    save_result_json(args.out, results)
     print(f"wrote {args.out}")
     return 0
 

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_grace._files import save_json_atomic  # noqa: E402
+from megatron_grace._provenance import save_result_json  # noqa: E402
 from megatron_grace.plan.placement import PlacementPlan  # noqa: E402
 from megatron_grace.plan.topology import Topology  # noqa: E402
 from megatron_grace.simulation import DEFAULT_POLICY, DISPATCH_MODES, simulate  # noqa: E402
@@ -124,7 +124,7 @@ def main() -> int:
         "target_s": 10.0,
         "rows": rows,
     }
-    save_json_atomic(args.out, report)
+    save_result_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

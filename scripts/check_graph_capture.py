@@ -191,8 +191,9 @@ def main() -> int:
         print(f"{name:<28} {json.dumps(v)}")
     print("check_graph_capture:", "PASS" if ok else "FAIL")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"ok": ok, "results": results}, fh, indent=2)
+        from megatron_grace._provenance import save_result_json
+
+        save_result_json(args.json, {"ok": ok, "results": results})
     return 0 if ok else 1
 
 

@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_grace._files import save_json_atomic  # noqa: E402
+from megatron_grace._provenance import save_result_json  # noqa: E402
 from megatron_grace.trace.importers import import_qwen_coactivation  # noqa: E402
 from megatron_grace.trace.synthesis import SynthesisConfig, synthesis_fidelity, synthesize_trace  # noqa: E402
 
@@ -103,7 +103,7 @@ def main() -> int:
         **{("layers_detail" if k == "layers" else k): v for k, v in fid.to_dict().items()},
         "platform": {"python": platform.python_version(), "numpy": np.__version__, "machine": platform.machine()},
     }
-    save_json_atomic(args.out, result)
+    save_result_json(args.out, result)
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0 if ok else 1
 

@@ -425,7 +425,7 @@ def predict_rows(rows: list[dict[str, Any]], micro: dict[str, Any], cfg: dict[st
 
 def write_report(result: dict[str, Any], out: str, plot: str | None) -> int:
     """Print the table, ratios and calibration summary; write the JSON and the plot."""
-    from megatron_grace._files import save_json_atomic
+    from megatron_grace._provenance import save_result_json
 
     rows, calib = result["results"], result["calibration"]
     if calib and "error" in calib:
@@ -439,7 +439,7 @@ def write_report(result: dict[str, Any], out: str, plot: str | None) -> int:
         for phase, c in calib["comparison"].items():
             print(f"{phase}: prediction within 25% for {c['within_25pct']}/{c['configs']} configs (max |err| "
                   f"{100 * c['max_abs_error']:.0f}%); Kendall tau {c['kendall_tau']:.2f}; same order: {c['same_order']}")
-    save_json_atomic(out, result)
+    save_result_json(out, result)
     if calib:
         from megatron_grace.simulation.calibration import plot_results
 

@@ -34,7 +34,6 @@ the plan's. Exit code 0 when every mode agrees within ``--tolerance``, 1 when no
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from datetime import timedelta
@@ -296,8 +295,9 @@ def _job(args: argparse.Namespace, rank: int, world: int) -> int:
     if rank == 0:
         report(args, plan, plan_source, everything, modes, world, ep_size, ok)
         if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "plan_source": plan_source, "ranks": everything, "ok": ok},
-                                                  indent=1))
+            from megatron_grace._files import save_json_atomic
+
+            save_json_atomic(args.json, {"args": vars(args), "plan_source": plan_source, "ranks": everything, "ok": ok})
     dist.barrier()
     return 0 if ok else 1
 

@@ -10,7 +10,7 @@
 # earlier run (idempotent).
 #
 #   sudo bash scripts/emulate_cluster.sh            # full set (about 10-12 min on 2 shared cores)
-#   sudo bash scripts/emulate_cluster.sh --quick    # reduced set, under 4 minutes
+#   sudo bash scripts/emulate_cluster.sh --quick    # reduced set, about 2 minutes (124 s measured)
 #   sudo bash scripts/emulate_cluster.sh --rate 10gbit --delay 0 --out /tmp/x.json
 #   sudo bash scripts/emulate_cluster.sh --cleanup  # remove what an interrupted run left
 #
@@ -36,7 +36,7 @@ usage() {
     cat <<EOF
 
 Options:
-  --quick               reduced configuration set (under 4 minutes)
+  --quick               reduced configuration set (about 2 minutes)
   --rate RATE           inter-node bandwidth per direction, tc syntax (default $RATE)
   --delay DELAY         one-way inter-node delay, tc syntax; 0 = none (default $DELAY; needs sch_netem)
   --gpus-per-node N     ranks per node (default $GPUS_PER_NODE)

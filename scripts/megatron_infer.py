@@ -27,7 +27,6 @@ contiguous (``--planner vanilla``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -276,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         report(args, plan, plan_source, everything, modes, world, gpn)
         print(f"\nagreement: {'OK' if ok else 'FAILED'} (tolerance {args.tolerance:g})")
         if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "plan_source": plan_source, "ranks": everything,
-                                                   "ok": ok}, indent=1))
+            from megatron_grace._files import save_json_atomic
+
+            save_json_atomic(args.json, {"args": vars(args), "plan_source": plan_source, "ranks": everything, "ok": ok})
     dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1

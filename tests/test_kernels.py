@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -509,14 +508,12 @@ ASSERT_NAMES = [n for n in BAD_NAMES if n != "scatter_rows:repeat"]
 def test_cuda_device_asserts_in_subprocess(name):
     """Non-debug bad values on CUDA: a device-side assert kills the child (non-zero exit), never a hang or this process."""
     code = _CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"), name=name)
-    start = time.time()
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{name}: the child hung after a device-side assert")
     assert proc.returncode != 0, f"{name}: no device assert fired\n{proc.stdout}\n{proc.stderr}"
     assert "NO ASSERT" not in proc.stdout
-    assert time.time() - start < 180
     assert torch.cuda.is_available()  # this process's CUDA context is untouched
 
 
@@ -724,7 +721,5 @@ def test_ops_trace_with_torch_compile(monkeypatch):
 @pytest.mark.skipif(os.environ.get("GRACE_NVCC_CHECK") != "1",
                     reason="the nvcc compile check takes ~80 s on 2 cores; CI runs scripts/nvcc_compile_check.sh (or set GRACE_NVCC_CHECK=1)")
 def test_cuda_sources_compile_with_nvcc():
-    start = time.time()
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "nvcc_compile_check.sh")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert time.time() - start < 300

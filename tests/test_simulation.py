@@ -345,7 +345,6 @@ def test_custom_policy_plugs_in_and_is_checked():
 
 
 def test_routing_module_policies_land_on_hosting_gpus(rng):
-    pytest.importorskip("megatron_grace.routing.policies")
     from megatron_grace.simulation import policy_names
 
     topology = topo(2, 2)
