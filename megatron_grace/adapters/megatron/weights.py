@@ -42,7 +42,7 @@ def megatron_activation(config: Any) -> str:
     """
     problems = []
     if getattr(config, "add_bias_linear", False):
-        problems.append("add_bias_linear=True (GRACE experts have no biases)")
+        problems.append("add_bias_linear=True (expert biases are not supported under the GRACE Megatron dispatcher)")
     for flag in ("moe_shared_expert_overlap", "moe_pad_expert_input_to_capacity", "moe_router_padding_for_quantization"):
         if getattr(config, flag, False):
             problems.append(f"{flag}=True (not supported by the GRACE dispatcher)")
