@@ -88,15 +88,23 @@ def use_native() -> bool:
     return available
 
 
+# Ops whose C++ CPU kernel is not faster than torch (benchmarks/results/kernels.json: gather_rows 0.56x at
+# 1024 and 0.88x at 4096 tokens, bf16, hidden 1024): ``GRACE_OPS=auto`` keeps torch's index_select for them on CPU.
+TORCH_FASTER_ON_CPU = frozenset({"gather_rows"})
+
+
 @torch.compiler.assume_constant_result  # a fixed property of the build: torch.compile bakes it in (no graph break)
 def native_for(device: torch.device | str, op: str = "gather_rows") -> bool:
-    """Whether ``op`` runs compiled for tensors on ``device``: per ``GRACE_OPS``, the extension and its kernels.
+    """Whether ``op`` runs compiled for tensors on ``device``: per ``GRACE_OPS``, the extension and its kernels
+    (in ``auto`` mode not for :data:`TORCH_FASTER_ON_CPU` on CPU).
 
     Raises ``RuntimeError`` under ``GRACE_OPS=native`` when there is no kernel for that device.
     """
     if not use_native():
         return False
     device_type = torch.device(device).type
+    if device_type == "cpu" and op in TORCH_FASTER_ON_CPU and ops_mode() == "auto":
+        return False
     if has_kernel(device_type, op):
         return True
     if ops_mode() == "native":
