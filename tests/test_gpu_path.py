@@ -153,6 +153,17 @@ def _layer_worker(rank: int, world: int) -> dict:
     y_static = small(x, ids, w)  # without the check: overflowed pairs are missing, and counted
     out["static_missing_err"] = rel(y_static, ref(x, ids, w))
     out["overflowed"] = small.overflowed()
+    # a predictor with host-side counters (window mode, cross-rank merging) would freeze in a CUDA graph: refused
+    from megatron_grace.errors import GraceInputError
+    from megatron_grace.routing import LoadPredictor
+
+    windowed = GraceMoELayer.from_full_weights(plan, 0, weights, hidden_size=T.H, ffn_size=T.F, decode=DecodeOptions(max_tokens=64),
+                                               predictor=LoadPredictor(plan, mode="window"))
+    try:
+        DecodeGraph(lambda a, b, c: windowed(a, b, c), [x, ids, w], [windowed], use_graph=True)
+        out["graph_refusal"] = "no error"
+    except GraceInputError as exc:
+        out["graph_refusal"] = str(exc)
     return out
 
 
@@ -171,6 +182,11 @@ def test_forward_has_one_host_copy_per_all_to_all_and_no_other_sync(layer_result
     for r in layer_results:
         assert all(not ops for ops in r["syncs"].values()), r["syncs"]
         assert r["copies"] == {"flat/dynamic": 1, "flat/static": 0, "hierarchical/dynamic": 2}
+
+
+def test_graph_capture_refuses_a_predictor_with_host_side_state(layer_results):
+    for r in layer_results:
+        assert "mode='window'" in r["graph_refusal"] and "CUDA graph would freeze" in r["graph_refusal"], r["graph_refusal"]
 
 
 def test_decode_overflow_is_counted_and_falls_back_on_every_rank(layer_results):
