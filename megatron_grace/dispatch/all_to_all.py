@@ -226,11 +226,9 @@ class SlotExchange:
         send_counts = counts[:sentinel].view(W, S_max)
         mark_phase(log, pre)
         recv_counts = exchange_counts(send_counts, spec.group, W)
-        host = to_host(torch.cat([send_counts.sum(1), recv_counts.reshape(-1)]))  # the phase's one device sync
-        send_splits = host[:W]
-        recv_matrix = [host[W + j * S_max: W + (j + 1) * S_max] for j in range(W)]
-        recv_splits = [sum(r) for r in recv_matrix]
-        per_slot = [sum(col) for col in zip(*recv_matrix)]
+        # the phase's one device sync: rows to send per rank, to receive per rank, to receive per slot (sums on the device)
+        host = to_host(torch.cat([send_counts.sum(1), recv_counts.sum(1), recv_counts.sum(0)]))
+        send_splits, recv_splits, per_slot = host[:W], host[W: 2 * W], host[2 * W:]
         if any(per_slot[S:]):
             raise RuntimeError(f"received rows for slots >= {S}, which this rank does not host: the ranks use different plans")
         x_recv = all_to_all_uneven(x_sorted[: sum(send_splits)], send_splits, recv_splits, spec.group, W)
