@@ -17,14 +17,16 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -176,6 +178,19 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
             tmp.unlink()
 
 
+def check_disk_space(target: PathLike, nbytes: int, what: str) -> None:
+    """Refuse, before any work, to write about ``nbytes`` to ``target`` when its file system has less free space."""
+    folder = Path(target).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # unknowable here; the write itself reports a full disk
+    if nbytes > free:
+        raise GraceInputError(f"{what} needs up to {nbytes / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB are free in {folder}", target)
+
+
 FULL_VERIFY_BYTES = 256 << 20
 """Files whose arrays hold fewer bytes are verified by ``verify`` (a full semantic read-back);
 larger ones structurally (see :func:`save_npz_atomic`), so that a big write does not need twice
@@ -185,34 +200,59 @@ _CHUNK_BYTES = 16 << 20
 _COMPRESS_LEVEL = 1  # deflate level 1: about 5x faster than numpy's default 6 on trace ids, files about 5% larger
 
 
-def save_npz_atomic(target: PathLike, arrays: dict[str, np.ndarray], verify: Callable[[Path], Any] | None = None,
+@dataclass(frozen=True)
+class StreamedArray:
+    """An array written to an ``.npz`` from an iterable of blocks, never held whole.
+
+    Attributes:
+        shape: the full array's shape; the blocks are consecutive slices along axis 0.
+        dtype: the dtype on disk (each block is cast to it; values must fit).
+        blocks: arrays of shape ``[n_i, *shape[1:]]`` with ``sum n_i == shape[0]``, consumed once.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    blocks: Iterable[np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def save_npz_atomic(target: PathLike, arrays: dict[str, np.ndarray | StreamedArray], verify: Callable[[Path], Any] | None = None,
                     dtypes: dict[str, np.dtype | type] | None = None) -> None:
     """Write ``arrays`` to a compressed ``.npz`` atomically, then check it.
 
     Members are streamed in chunks of about 16 MB (no whole-array copy, also when ``dtypes`` asks
-    for a narrower type on disk) and deflated at level 1; the result reads back with ``np.load``.
+    for a narrower type on disk) and deflated at level 1; a :class:`StreamedArray` member is
+    written block by block as its iterable yields them. The result reads back with ``np.load``.
 
     Args:
         target: destination path (``.npz`` is not appended).
-        arrays: name -> array; no object arrays (they would need pickle).
+        arrays: name -> array or :class:`StreamedArray`; no object arrays (they would need pickle).
         verify: optional loader run on the temporary file before the rename; it should raise if
             the file is not what was meant to be written. Run when the arrays hold fewer than
-            :data:`FULL_VERIFY_BYTES`; above that the file is verified structurally instead:
-            every member's header matches its size and every member's CRC-32 matches its bytes,
-            read back in a stream (the arrays themselves were validated before the write).
-        dtypes: name -> dtype to store that array as (e.g. int16 ids); values must fit it.
+            :data:`FULL_VERIFY_BYTES` and none is streamed; otherwise the file is verified
+            structurally instead: every member's header matches its size and every member's
+            CRC-32 matches its bytes, read back in a stream (the arrays themselves were validated
+            before the write, or are valid by construction when streamed).
+        dtypes: name -> dtype to store that array as (e.g. int8 ids); values must fit it.
     """
     dtypes = dtypes or {}
-    arrays = {name: np.asarray(arr) for name, arr in arrays.items()}
+    arrays = {name: arr if isinstance(arr, StreamedArray) else np.asarray(arr) for name, arr in arrays.items()}
     for name, arr in arrays.items():
-        if arr.dtype == object:
+        if np.dtype(arr.dtype) == object:
             raise TypeError(f"array {name!r} has dtype object, which cannot be saved without pickle")
     total = sum(arr.nbytes for arr in arrays.values())
     with atomic_path(target, suffix=".npz") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_COMPRESS_LEVEL, allowZip64=True) as zf:
             for name, arr in arrays.items():
-                _write_member(zf, name, arr, np.dtype(dtypes.get(name, arr.dtype)))
-        if total < FULL_VERIFY_BYTES:
+                if isinstance(arr, StreamedArray):
+                    _write_member(zf, name, arr.shape, np.dtype(arr.dtype), arr.blocks)
+                else:
+                    dtype = np.dtype(dtypes.get(name, arr.dtype))
+                    _write_member(zf, name, arr.shape, dtype, _row_blocks(arr, dtype))
+        if total < FULL_VERIFY_BYTES and not any(isinstance(arr, StreamedArray) for arr in arrays.values()):
             if verify is not None:
                 verify(tmp)
         else:
@@ -223,21 +263,36 @@ def save_npz_atomic(target: PathLike, arrays: dict[str, np.ndarray], verify: Cal
                 raise GraceInputError(f"written file fails its CRC check at member {bad!r}", tmp)
 
 
-def _write_member(zf: zipfile.ZipFile, name: str, arr: np.ndarray, dtype: np.dtype) -> None:
-    """One ``name.npy`` member: the ``.npy`` header, then the C-order bytes as ``dtype`` in chunks."""
+def _row_blocks(arr: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
+    """``arr`` in slices along axis 0 of about ``_CHUNK_BYTES`` each (counting the wider of the two dtypes)."""
+    if arr.ndim == 0 or arr.size == 0:
+        yield arr
+        return
+    row = max(1, arr[0].size * max(dtype.itemsize, arr.dtype.itemsize))
+    step = max(1, _CHUNK_BYTES // row)
+    for start in range(0, arr.shape[0], step):
+        yield arr[start:start + step]
+
+
+def _write_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterable[np.ndarray]) -> None:
+    """One ``name.npy`` member: the ``.npy`` header, then the C-order bytes of ``blocks`` (slices along axis 0) as ``dtype``.
+
+    Blocks that do not add up to ``shape`` raise ValueError (the member would not match its header)."""
     from numpy.lib import format as npformat
 
-    header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": arr.shape}
+    header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    written = 0
     with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
         npformat.write_array_header_2_0(fh, header) if _header_too_long(header) else npformat.write_array_header_1_0(fh, header)
-        if arr.ndim == 0 or arr.size == 0:
-            fh.write(np.ascontiguousarray(arr, dtype=dtype).tobytes())
-            return
-        row = max(1, arr[0].size * max(dtype.itemsize, arr.dtype.itemsize))
-        step = max(1, _CHUNK_BYTES // row)
-        for start in range(0, arr.shape[0], step):
-            block = np.ascontiguousarray(arr[start:start + step], dtype=dtype)
-            fh.write(memoryview(block).cast("B"))
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=dtype)
+            if len(shape) and block.ndim and block.shape[1:] != tuple(shape[1:]):
+                raise ValueError(f"array {name!r}: a block of shape {block.shape} does not fit shape {tuple(shape)}")
+            fh.write(memoryview(block.reshape(-1).view(np.uint8)))
+            written += block.nbytes
+    if written != expected:
+        raise ValueError(f"array {name!r}: blocks hold {written} bytes, the header says {expected}")
 
 
 def _header_too_long(header: dict[str, Any]) -> bool:
@@ -281,16 +336,16 @@ def check_input_file(path: PathLike, allow_empty: bool = False) -> Path:
     return p
 
 
-def _array_header(fh: IO[bytes], what: str, source: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, header length) of the ``.npy`` stream ``fh`` at its start; bad headers raise."""
+def _array_header(fh: IO[bytes], what: str, source: Path) -> tuple[tuple[int, ...], np.dtype, int, bool]:
+    """(shape, dtype, header length, Fortran order) of the ``.npy`` stream ``fh`` at its start; bad headers raise."""
     from numpy.lib import _format_impl as fmt
 
     try:
         version = fmt.read_magic(fh)
-        shape, _fortran, dtype = fmt._read_array_header(fh, version)
+        shape, fortran, dtype = fmt._read_array_header(fh, version)
     except Exception as exc:  # noqa: BLE001 - a forged header fails in many ways (SyntaxError, TokenError, ...)
         raise GraceInputError(f"{what}: not a readable array header ({_one_line(exc)})", source) from None
-    return tuple(int(d) for d in shape), dtype, fh.tell()
+    return tuple(int(d) for d in shape), dtype, fh.tell(), bool(fortran)
 
 
 def _check_array_bytes(shape: tuple[int, ...], dtype: np.dtype, data_bytes: int, what: str, source: Path) -> None:
@@ -329,7 +384,7 @@ def check_npz_members(path: PathLike) -> list[str]:
                 if info.file_size < 10:
                     raise GraceInputError(f"{what}: not a readable array header (member of {info.file_size} bytes)", path)
                 with zf.open(info) as fh:
-                    shape, dtype, header = _array_header(fh, what, path)
+                    shape, dtype, header, _ = _array_header(fh, what, path)
                 _check_array_bytes(shape, dtype, info.file_size - header, what, path)
                 total += info.file_size
                 names.append(name)
@@ -341,23 +396,56 @@ def check_npz_members(path: PathLike) -> list[str]:
     return names
 
 
-def load_npz(path: PathLike) -> dict[str, np.ndarray]:
+def load_npz(path: PathLike, widen: dict[str, np.dtype | type] | None = None) -> dict[str, np.ndarray]:
     """Load every array of an ``.npz`` without pickle; corrupt or implausible files raise GraceInputError.
 
     Member sizes and headers are checked before anything is expanded (:func:`check_npz_members`).
+    A member named in ``widen`` whose stored dtype casts safely to the given one (int8 ids to
+    int32) is read in blocks straight into an array of that dtype, never held in both; other
+    members, and those whose values might not fit, load as stored.
     """
     path = check_input_file(path)
     with open(path, "rb") as fh:
         if fh.read(4) != b"PK\x03\x04":
             raise GraceInputError("not an .npz file (no zip signature; empty, truncated or a different format)", path)
     check_npz_members(path)
+    widen = widen or {}
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
+            out = {}
+            for name in data.files:
+                if name in widen:
+                    wide = _read_member_widened(data.zip, name, np.dtype(widen[name]), path)
+                    if wide is not None:
+                        out[name] = wide
+                        continue
+                out[name] = data[name]
+            return out
     except ValueError as exc:  # object arrays need pickle
         raise GraceInputError(f"not a pickle-free .npz file ({exc})", path) from None
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
         raise GraceInputError(f"not a readable .npz file (truncated or corrupt: {exc})", path) from None
+
+
+def _read_member_widened(zf: zipfile.ZipFile, name: str, dtype: np.dtype, path: Path) -> np.ndarray | None:
+    """Member ``name`` read in blocks of about ``_CHUNK_BYTES`` into a new C-order ``dtype`` array, or None when its
+    stored dtype does not cast safely to ``dtype`` or it is in Fortran order (the caller loads it as stored)."""
+    with zf.open(f"{name}.npy") as fh:
+        shape, stored, _, fortran = _array_header(fh, f"array {name!r}", path)
+        if fortran or not np.can_cast(stored, dtype, "safe"):
+            return None
+        out = np.empty(shape, dtype=dtype)
+        flat = out.reshape(-1)
+        step = max(1, _CHUNK_BYTES // max(stored.itemsize, 1))
+        for start in range(0, flat.size, step):
+            count = min(step, flat.size - start)
+            raw = fh.read(count * stored.itemsize)
+            if len(raw) != count * stored.itemsize:
+                raise GraceInputError(f"array {name!r} ends early (truncated or corrupt)", path)
+            flat[start:start + count] = np.frombuffer(raw, dtype=stored)
+        if fh.read(1):  # also makes zipfile check the member's CRC-32
+            raise GraceInputError(f"array {name!r} holds more bytes than its header says (corrupt)", path)
+    return out
 
 
 def strict_json(obj: Any) -> Any:
@@ -376,7 +464,7 @@ def load_npy(path: PathLike) -> np.ndarray:
     path = check_input_file(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        shape, dtype, header = _array_header(fh, "array", path)
+        shape, dtype, header, _ = _array_header(fh, "array", path)
     _check_array_bytes(shape, dtype, size - header, "array", path)
     try:
         return np.load(path, allow_pickle=False)

@@ -231,7 +231,7 @@ def test_split_and_select(rng):
 
 def test_big_write_is_streamed_and_verified_structurally(rng, tmp_path, monkeypatch):
     """Above FULL_VERIFY_BYTES a save is verified by headers and CRCs; the file reads back equal, and
-    members written in several chunks (int32 ids cast to int16 chunk by chunk) are byte-exact."""
+    members written in several chunks (int32 ids cast to int8 chunk by chunk) are byte-exact."""
     from megatron_grace import _files
 
     trace = make_trace(rng, tokens=500)
@@ -245,7 +245,7 @@ def test_big_write_is_streamed_and_verified_structurally(rng, tmp_path, monkeypa
     back = RoutingTrace.read(tmp_path / "t.npz")
     np.testing.assert_array_equal(back.expert_ids, trace.expert_ids)
     np.testing.assert_array_equal(back.gate_weights, trace.gate_weights)
-    assert np.load(tmp_path / "t.npz")["expert_ids"].dtype == np.int16
+    assert np.load(tmp_path / "t.npz")["expert_ids"].dtype == np.int8  # 12 experts: ids fit one byte
 
 
 def test_validation_in_blocks_names_the_global_token(rng, monkeypatch):

@@ -124,17 +124,17 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
-    from megatron_grace.trace.synthesis import synthesis_fidelity, synthesize_trace
+    from megatron_grace.trace.synthesis import synthesis_fidelity, synthesize_to_file
 
     data = read_source(args.source, args.format, args.model)
     if isinstance(data, RoutingTrace):
         raise GraceInputError("synthesize needs statistics, got a per-token trace (use it directly)", args.source)
     if args.tokens <= 0:
         raise GraceInputError(f"--tokens must be positive, got {args.tokens}")
-    trace = synthesize_trace(data, args.tokens, seed=args.seed, progress=True)
-    trace.save(args.out)
-    print(f"wrote {args.out}: {trace!r}")
-    fidelity = synthesis_fidelity(data, trace).to_dict()
+    counts = synthesize_to_file(data, args.tokens, args.out, seed=args.seed, progress=True)  # streamed: never the whole trace
+    print(f"wrote {args.out}: RoutingTrace(model={data.model!r}, tokens={args.tokens}, layers={data.num_layers}, "
+          f"experts={data.num_experts}, k={data.top_k}, gate_weights=False)")
+    fidelity = synthesis_fidelity(data, counts).to_dict()
     print(format_fidelity(fidelity))
     if args.report is not None:
         save_json_atomic(args.report, fidelity)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from megatron_grace import limits
-from megatron_grace._files import PathLike, load_npz, save_npz_atomic
+from megatron_grace._files import PathLike, StreamedArray, load_npz, save_npz_atomic
 from megatron_grace.errors import GraceInputError
 
 TRACE_FORMAT = "grace-trace/1"
@@ -179,31 +179,14 @@ class RoutingTrace:
     # ------------------------------------------------------------------ I/O
     def save(self, path: PathLike) -> None:
         """Save as a pickle-free ``.npz`` atomically (temp file, verify, rename)."""
-        meta = {
-            "format": TRACE_FORMAT,
-            "model": self.model,
-            "num_experts": int(self.num_experts),
-            "top_k": self.top_k,
-            "request_names": list(self.request_names),
-            "source": self.source,
-            "extra": self.extra,
-        }
-        arrays = {
-            "format": np.array(TRACE_FORMAT),
-            "metadata": np.array(json.dumps(meta)),
-            "expert_ids": self.expert_ids,
-            "request_ids": self.request_ids,
-            "phase": self.phase,
-        }
-        if self.gate_weights is not None:
-            arrays["gate_weights"] = self.gate_weights
-        small = np.int16 if self.num_experts < 32000 else np.int32  # cast chunk by chunk while writing
-        save_npz_atomic(path, arrays, verify=RoutingTrace.read, dtypes={"expert_ids": small})
+        write_trace(path, self.expert_ids, self.num_experts, model=self.model, source=self.source, extra=self.extra,
+                    request_names=self.request_names, request_ids=self.request_ids, phase=self.phase,
+                    gate_weights=self.gate_weights)
 
     @staticmethod
     def read(path: PathLike) -> RoutingTrace:
-        """Load and validate a trace saved by :meth:`save`."""
-        data = load_npz(path)
+        """Load and validate a trace saved by :meth:`save` (narrow ids on disk are widened block by block)."""
+        data = load_npz(path, widen={"expert_ids": np.int32, "gate_weights": np.float32})
         fmt = str(data["format"]) if "format" in data else None
         if fmt != TRACE_FORMAT:
             raise GraceInputError(f"not a routing trace (format {fmt!r}, expected {TRACE_FORMAT!r})", path)
@@ -242,6 +225,44 @@ class RoutingTrace:
             f"RoutingTrace(model={self.model!r}, tokens={self.num_tokens}, layers={self.num_layers}, "
             f"experts={self.num_experts}, k={self.top_k}, gate_weights={self.gate_weights is not None})"
         )
+
+
+def ids_disk_dtype(num_experts: int) -> np.dtype:
+    """The narrowest signed integer type holding the ids ``-1 .. num_experts - 1`` (int8 up to 128 experts)."""
+    for dtype in (np.int8, np.int16):
+        if num_experts - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int32)
+
+
+def write_trace(path: PathLike, expert_ids: np.ndarray | StreamedArray, num_experts: int, *, model: str = "unknown",
+                source: str = "", extra: dict[str, Any] | None = None, request_names: tuple[str, ...] = (),
+                request_ids: np.ndarray | None = None, phase: np.ndarray | None = None,
+                gate_weights: np.ndarray | None = None) -> None:
+    """Write a ``grace-trace/1`` file atomically; the one writer of the format.
+
+    ``expert_ids`` is a validated int ``[T, L, k]`` array or a :class:`~megatron_grace._files.StreamedArray`
+    of that shape whose blocks (token chunks) hold valid ids (the writer does not check them);
+    ids go to disk as :func:`ids_disk_dtype`, cast block by block. ``request_ids`` (int64 ``[T]``)
+    and ``phase`` (int8 ``[T]``) default to request 0 and decode. Files below
+    :data:`~megatron_grace._files.FULL_VERIFY_BYTES` are read back in full before the rename.
+    """
+    T, _, k = expert_ids.shape
+    meta = {"format": TRACE_FORMAT, "model": model, "num_experts": int(num_experts), "top_k": int(k),
+            "request_names": list(request_names), "source": source, "extra": extra or {}}
+    small = ids_disk_dtype(int(num_experts))
+    if isinstance(expert_ids, StreamedArray):
+        expert_ids = StreamedArray(tuple(expert_ids.shape), small, expert_ids.blocks)
+    arrays: dict[str, np.ndarray | StreamedArray] = {
+        "format": np.array(TRACE_FORMAT),
+        "metadata": np.array(json.dumps(meta)),
+        "expert_ids": expert_ids,
+        "request_ids": np.zeros(T, dtype=np.int64) if request_ids is None else request_ids,
+        "phase": np.full(T, PHASE_DECODE, dtype=np.int8) if phase is None else phase,
+    }
+    if gate_weights is not None:
+        arrays["gate_weights"] = gate_weights
+    save_npz_atomic(path, arrays, verify=RoutingTrace.read, dtypes={"expert_ids": small})
 
 
 def metadata_int(meta: dict[str, Any], key: str) -> int:

@@ -45,7 +45,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -53,10 +54,11 @@ import numpy as np
 import torch
 
 from megatron_grace import limits
+from megatron_grace._files import PathLike, StreamedArray, check_disk_space
 from megatron_grace._segments import rank_in_group
 from megatron_grace.errors import GraceInputError
 from megatron_grace.statistics.expert_stats import ExpertStats
-from megatron_grace.trace.routing_trace import RoutingTrace
+from megatron_grace.trace.routing_trace import RoutingTrace, ids_disk_dtype, write_trace
 
 _TABLE = 256  # entries per row of the co-activation sampling tables (a power of two)
 _GLOBAL_TABLE = 4096  # entries of the load sampling table (a power of two)
@@ -135,7 +137,21 @@ class _Targets:
 
 def _quotas(share: np.ndarray, total: int, cap: int) -> np.ndarray:
     """int64 ``[E]`` non-negative integers summing to ``total``, each ``<= cap``, near ``share * total``."""
-    raw = np.minimum(share * total, cap)
+    return _round_to_total(np.minimum(share * total, cap), total, cap)
+
+
+def _chunk_quota(remaining: np.ndarray, remaining_tokens: int, tokens: int) -> np.ndarray:
+    """int64 ``[E]``: the part of the quotas ``remaining`` ``[E]`` (of ``remaining_tokens`` tokens) that a chunk of
+    ``tokens`` of them takes, ``remaining * tokens / remaining_tokens`` rounded to sum to ``tokens * k``.
+
+    Each entry lies between ``floor`` and ``ceil`` of that ratio, so it is ``<= tokens`` and leaves
+    ``<= remaining_tokens - tokens`` for the rest (every later chunk stays feasible)."""
+    k_total = int(remaining.sum()) * tokens // remaining_tokens  # exact: remaining.sum() == remaining_tokens * k
+    return _round_to_total(remaining.astype(np.float64) * tokens / remaining_tokens, k_total, tokens)
+
+
+def _round_to_total(raw: np.ndarray, total: int, cap: int) -> np.ndarray:
+    """int64 ``[E]``: ``raw`` ``[E]`` (each ``<= cap``) rounded by largest remainder to integers summing to ``total``."""
     quota = np.floor(raw).astype(np.int64)
     remainder = raw - quota
     remainder[quota >= cap] = -1.0  # never round a full expert up
@@ -172,14 +188,17 @@ def _quasi_independence(residual: np.ndarray, allowed: np.ndarray, iterations: i
 
 
 def _layer_targets(stats: ExpertStats, layer: int, num_tokens: int, threshold: tuple[np.ndarray, float] | None,
-                   config: SynthesisConfig) -> _Targets:
-    """Targets of one layer; raises GraceInputError when the layer cannot be synthesized."""
+                   config: SynthesisConfig, quota: np.ndarray | None = None) -> _Targets:
+    """Targets of one layer for a population of ``num_tokens`` tokens; ``quota`` int64 ``[E]`` (summing to
+    ``num_tokens * k``) replaces the layer's own rounding of its load shares. Raises GraceInputError when
+    the layer cannot be synthesized."""
     _layer_targets_check(stats, layer)
     k, E = stats.top_k, stats.num_experts
     load, tokens = stats.load[layer], float(stats.tokens[layer])
     active = load > 0
     share = load / load.sum()
-    quota = _quotas(share, num_tokens * k, num_tokens)
+    if quota is None:
+        quota = _quotas(share, num_tokens * k, num_tokens)
     scale = num_tokens / tokens
     off_diag = ~np.eye(E, dtype=bool)
     both_active = active[:, None] & active[None, :] & off_diag
@@ -355,7 +374,7 @@ def _construct(state: _Layer, num_tokens: int, k: int, rng: np.random.Generator)
             else:
                 anchors = np.broadcast_to(chosen, (m, n))
             cand = _propose(state, anchors, bits)  # [m, n]
-            idx = np.empty((s, m, n), dtype=np.int32)
+            idx = np.empty((s, m, n), dtype=np.int64)  # int64 indices for np.take (see _search_block)
             np.add((chosen * E)[:, None, :], cand[None, :, :], out=idx)
             score = np.take(state.score, idx).sum(axis=0)  # [m, n]
             score += ((bits >> 40) & 0xFF) * 1e-6  # tiny random tie-break
@@ -429,7 +448,7 @@ def _search_block(state: _Layer, block: np.ndarray, offset: int, rng: np.random.
     other = (slot + 1 + ((bits >> 40) & 0xFFFF) % (k - 1)) % k
     a = block[slot, cols]
     b = _propose(state, block[other, cols], bits)
-    BE = block * E
+    BE = block.astype(np.int64) * E  # int64 indices: np.take on int32 ones converts them first (several times slower)
     gain_b = np.take(table, BE + b).sum(axis=0)  # sum_r inc[r, b] (+ i dec[r, b])
     gain_a = np.take(table, BE + a).sum(axis=0)
     with np.errstate(invalid="ignore"):  # inf - inf where b == a: nan, never accepted
@@ -463,7 +482,7 @@ def _repair_loads(state: _Layer, rng: np.random.Generator) -> bool:
         table = (inc + 1j * dec).astype(np.complex64).ravel()
         best_b = np.full(pos.size, -1, dtype=np.int64)
         best_delta = np.full(pos.size, np.inf)
-        rest = S[:, token]
+        rest = S[:, token].astype(np.int64)  # int64 indices for np.take (see _search_block)
         gain_a = np.take(table, rest * E + a).sum(axis=0).imag
         needy = np.flatnonzero(deficit > 0)
         for c in range(4):  # a few candidates per position, keep the cheapest valid one
@@ -497,10 +516,14 @@ def _first_per_group(keys: np.ndarray) -> np.ndarray:
 
 
 def _synthesize_layer(stats: ExpertStats, layer: int, num_tokens: int, threshold: tuple[np.ndarray, float] | None,
-                      config: SynthesisConfig, seed: np.random.SeedSequence) -> np.ndarray:
-    """int32 ``[k, T]`` population of one layer."""
+                      config: SynthesisConfig, seed: np.random.SeedSequence, quota: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One layer's population of ``num_tokens`` tokens (``quota`` as in :func:`_layer_targets`).
+
+    Returns ``(S, load, C)``: int32 ``[k, T]`` population, float64 ``[E]`` load and float64
+    ``[E, E]`` co-activation counts of it."""
     rng = np.random.default_rng(seed)
-    targets = _layer_targets(stats, layer, num_tokens, threshold, config)
+    targets = _layer_targets(stats, layer, num_tokens, threshold, config, quota)
     state = _prepare(targets, config)
     _construct(state, num_tokens, stats.top_k, rng)
     _local_search(state, rng)
@@ -514,15 +537,151 @@ def _synthesize_layer(stats: ExpertStats, layer: int, num_tokens: int, threshold
     S = state.S[:, rng.permutation(num_tokens)]
     shift = rng.integers(0, S.shape[0], num_tokens)
     rows = (np.arange(S.shape[0])[:, None] + shift[None, :]) % S.shape[0]
-    return np.take_along_axis(S, rows, axis=0)
+    return np.take_along_axis(S, rows, axis=0), state.load, state.C
 
 
 # ---------------------------------------------------------------------------------------------
 # public API
 
+CHUNK_TOKENS = 100_000
+"""Default tokens per independently fitted population (:class:`TraceSynthesis`). Around 10^5 tokens
+a population costs the least time per token (smaller ones pay the per-sweep fixed costs, larger
+ones fall out of the caches), and a chunk's arrays stay small."""
+
+
+def chunk_sizes(num_tokens: int, chunk_tokens: int) -> list[int]:
+    """Sizes of the ``ceil(num_tokens / chunk_tokens)`` chunks ``num_tokens`` splits into, as equal as possible."""
+    n = -(-num_tokens // chunk_tokens)
+    base, extra = divmod(num_tokens, n)
+    return [base + 1 if i < extra else base for i in range(n)]
+
+
+class TraceSynthesis:
+    """A synthesis of ``num_tokens`` tokens, produced in chunks of tokens; iterate it to get them.
+
+    The tokens are split into ``ceil(num_tokens / chunk_tokens)`` chunks of nearly equal size
+    (:func:`chunk_sizes`). Every chunk is, at every layer, a population fitted as the module
+    docstring says, to the targets scaled to the chunk's size; its load quotas are the chunk's
+    share of the layer's exact quotas for all ``num_tokens`` tokens (:func:`_chunk_quota`), so
+    the whole trace meets every quota exactly, as one population would. Chunks are fitted
+    independently (their own seeds), so the listed pair counts of the whole trace are sums of
+    fits: their relative error is at most that of one chunk's fit. With one chunk
+    (``num_tokens <= chunk_tokens``) the result is the unchunked synthesis, token for token.
+
+    Only about three chunks are ever in memory (the one being consumed, the one being fitted,
+    the next), so a file can be written without holding the trace (:func:`synthesize_to_file`).
+
+    Iterating yields ``dtype`` arrays ``[chunk tokens, L, k]`` in token order (deterministic for
+    the same inputs, seed and ``chunk_tokens``, with any ``workers``); after a complete
+    iteration :meth:`counts` holds the load and co-activation of what was produced.
+    """
+
+    def __init__(self, stats: ExpertStats, num_tokens: int, seed: int = 0, *, config: SynthesisConfig | None = None,
+                 workers: int | None = None, chunk_tokens: int = CHUNK_TOKENS, dtype: np.dtype | type = np.int32,
+                 progress: bool = False, keep_whole: bool = False) -> None:
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens <= 0:
+            raise GraceInputError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise GraceInputError(f"seed must be a non-negative integer, got {seed!r}")
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, (int, np.integer)) or chunk_tokens <= 0:
+            raise GraceInputError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+        self.stats, self.num_tokens, self.seed = stats, int(num_tokens), int(seed)
+        self.config = config or SynthesisConfig()
+        self.chunk_tokens, self.dtype, self.progress = int(chunk_tokens), np.dtype(dtype), progress
+        L, k = stats.num_layers, stats.top_k
+        self.workers = max(1, min(workers if workers is not None else min(2, os.cpu_count() or 1), L))
+        self.sizes = chunk_sizes(self.num_tokens, min(self.chunk_tokens, self.num_tokens))
+        _check_memory(self.num_tokens, self.sizes[0], L, k, stats.num_experts, self.workers, self.dtype, keep_whole)
+        self.threshold = _listing_threshold(stats)
+        for layer in range(L):  # validate every layer before spending time on any
+            _layer_targets_check(stats, layer)
+        self._load: np.ndarray | None = None
+        self._coactivation: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(tokens, layers, k)`` of the whole trace."""
+        return self.num_tokens, self.stats.num_layers, self.stats.top_k
+
+    def trace_fields(self) -> dict[str, Any]:
+        """``model``, ``source`` and ``extra`` of the synthesized trace (keyword arguments of :class:`RoutingTrace`)."""
+        what = self.stats.source or self.stats.model
+        return {"model": self.stats.model, "source": f"synthesized from {what}",
+                "extra": {"synthesis": {"seed": self.seed, "num_tokens": self.num_tokens, "chunk_tokens": self.chunk_tokens,
+                                        "config": asdict(self.config),
+                                        "ignored": ["transitions"] if self.stats.transitions is not None else []}}}
+
+    def _seeds(self) -> list[list[np.random.SeedSequence]]:
+        """``[chunk][layer]`` seeds; with one chunk the layer seeds of the unchunked synthesis."""
+        layer_seeds = np.random.SeedSequence(self.seed).spawn(self.stats.num_layers)
+        if len(self.sizes) == 1:
+            return [layer_seeds]
+        per_layer = [s.spawn(len(self.sizes)) for s in layer_seeds]
+        return [[per_layer[layer][j] for layer in range(self.stats.num_layers)] for j in range(len(self.sizes))]
+
+    def _quotas(self) -> Iterator[list[np.ndarray]]:
+        """Per chunk, in order, the int64 ``[E]`` quota of every layer (see :func:`_chunk_quota`)."""
+        stats, T, k = self.stats, self.num_tokens, self.stats.top_k
+        remaining = [_quotas(stats.load[l] / stats.load[l].sum(), T * k, T) for l in range(stats.num_layers)]
+        left = T
+        for j, size in enumerate(self.sizes):
+            if j == len(self.sizes) - 1:
+                yield remaining
+                return
+            part = [_chunk_quota(rem, left, size) for rem in remaining]
+            remaining = [rem - p for rem, p in zip(remaining, part)]
+            left -= size
+            yield part
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        stats, (_, L, k) = self.stats, self.shape
+        E = stats.num_experts
+        self._load, self._coactivation = None, None
+        load, co = np.zeros((L, E)), np.zeros((L, E, E))
+        seeds, quotas = self._seeds(), self._quotas()
+
+        def run(j: int, layer: int, quota: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            S, layer_load, layer_co = _synthesize_layer(stats, layer, self.sizes[j], self.threshold, self.config, seeds[j][layer], quota)
+            out[:, layer, :] = S.T
+            return layer_load, layer_co
+
+        def submit(j: int) -> tuple[np.ndarray, list[Future]]:
+            out = np.empty((self.sizes[j], L, k), dtype=self.dtype)
+            return out, [pool.submit(run, j, layer, quota, out) for layer, quota in enumerate(next(quotas))]
+
+        bar = _progress_bar(len(self.sizes) * L, self.progress)
+        pool = ThreadPoolExecutor(max_workers=self.workers)
+        try:
+            pending = [submit(0)]
+            for j in range(len(self.sizes)):
+                if j + 1 < len(self.sizes):
+                    pending.append(submit(j + 1))  # fitted while chunk j is consumed
+                out, futures = pending.pop(0)
+                for layer, future in enumerate(futures):
+                    layer_load, layer_co = future.result()
+                    load[layer] += layer_load
+                    co[layer] += layer_co
+                    bar.update(1)
+                yield out
+                del out
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+        self._load, self._coactivation = load, co
+
+    def counts(self) -> ExpertStats:
+        """Load and co-activation (no transitions) of the synthesized trace, counted while it was fitted; the
+        same as ``ExpertStats.from_trace(trace, transitions=False)``. Needs a complete iteration first."""
+        if self._load is None:
+            raise RuntimeError("TraceSynthesis.counts() needs a complete iteration first")
+        fields = self.trace_fields()
+        return ExpertStats(load=self._load, tokens=np.full(self.stats.num_layers, float(self.num_tokens)), top_k=self.stats.top_k,
+                           coactivation=self._coactivation, model=fields["model"], source=fields["source"])
+
 
 def synthesize_trace(stats: ExpertStats, num_tokens: int, seed: int = 0, progress: bool = False,
-                     config: SynthesisConfig | None = None, workers: int | None = None) -> RoutingTrace:
+                     config: SynthesisConfig | None = None, workers: int | None = None,
+                     chunk_tokens: int = CHUNK_TOKENS) -> RoutingTrace:
     """Synthesize ``num_tokens`` tokens whose per-layer load and co-activation match ``stats``.
 
     Args:
@@ -536,6 +695,8 @@ def synthesize_trace(stats: ExpertStats, num_tokens: int, seed: int = 0, progres
         config: algorithm knobs, :class:`SynthesisConfig` defaults when None.
         workers: layers synthesized concurrently in threads (numpy releases the GIL in the
             heavy kernels); default ``min(2, os.cpu_count())``.
+        chunk_tokens: tokens per independently fitted population (:class:`TraceSynthesis`);
+            traces of at most this many tokens are one population.
 
     Returns:
         RoutingTrace with int32 ``expert_ids`` ``[num_tokens, L, k]`` (distinct, no -1),
@@ -546,57 +707,46 @@ def synthesize_trace(stats: ExpertStats, num_tokens: int, seed: int = 0, progres
             fewer than ``top_k`` experts of nonzero load, or with an expert above ``1 / top_k``
             of the choices (each names the layer).
     """
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or num_tokens <= 0:
-        raise GraceInputError(f"num_tokens must be a positive integer, got {num_tokens!r}")
-    num_tokens = int(num_tokens)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise GraceInputError(f"seed must be a non-negative integer, got {seed!r}")
-    config = config or SynthesisConfig()
-    L, k = stats.num_layers, stats.top_k
-    workers = max(1, min(workers if workers is not None else min(2, os.cpu_count() or 1), L))
-    _check_memory(num_tokens, L, k, stats.num_experts, workers)
-    threshold = _listing_threshold(stats)
-    for layer in range(L):  # validate every layer before spending time on any
-        _layer_targets_check(stats, layer)
-    seeds = np.random.SeedSequence(seed).spawn(L)
-    ids = np.empty((num_tokens, L, k), dtype=np.int32)
-
-    def run(layer: int) -> int:
-        ids[:, layer, :] = _synthesize_layer(stats, layer, num_tokens, threshold, config, seeds[layer]).T
-        return layer
-
-    bar = _progress_bar(L, progress)
-    try:
-        if workers == 1:
-            for layer in range(L):
-                run(layer)
-                bar.update(1)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for _ in pool.map(run, range(L)):
-                    bar.update(1)
-    finally:
-        bar.close()
-    what = stats.source or stats.model
-    return RoutingTrace(
-        expert_ids=ids, num_experts=stats.num_experts, gate_weights=None, model=stats.model,
-        source=f"synthesized from {what}",
-        extra={"synthesis": {"seed": int(seed), "num_tokens": num_tokens, "config": asdict(config),
-                             "ignored": ["transitions"] if stats.transitions is not None else []}},
-    )
+    run = TraceSynthesis(stats, num_tokens, seed, config=config, workers=workers, chunk_tokens=chunk_tokens, progress=progress,
+                         keep_whole=True)
+    ids = np.empty(run.shape, dtype=np.int32)
+    start = 0
+    for chunk in run:
+        ids[start:start + len(chunk)] = chunk
+        start += len(chunk)
+    return RoutingTrace(expert_ids=ids, num_experts=stats.num_experts, gate_weights=None, **run.trace_fields())
 
 
-def _check_memory(num_tokens: int, L: int, k: int, E: int, workers: int) -> None:
+def synthesize_to_file(stats: ExpertStats, num_tokens: int, path: PathLike, seed: int = 0, progress: bool = False,
+                       config: SynthesisConfig | None = None, workers: int | None = None,
+                       chunk_tokens: int = CHUNK_TOKENS) -> ExpertStats:
+    """:func:`synthesize_trace` written straight to a trace file, chunk by chunk, never holding the whole trace.
+
+    The file is the one ``synthesize_trace(...).save(path)`` writes for the same arguments. Returns the
+    counts of the written trace (:meth:`TraceSynthesis.counts`), e.g. for :func:`synthesis_fidelity`.
+    """
+    run = TraceSynthesis(stats, num_tokens, seed, config=config, workers=workers, chunk_tokens=chunk_tokens, progress=progress,
+                         dtype=ids_disk_dtype(stats.num_experts))
+    check_disk_space(path, int(np.prod(run.shape)) * run.dtype.itemsize,
+                     f"a synthesized trace of {num_tokens} tokens x {stats.num_layers} layers x top-{stats.top_k} (uncompressed)")
+    write_trace(path, StreamedArray(run.shape, run.dtype, run), stats.num_experts, **run.trace_fields())
+    return run.counts()
+
+
+def _check_memory(num_tokens: int, chunk: int, L: int, k: int, E: int, workers: int, dtype: np.dtype, whole: bool) -> None:
     """Refuse a synthesis whose output and working arrays would exceed the memory limit, before any allocation.
 
-    Output: int32 ``[tokens, L, k]``. Per concurrently synthesized layer: a few int32/int64
-    ``[k, tokens]`` arrays and float64 ``[E, E]`` target and count matrices.
+    Three chunks ``[chunk, L, k]`` of ``dtype`` in flight, the whole int32 ``[tokens, L, k]`` output when
+    ``whole``, and per concurrently synthesized layer a few int32/int64 ``[k, chunk]`` arrays and float64
+    ``[E, E]`` target and count matrices; float64 ``[L, E, E]`` counts.
     """
     limits.check_count("tokens", num_tokens, f"num_tokens {num_tokens}")
-    out = limits.check_shape((num_tokens, L, k), np.int32, f"a synthesized trace of {num_tokens} tokens x {L} layers x top-{k}")
-    per_layer = 6 * 8 * k * num_tokens + 10 * 8 * E * E
-    limits.check_bytes(out + workers * per_layer, f"synthesizing {num_tokens} tokens x {L} layers x top-{k} of {E} experts "
-                       f"({workers} layers at a time)")
+    what = f"a synthesized trace of {num_tokens} tokens x {L} layers x top-{k}"
+    out = limits.check_shape((num_tokens, L, k), np.int32, what) if whole else 0
+    chunks = 3 * limits.check_shape((chunk, L, k), dtype, what)
+    per_layer = 6 * 8 * k * chunk + 10 * 8 * E * E
+    limits.check_bytes(out + chunks + workers * per_layer + 8 * L * E * E,
+                       f"synthesizing {num_tokens} tokens x {L} layers x top-{k} of {E} experts ({workers} layers at a time)")
 
 
 def _layer_targets_check(stats: ExpertStats, layer: int) -> None:
@@ -752,9 +902,12 @@ def _layer_fidelity(stats: ExpertStats, got: ExpertStats, layer: int, share_t: n
     return row, part
 
 
-def synthesis_fidelity(stats: ExpertStats, trace: RoutingTrace, min_expected_load: float = 1000.0,
+def synthesis_fidelity(stats: ExpertStats, trace: RoutingTrace | ExpertStats, min_expected_load: float = 1000.0,
                        min_pair_target: float = 100.0) -> SynthesisFidelity:
     """Compare a (synthesized) trace's load and co-activation with the source statistics.
+
+    ``trace`` is the trace, or its counts (``ExpertStats.from_trace(trace)``, or
+    :meth:`TraceSynthesis.counts` of a synthesis written straight to a file).
 
     Targets are rescaled to the trace's token count (``trace tokens / stats.tokens`` per layer).
     With few expected counts, Poisson noise dominates any relative error, so load errors are
@@ -767,7 +920,7 @@ def synthesis_fidelity(stats: ExpertStats, trace: RoutingTrace, min_expected_loa
         raise GraceInputError(
             f"trace shape (layers={trace.num_layers}, experts={trace.num_experts}) does not match the statistics "
             f"(layers={stats.num_layers}, experts={stats.num_experts})")
-    got = ExpertStats.from_trace(trace, transitions=False)
+    got = trace if isinstance(trace, ExpertStats) else ExpertStats.from_trace(trace, transitions=False)
     threshold = _listing_threshold(stats)
     per_layer: list[dict[str, float]] = []
     pooled: dict[str, Any] = {"abs": 0.0, "tot": 0.0, "pois": 0.0, "rel": [], "within": 0, "big": 0, "listable": 0, "unlisted": 0}
@@ -784,7 +937,7 @@ def synthesis_fidelity(stats: ExpertStats, trace: RoutingTrace, min_expected_loa
                 pooled[key] += value
     overall: dict[str, float] = {
         "layers": stats.num_layers,
-        "tokens": trace.num_tokens,
+        "tokens": int(got.tokens.max()),
         "load_max_rel_err": _nanmax([r["load_max_rel_err"] for r in per_layer]),
         "load_max_abs_err_over_mean": float(max(r["load_max_abs_err_over_mean"] for r in per_layer)),
         "load_zero_target_chosen": int(sum(r["load_zero_target_chosen"] for r in per_layer)),
