@@ -179,3 +179,81 @@ def test_bad_seed_and_mismatched_fidelity(planted):
         synthesize_trace(stats, 10, seed=-1)
     with pytest.raises(GraceInputError, match="does not match"):
         synthesis_fidelity(stats.select_layers([0]), truth)
+
+
+# ------------------------------------------------------------------ chunks of tokens
+def test_one_chunk_is_the_unchunked_synthesis_and_chunks_are_deterministic(planted):
+    _, stats = planted
+    whole = synthesize_trace(stats, 3000, seed=3)
+    same = synthesize_trace(stats, 3000, seed=3, chunk_tokens=3000)
+    np.testing.assert_array_equal(whole.expert_ids, same.expert_ids)
+    a = synthesize_trace(stats, 3000, seed=3, chunk_tokens=700)
+    b = synthesize_trace(stats, 3000, seed=3, chunk_tokens=700, workers=1)
+    np.testing.assert_array_equal(a.expert_ids, b.expert_ids)  # independent of the thread count
+    assert not np.array_equal(a.expert_ids, whole.expert_ids)  # each chunk is its own fitted population
+    assert a.extra["synthesis"]["chunk_tokens"] == 700
+
+
+def test_chunk_quotas_split_the_exact_quotas():
+    from megatron_grace.trace.synthesis import _chunk_quota, _quotas, chunk_sizes
+
+    assert chunk_sizes(10, 3) == [3, 3, 2, 2] and chunk_sizes(5, 5) == [5] and sum(chunk_sizes(999_999, 100_000)) == 999_999
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        E, k = int(rng.integers(3, 12)), int(rng.integers(1, 3))
+        T = int(rng.integers(k, 300))
+        share = rng.dirichlet(np.full(E, 0.3))
+        while share.max() * k > 1:  # a valid layer: no expert in more than every token
+            share = 0.5 * share + 0.5 / E
+        if rng.random() < 0.3 and k > 1:  # an expert in every token (quota == tokens)
+            share = np.append(np.full(1, 1 / k), share[1:] / share[1:].sum() * (1 - 1 / k))
+        q = _quotas(share, T * k, T)
+        rem, left = q.copy(), T
+        for size in chunk_sizes(T, int(rng.integers(1, T + 1)))[:-1]:
+            part = _chunk_quota(rem, left, size)
+            assert part.sum() == size * k and (part >= 0).all() and (part <= size).all()
+            rem, left = rem - part, left - size
+            assert (rem <= left).all() and (rem >= 0).all()  # the rest stays feasible
+        assert rem.sum() == left * k
+
+
+def test_chunked_statistics_match_the_targets(planted):
+    """Several independently fitted chunks: exact global load quotas and pair fidelity as good as one population."""
+    from megatron_grace.trace.synthesis import TraceSynthesis, _quotas
+
+    _, stats = planted
+    one = synthesis_fidelity(stats, synthesize_trace(stats, 12_000, seed=1)).overall
+    run = TraceSynthesis(stats, 12_000, seed=1, chunk_tokens=3000)
+    trace = RoutingTrace(np.concatenate(list(run)), stats.num_experts)
+    got = ExpertStats.from_trace(trace, transitions=False)
+    for layer in range(stats.num_layers):
+        share = stats.load[layer] / stats.load[layer].sum()
+        np.testing.assert_array_equal(got.load[layer], _quotas(share, 12_000 * stats.top_k, 12_000))
+    counted = run.counts()  # counted while fitting = counted from the trace
+    np.testing.assert_array_equal(counted.load, got.load)
+    np.testing.assert_array_equal(counted.coactivation, got.coactivation)
+    chunked = synthesis_fidelity(stats, counted).overall
+    assert chunked == synthesis_fidelity(stats, trace).overall
+    assert chunked["pair_weighted_rel_err"] <= max(0.06, 1.5 * one["pair_weighted_rel_err"])
+    assert chunked["pair_within_10pct_big"] >= 0.85
+
+
+def test_synthesize_to_file_streams_the_same_trace(planted, tmp_path, monkeypatch):
+    from megatron_grace import _files
+    from megatron_grace.trace.synthesis import synthesize_to_file
+
+    _, stats = planted
+    monkeypatch.setattr(_files, "_CHUNK_BYTES", 1000)  # read back in many blocks
+    counts = synthesize_to_file(stats, 2000, tmp_path / "s.npz", seed=4, chunk_tokens=600)
+    back = RoutingTrace.read(tmp_path / "s.npz")
+    mem = synthesize_trace(stats, 2000, seed=4, chunk_tokens=600)
+    np.testing.assert_array_equal(back.expert_ids, mem.expert_ids)
+    assert back.extra == mem.extra and back.model == mem.model  # (read() sets the source to the path)
+    assert np.load(tmp_path / "s.npz")["expert_ids"].dtype == np.int8
+    np.testing.assert_array_equal(counts.coactivation, ExpertStats.from_trace(back, transitions=False).coactivation)
+
+
+def test_whole_trace_in_memory_is_checked_against_the_memory_limit(planted):
+    _, stats = planted
+    with pytest.raises(GraceInputError, match="memory limit"):
+        synthesize_trace(stats, 10**9)

@@ -38,6 +38,11 @@ counts can be closer to the targets than an ideal independent sample of the same
 error). Slot order within a token carries no meaning (it is randomly rotated per token); gate
 weights are not synthesized (``None``). Tokens are shuffled at the end, so any split of the trace
 is a random split. Everything is numpy; layers run in threads.
+
+Big traces are made in chunks of at most :data:`CHUNK_TOKENS` tokens (:class:`TraceSynthesis`):
+each chunk is a population fitted as above to the targets scaled to its size, with its exact
+share of the layer's load quotas, so memory stays bounded by a few chunks and
+:func:`synthesize_to_file` writes a trace of any length without holding it.
 """
 
 from __future__ import annotations
