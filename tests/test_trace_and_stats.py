@@ -55,7 +55,12 @@ def test_trace_round_trip(tmp_path, rng):
     assert (back.gate_weights[back.expert_ids < 0] == 0).all()
 
 
-def test_stats_match_brute_force_and_round_trip(tmp_path, rng):
+@pytest.mark.parametrize("block", [None, 3 * 3 * 5])  # the default block (one for these traces), 5 tokens per block
+def test_stats_match_brute_force_and_round_trip(tmp_path, rng, block, monkeypatch):
+    from megatron_grace.statistics import expert_stats
+
+    if block is not None:
+        monkeypatch.setattr(expert_stats, "_COUNT_BLOCK", block)
     for seed in range(3):
         trace = make_trace(np.random.default_rng(seed), tokens=40 + seed * 7, k=1 + seed)
         stats = ExpertStats.from_trace(trace)
@@ -124,7 +129,7 @@ def test_mixtral_interlayer_mi_matches_published_range():
         ({"expert_ids": np.zeros((4, 2), np.int32)}, "3-D array"),
         ({"expert_ids": np.zeros((4, 2, 2), np.float32)}, "integers"),
         ({"expert_ids": np.full((4, 2, 2), 7, np.int32)}, "out of range"),
-        ({"expert_ids": np.full((4, 2, 2), -3, np.int32)}, "out of range"),
+        ({"expert_ids": np.full((4, 2, 2), -3, np.int32)}, "negative expert id -3 at token 0, layer 0"),
         ({"expert_ids": np.array([[[0, 0]]], np.int32)}, "same expert twice"),
         ({"expert_ids": np.array([[[0, -1]]], np.int32)}, "inconsistent k"),
         ({"expert_ids": np.array([[[0, 1]]], np.int32), "gate_weights": np.array([[[np.nan, 1]]], np.float32)}, "NaN"),
@@ -266,3 +271,15 @@ def test_validation_in_blocks_names_the_global_token(rng, monkeypatch):
     gw[40, 2, 1] = np.nan
     with pytest.raises(GraceInputError, match="gate_weights contain NaN"):
         RoutingTrace(ids, 12, gate_weights=gw)
+
+
+def test_token_fingerprints_in_blocks_equal_one_block(rng, monkeypatch):
+    from megatron_grace.cli import _provenance
+
+    trace = make_trace(rng, tokens=50)
+    whole = _provenance.token_fingerprints(trace)
+    monkeypatch.setattr(_provenance, "_BLOCK", 3 * 3 * 7)  # 7 tokens per block
+    np.testing.assert_array_equal(_provenance.token_fingerprints(trace), whole)
+    assert len(set(whole.tolist())) == 50
+    record = _provenance.planning_record(trace, "x")
+    assert record["token_fingerprints"] == [f"{int(h):016x}" for h in whole[np.unique(np.linspace(0, 49, 50).astype(np.int64))]]

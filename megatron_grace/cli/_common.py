@@ -92,5 +92,9 @@ def note(text: str) -> None:
 
 
 def warn(text: str) -> None:
-    """One ``warning:`` line on stderr."""
-    print(f"warning: {text}", file=sys.stderr)
+    """A :class:`~megatron_grace.errors.GraceInputWarning`: the CLI prints it as its one ``warning:`` line."""
+    import warnings
+
+    from megatron_grace.errors import GraceInputWarning
+
+    warnings.warn(text, GraceInputWarning, stacklevel=2)

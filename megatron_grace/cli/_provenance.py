@@ -16,16 +16,22 @@ from megatron_grace.trace.routing_trace import RoutingTrace
 
 SAMPLE = 256  # fingerprints kept in a plan (about 5 KB of JSON)
 IN_SAMPLE_SHARE = 0.5  # warn when at least this share of the sample is in the measured trace
+_BLOCK = 1 << 22  # ids per block of tokens when fingerprinting a whole trace
 
 
 def token_fingerprints(trace: RoutingTrace) -> np.ndarray:
-    """uint64 ``[T]``: a hash of each token's expert ids ``[L, k]`` (missing records included)."""
-    if trace.num_tokens == 0:
-        return np.zeros(0, dtype=np.uint64)
-    ids = trace.expert_ids.reshape(trace.num_tokens, -1).astype(np.int64) + 2  # -1 (missing) -> 1, never 0
+    """uint64 ``[T]``: a hash of each token's expert ids ``[L, k]`` (missing records included); in blocks of tokens."""
+    ids = trace.expert_ids
+    step = max(1, _BLOCK // max(1, ids[0].size if len(ids) else 1))
+    return np.concatenate([_fingerprints(ids[start:start + step]) for start in range(0, len(ids), step)] or [np.zeros(0, np.uint64)])
+
+
+def _fingerprints(ids: np.ndarray) -> np.ndarray:
+    """uint64 ``[n]`` fingerprints of the tokens ``ids`` ``[n, L, k]``."""
+    flat = ids.reshape(ids.shape[0], -1).astype(np.int64) + 2  # -1 (missing) -> 1, never 0
     rng = np.random.default_rng(0x67726163)
-    coeffs = rng.integers(1, 2**63, size=ids.shape[1], dtype=np.uint64) | np.uint64(1)
-    h = (ids.astype(np.uint64) * coeffs).sum(axis=1, dtype=np.uint64)
+    coeffs = rng.integers(1, 2**63, size=flat.shape[1], dtype=np.uint64) | np.uint64(1)
+    h = (flat.astype(np.uint64) * coeffs).sum(axis=1, dtype=np.uint64)
     h ^= h >> np.uint64(31)
     h *= np.uint64(0x9E3779B97F4A7C15)
     return h ^ (h >> np.uint64(29))
@@ -33,9 +39,9 @@ def token_fingerprints(trace: RoutingTrace) -> np.ndarray:
 
 def planning_record(trace: RoutingTrace, source: str) -> dict[str, Any]:
     """What a plan records about the trace it was made on (JSON types)."""
-    hashes = token_fingerprints(trace)
     pick = np.unique(np.linspace(0, trace.num_tokens - 1, min(SAMPLE, trace.num_tokens)).astype(np.int64))
-    return {"source": source, "tokens": trace.num_tokens, "token_fingerprints": [f"{int(h):016x}" for h in hashes[pick]]}
+    hashes = _fingerprints(trace.expert_ids[pick])
+    return {"source": source, "tokens": trace.num_tokens, "token_fingerprints": [f"{int(h):016x}" for h in hashes]}
 
 
 def in_sample_share(metadata: dict[str, Any], trace: RoutingTrace) -> float | None:

@@ -19,6 +19,7 @@ from megatron_grace.errors import GraceInputError
 from megatron_grace.trace.routing_trace import RoutingTrace, metadata_int
 
 STATS_FORMAT = "grace-stats/1"
+_COUNT_BLOCK = 1 << 23  # ids per block of tokens in from_trace (32 MB as int32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,8 +193,9 @@ class ExpertStats:
     def from_trace(trace: RoutingTrace, transitions: bool = True) -> ExpertStats:
         """Count load, co-activation and (optionally) transitions of a trace.
 
-        Vectorized: one ``np.bincount`` per layer over all (token, slot) or (token, slot pair)
-        indices; no Python loop over tokens. Missing records (-1) are ignored.
+        Vectorized: per block of tokens (about ``_COUNT_BLOCK`` ids, so temporaries stay small
+        whatever the trace's length) one ``np.bincount`` per layer over all (token, slot) or
+        (token, slot pair) indices; no Python loop over tokens. Missing records (-1) are ignored.
         """
         ids = trace.expert_ids  # [T, L, k]
         T, L, k = ids.shape
@@ -204,21 +206,23 @@ class ExpertStats:
         load = np.zeros((L, E))
         co = np.zeros((L, E, E))
         tr = np.zeros((max(L - 1, 0), E, E)) if transitions else None
-        valid = trace.valid  # [T, L]
-        tokens = valid.sum(axis=0).astype(np.float64)
+        tokens = np.zeros(L)
         iu, ju = np.triu_indices(k, 1)
-        for layer in range(L):
-            x = ids[:, layer][valid[:, layer]]  # [t, k]
-            load[layer] = np.bincount(x.reshape(-1), minlength=E)
-            if k > 1 and x.shape[0]:
-                a, b = x[:, iu].reshape(-1), x[:, ju].reshape(-1)
-                pair = np.bincount(a * E + b, minlength=E * E).reshape(E, E)
-                co[layer] = pair + pair.T
-            if tr is not None and layer + 1 < L:
-                both = valid[:, layer] & valid[:, layer + 1]
-                src, dst = ids[both, layer], ids[both, layer + 1]  # [t, k] each
-                flat = (src[:, :, None] * E + dst[:, None, :]).reshape(-1)
-                tr[layer] = np.bincount(flat, minlength=E * E).reshape(E, E)
+        step = max(1, _COUNT_BLOCK // (L * k))
+        for start in range(0, T, step):
+            block = ids[start:start + step]  # [t, L, k] view
+            valid = (block >= 0).any(axis=2)  # [t, L]
+            tokens += valid.sum(axis=0)
+            for layer in range(L):
+                x = block[:, layer][valid[:, layer]].astype(np.int64)  # [t, k]
+                load[layer] += np.bincount(x.reshape(-1), minlength=E)
+                if k > 1 and x.shape[0]:
+                    pair = np.bincount((x[:, iu] * E + x[:, ju]).reshape(-1), minlength=E * E).reshape(E, E)
+                    co[layer] += pair + pair.T
+                if tr is not None and layer + 1 < L:
+                    both = valid[:, layer] & valid[:, layer + 1]
+                    src, dst = block[both, layer].astype(np.int64), block[both, layer + 1]  # [t, k] each
+                    tr[layer] += np.bincount((src[:, :, None] * E + dst[:, None, :]).reshape(-1), minlength=E * E).reshape(E, E)
         return ExpertStats(load=load, tokens=tokens, top_k=k, coactivation=co, transitions=tr, model=trace.model,
                            source=f"trace {trace.source}".strip())
 

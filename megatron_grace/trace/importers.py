@@ -429,9 +429,11 @@ def import_mixtral_npz(path: PathLike, num_experts: int | None = None, model: st
 
 
 def _checked_ids(ids: np.ndarray, what: str, num_experts: int | None, path: Path) -> tuple[np.ndarray, int]:
-    """(int32 ``[T, L, k]`` ids, num_experts) after range checks in the source dtype (no wrap on the cast).
+    """(``ids``, num_experts) after the shape, dtype and size checks; ``num_experts`` defaults to ``max id + 1``.
 
-    ``ids`` is an integer array ``[tokens, layers, k]`` with ``-1`` for a missing record.
+    ``ids`` is an integer array ``[tokens, layers, k]`` with ``-1`` for a missing record. The ids'
+    range and the int32 cast are left to :meth:`RoutingTrace.validate` (checked in the source
+    dtype, block by block: an id of 2**32 + 5 does not wrap to 5).
     """
     if ids.ndim != 3 or not np.issubdtype(ids.dtype, np.integer):
         raise GraceInputError(f"{what} must be an integer array [tokens, layers, k], got {ids.dtype} {ids.shape}", path)
@@ -441,12 +443,7 @@ def _checked_ids(ids: np.ndarray, what: str, num_experts: int | None, path: Path
     limits.check_count("tokens", T, f"{what} with {T} tokens", path)
     limits.check_count("layers", L, f"{what} with {L} layers", path)
     limits.check_count("top_k", k, f"{what} with k = {k}", path)
-    if (ids < -1).any():
-        t, l, s = np.argwhere(ids < -1)[0]
-        raise GraceInputError(f"negative expert id {int(ids[t, l, s])} at token {t}, layer {l} (-1 is the only missing marker)", path)
-    hi = ids.max()  # compared in the source dtype: an id of 2**32 + 5 must not wrap to 5
-    E = _resolve_num_experts(int(hi), num_experts, path)
-    return ids.astype(np.int32), E
+    return ids, _resolve_num_experts(int(ids.max()) if num_experts is None else -1, num_experts, path)
 
 
 # ====================================================================== plain top-k id arrays

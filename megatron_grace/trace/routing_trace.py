@@ -93,8 +93,6 @@ class RoutingTrace:
             raise GraceInputError(f"num_experts must be an integer >= 1, got {self.num_experts!r}", src)
         limits.check_count("experts", int(self.num_experts), f"num_experts {self.num_experts}", src)
         limits.check_count("layers", ids.shape[1], f"expert_ids with {ids.shape[1]} layers", src)
-        if ids.shape[2] > self.num_experts:
-            raise GraceInputError(f"k={ids.shape[2]} is larger than num_experts={self.num_experts}", src)
         n = ids.shape[0]
         gw = None
         if self.gate_weights is not None:
@@ -108,6 +106,8 @@ class RoutingTrace:
         step = max(1, _VALIDATE_BLOCK // (ids.shape[1] * ids.shape[2]))
         for start in range(0, n, step):  # in blocks of tokens: no temporaries of the whole trace's size
             self._validate_block(ids[start:start + step], start, out, gw, src)
+        if ids.shape[2] > self.num_experts:  # after the ids' own checks, which name a bad id first
+            raise GraceInputError(f"k={ids.shape[2]} is larger than num_experts={self.num_experts}", src)
         object.__setattr__(self, "expert_ids", out)
         if gw is not None:
             object.__setattr__(self, "gate_weights", gw)
@@ -128,8 +128,12 @@ class RoutingTrace:
         cast (a cast first would wrap 2**32 + 5 to 5)."""
         E, k = self.num_experts, ids.shape[2]
         lo, hi = int(ids.min()), int(ids.max())
-        if lo < -1 or hi >= E:
-            bad = np.argwhere((ids < -1) | (ids >= E))[0]
+        if lo < -1:
+            bad = np.argwhere(ids < -1)[0]
+            raise GraceInputError(f"negative expert id {int(ids[tuple(bad)])} at token {start + bad[0]}, layer {bad[1]} "
+                                  "(-1 is the only missing marker)", src)
+        if hi >= E:
+            bad = np.argwhere(ids >= E)[0]
             raise GraceInputError(f"expert id {int(ids[tuple(bad)])} out of range [0, {E}) at token {start + bad[0]}, layer {bad[1]}", src)
         block = ids if ids.dtype == np.int32 else ids.astype(np.int32)
         present = block >= 0
