@@ -1,10 +1,14 @@
-"""Peak memory and time of big `grace` runs (issue 14, item 7): synthesize, then stats on the result.
+"""Time and peak memory of big `grace` runs (issue 14, item 7): synthesize, then stats, plan --trace and simulate on it.
 
-Each step runs as its own `python -m megatron_grace ...` process under GNU time; the table gives
-wall time, peak RSS, the output's size on disk and in memory (int32 ids), and peak RSS over the
-in-memory output (the issue's target: at most 2x for synthesis).
+Each step runs as its own `python -m megatron_grace ...` process; its peak RSS (ru_maxrss) and
+CPU time come from os.wait4, that child's own resource usage. The table gives wall and CPU seconds, peak RSS, and peak
+RSS over the issue's yardsticks: the output file's size for synthesize, the trace's in-memory
+size (int32 ids [T, L, k] + request ids + phase) for stats, plan --trace and simulate. Targets:
+synthesize 1,000,000 tokens x 48 layers x top-8 in under 90 s on 2 cores at peak RSS <= 2x the
+output file; the others at <= 2x the trace in memory. The machine's load average is recorded
+next to the figures (a shared machine stretches wall times; CPU seconds are steadier).
 
-    python scripts/bench_big_runs.py --tokens 200000 [--tokens 1000000]
+    python scripts/bench_big_runs.py --tokens 1000000
 
 Writes benchmarks/results/big_runs.json.
 """
@@ -14,53 +18,68 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LAYERS, TOP_K = 48, 8  # the bundled Qwen3-30B-A3B statistics
 
 
 def run(argv: list[str]) -> dict[str, float]:
-    """Wall seconds and peak RSS (MB) of one CLI run; raises if it fails."""
+    """Wall seconds, CPU seconds and peak RSS (MB) of one CLI run, from ``os.wait4`` (that child's own
+    ``ru_maxrss``, the kernel's peak RSS, and its user + system time); raises if it fails."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "megatron_grace", *argv], capture_output=True, text=True,
-                          env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed: {proc.stderr[-2000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1e3
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
-    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
-    return {"wall_s": seconds, "peak_rss_mb": rss}
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "megatron_grace", *argv], stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {err.read()[-2000:]}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1e3}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, action="append", help="token counts (default 200000)")
+    ap.add_argument("--tokens", type=int, default=1_000_000, help="tokens to synthesize (default 1000000)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "big_runs.json")
     args = ap.parse_args()
+    load_before = os.getloadavg()
+    imports = run(["--version"])["peak_rss_mb"]
     rows = []
-    baseline = run(["--version"])["peak_rss_mb"]
     with tempfile.TemporaryDirectory() as tmp:
-        for tokens in args.tokens or [200_000]:
-            trace = Path(tmp) / f"t{tokens}.npz"
-            syn = run(["synthesize", "--tokens", str(tokens), "--out", str(trace)])
-            in_memory = tokens * 48 * 8 * 4 / 1e6  # bundled Qwen3-30B-A3B: 48 layers, top-8, int32 ids
-            st = run(["stats", str(trace)])
-            rows.append({"tokens": tokens, "synthesize_s": syn["wall_s"], "synthesize_peak_rss_mb": syn["peak_rss_mb"],
-                         "output_file_mb": trace.stat().st_size / 1e6, "output_in_memory_mb": in_memory,
-                         "synthesize_rss_over_output": syn["peak_rss_mb"] / in_memory,
-                         "stats_s": st["wall_s"], "stats_peak_rss_mb": st["peak_rss_mb"]})
-    print(f"python + imports alone: {baseline:.0f} MB peak RSS")
-    print(f"{'tokens':>9} {'synth s':>8} {'synth RSS MB':>12} {'out MB (disk)':>13} {'out MB (mem)':>12} {'RSS/out':>8} "
-          f"{'stats s':>8} {'stats RSS MB':>12}")
+        trace, plan = Path(tmp) / "trace.npz", Path(tmp) / "plan.json"
+        in_memory = (args.tokens * LAYERS * TOP_K * 4 + args.tokens * 9) / 1e6  # int32 ids + int64 request ids + int8 phase
+        steps = [("synthesize", ["synthesize", "--tokens", str(args.tokens), "--out", str(trace)]),
+                 ("stats", ["stats", str(trace)]),
+                 ("plan --trace", ["plan", "--trace", str(trace), "--out", str(plan), "--no-per-layer"]),
+                 ("simulate", ["simulate", "--plan", str(plan), "--trace", str(trace)])]
+        for name, argv in steps:
+            res = run(argv)
+            if name == "synthesize":
+                file_mb = trace.stat().st_size / 1e6
+                res.update(yardstick="output file", yardstick_mb=file_mb)
+            else:
+                res.update(yardstick="trace in memory", yardstick_mb=in_memory)
+            res.update(step=name, tokens=args.tokens, rss_over_yardstick=res["peak_rss_mb"] / res["yardstick_mb"],
+                       loadavg_1min_after=os.getloadavg()[0])
+            rows.append(res)
+            print(f"{name}: {res['wall_s']:.1f} s wall, {res['cpu_s']:.1f} s CPU, {res['peak_rss_mb']:.0f} MB peak RSS", flush=True)
+    print(f"\n{args.tokens} tokens x {LAYERS} layers x top-{TOP_K} (bundled Qwen3-30B-A3B statistics); python + imports alone: "
+          f"{imports:.0f} MB; load average before {load_before[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'step':<14}{'wall s':>8}{'CPU s':>8}{'peak RSS MB':>13}{'yardstick':>18}{'MB':>8}{'RSS/yardstick':>15}{'load':>6}")
     for r in rows:
-        print(f"{r['tokens']:>9} {r['synthesize_s']:>8.1f} {r['synthesize_peak_rss_mb']:>12.0f} {r['output_file_mb']:>13.0f} "
-              f"{r['output_in_memory_mb']:>12.0f} {r['synthesize_rss_over_output']:>8.2f} {r['stats_s']:>8.1f} {r['stats_peak_rss_mb']:>12.0f}")
+        print(f"{r['step']:<14}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['peak_rss_mb']:>13.0f}{r['yardstick']:>18}{r['yardstick_mb']:>8.0f}"
+              f"{r['rss_over_yardstick']:>15.2f}{r['loadavg_1min_after']:>6.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": " ".join(sys.argv), "cpus": os.cpu_count(), "imports_rss_mb": baseline,
+    args.out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "cpus": os.cpu_count(),
+                                    "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+                                    "imports_rss_mb": imports, "targets": {"synthesize_wall_s": 90, "rss_over_yardstick": 2.0},
                                     "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
 

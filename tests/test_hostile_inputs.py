@@ -2,9 +2,11 @@
 
 Every case either succeeds with the right answer or ends with exit code 2 and one line naming
 the problem: no traceback, no hang, no silent wrong result. Sizes an input claims are refused
-before anything of that size is allocated: the cases that claim terabytes also run in a
-subprocess whose address space is capped at its import footprint plus 1.5 GB, where an attempted
-allocation would fail with "out of memory" instead of the limit's message.
+before anything of that size is allocated. Generated cases, the cases that claim terabytes and
+the special-file cases run through the CLI's ``main()`` in subprocesses whose address space is
+capped (:data:`AS_CAP`) and that are killed on a timeout (:func:`run_capped`, batched, a case that
+kills its batch rerun alone), so an attempted big allocation fails with "out of memory" instead
+of the limit's message, and a hang fails the test instead of stalling it.
 """
 
 from __future__ import annotations
@@ -125,35 +127,86 @@ def test_huge_claims_refused_in_process(tmp_path: Path, capsys) -> None:
         assert "out of memory" not in err  # the limit's message: nothing of that size was attempted
 
 
-_CAPPED_RUNNER = r"""
-import contextlib, io, json, resource, sys
+AS_CAP = 2 << 30
+"""Address space of a capped CLI process (torch and this package import in about 0.7 GB of it)."""
+
+_BATCH_RUNNER = r"""
+import contextlib, io, json, sys
 from megatron_grace.cli.main import main
-import megatron_grace.trace.synthesis, megatron_grace.simulation.simulator  # imports before the cap
-with open("/proc/self/status") as fh:
-    vm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
-cap = vm + int(1.5e9)
-resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-out = []
-for argv in json.loads(sys.argv[1]):
+for i, argv in enumerate(json.load(sys.stdin)):
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         rc = main(argv)
-    out.append([rc, err.getvalue()])
-print(json.dumps(out))
+    print(json.dumps([i, rc, err.getvalue()]), flush=True)
 """
 
 
-def test_huge_claims_refused_under_a_memory_cap(tmp_path: Path) -> None:
-    """The same cases in one subprocess whose address space is capped: an attempted allocation would fail."""
-    cases = _huge_claims(tmp_path)
+def _cap_address_space() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (AS_CAP, AS_CAP))
+
+
+def _run_batch(cases: list[list[str]], cwd: Path, timeout: float, prefix: tuple[str, ...] = ()) -> tuple[list[tuple[int, str]], str]:
+    """(exit code, stderr) of the cases one capped subprocess finished (in order), and how it ended."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([PY, "-c", _CAPPED_RUNNER, json.dumps([argv for argv, _ in cases])], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (argv, words), (rc, err) in zip(cases, results, strict=True):
+    try:
+        proc = subprocess.run([*prefix, PY, "-c", _BATCH_RUNNER], input=json.dumps(cases), capture_output=True, text=True, env=env,
+                              cwd=cwd, timeout=timeout, preexec_fn=_cap_address_space)
+        out, ending = proc.stdout, f"exit {proc.returncode}: {proc.stderr[-1500:]}"
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        ending = f"timeout after {timeout:.0f} s"
+    done = []
+    for line in out.splitlines():
+        try:
+            i, rc, err = json.loads(line)
+        except ValueError:
+            continue
+        if i == len(done):
+            done.append((rc, err))
+    return done, ending
+
+
+def run_capped(cases: list[list[str]], cwd: Path, timeout: float = 400, alone_timeout: float = 60,
+               prefix: tuple[str, ...] = ()) -> list[tuple[int | str, str]]:
+    """(exit code, stderr) of ``main(argv)`` for every argv of ``cases``, each run under a memory cap and a timeout.
+
+    Cases run in batches through the CLI's ``main()`` in subprocesses whose address space is
+    capped at :data:`AS_CAP` (one interpreter start-up per batch, not per case). A case that
+    kills its batch (out of memory, a crash) or hangs it is rerun alone; its result is then
+    ``"crash: ..."`` or ``"hang: ..."`` unless it passes alone; the batch goes on after it.
+    ``prefix``: a command the interpreter runs under (e.g. ``setpriv ...``).
+    """
+    results: dict[int, tuple[int | str, str]] = {}
+    todo = list(range(len(cases)))
+    while todo:
+        done, _ = _run_batch([cases[i] for i in todo], cwd, timeout, prefix)
+        results.update(zip(todo, done))
+        if len(done) == len(todo):
+            break
+        culprit = todo[len(done)]
+        alone, ending = _run_batch([cases[culprit]], cwd, alone_timeout, prefix)
+        results[culprit] = alone[0] if alone else ("hang" if ending.startswith("timeout") else "crash", ending)
+        todo = todo[len(done) + 1:]
+    return [results[i] for i in range(len(cases))]
+
+
+def test_huge_claims_refused_under_a_memory_cap(tmp_path: Path) -> None:
+    """The same cases under an address-space cap: an attempted allocation would fail with "out of memory"."""
+    cases = _huge_claims(tmp_path)
+    for (argv, words), (rc, err) in zip(cases, run_capped([argv for argv, _ in cases], tmp_path), strict=True):
         _refused(rc, err, *words)
         assert "out of memory" not in err, argv
+
+
+def test_the_cap_is_in_force(tmp_path: Path) -> None:
+    """A case that passes the (raised) memory limit but not the address-space cap ends as one "out of memory" line,
+    and the cases after it in the batch still run."""
+    big = ["--limit", "memory_gb=100", "compare", "--tokens", str(10**7)]  # a 15 GB trace in memory
+    results = run_capped([["stats"], big, ["stats"]], tmp_path, timeout=240)
+    assert results[0][0] == 0 and results[2][0] == 0, results
+    _refused(results[1][0], results[1][1], "out of memory")
 
 
 def _zip_bomb(path: Path, expanded: int) -> None:
@@ -277,27 +330,6 @@ def test_output_targets(tmp_path: Path, capsys) -> None:
     assert regular.is_symlink() and ExpertStats.read(tmp_path / "real.npz").num_experts == 8
 
 
-_SPECIAL_RUNNER = r"""
-import contextlib, io, json, sys
-from megatron_grace.cli.main import main
-out = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = main(argv)
-    out.append([rc, err.getvalue()])
-print(json.dumps(out))
-"""
-
-
-def _run_batch(cases: list[list[str]], cwd: Path, prefix: tuple[str, ...] = ()) -> list[tuple[int, str]]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*prefix, PY, "-c", _SPECIAL_RUNNER, json.dumps(cases)], capture_output=True, text=True, env=env,
-                          timeout=120, cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [tuple(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
-
-
 def test_special_files_are_refused_unread(tmp_path: Path) -> None:
     """FIFOs and devices as inputs: refused without opening them (a FIFO would block forever; the
     subprocess's timeout turns a hang into a failure)."""
@@ -309,7 +341,7 @@ def test_special_files_are_refused_unread(tmp_path: Path) -> None:
              ["stats", str(fifo)],
              ["stats", "/dev/zero"],
              ["import", "/dev/urandom", "--format", "load-matrix", "--top-k", "1", "--out", str(tmp_path / "o.npz")]]
-    for (rc, err), argv in zip(_run_batch(cases, tmp_path), cases, strict=True):
+    for (rc, err), argv in zip(run_capped(cases, tmp_path), cases, strict=True):
         _refused(rc, err, "not a regular file", "refused unread")
 
 
@@ -336,7 +368,7 @@ def test_permission_denied(tmp_path: Path) -> None:
              ["import", str(trace), "--stats", "--out", str(ro / "o.npz")],
              ["stats", str(trace), "--plot", str(ro / "plots")]]
     prefix = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all") if os.geteuid() == 0 else ()
-    results = _run_batch(cases, tmp_path, prefix)
+    results = run_capped(cases, tmp_path, prefix=prefix)
     for (rc, err), argv in zip(results, cases, strict=True):
         line = _refused(rc, err)
         assert "ermission denied" in line, (argv, line)
@@ -572,38 +604,61 @@ def _seed_documents() -> dict[str, object]:
     }
 
 
+def _check_generated(cases: list[tuple[list[str], Path, Path, object]], tmp_path: Path) -> None:
+    """Run the generated ``grace import`` cases capped (:func:`run_capped`); each must exit 2 with one line
+    naming its file, or exit 0 with an output that ``check(output)`` accepts."""
+    results = run_capped([argv for argv, _, _, _ in cases], tmp_path)
+    for (argv, source, out, check), (rc, err) in zip(cases, results, strict=True):
+        if rc == 0:
+            check(import_any(out))
+        else:
+            assert str(source) in _refused(rc, err), (argv, err)
+
+
 def test_generated_hostile_documents(tmp_path: Path) -> None:
-    """Every mutated document imports correctly or raises one GraceInputError line; nothing else."""
+    """Every mutated document imports correctly or is refused in one line naming it, each case under a memory
+    cap (address space, and a 1 GB memory limit) and a timeout: no traceback, crash or hang."""
+    def valid(out) -> None:
+        if isinstance(out, RoutingTrace):  # accepted: every id is a real, in-range integer
+            assert out.expert_ids.dtype == np.int32 and out.expert_ids.max() < out.num_experts
+        else:
+            assert np.isfinite(out.load).all() and (out.load >= 0).all() and out.load.dtype == np.float64
+
     rng = random.Random(14)
-    n = 0
-    with limits.override(memory_gb=1.0):
-        for name, doc in _seed_documents().items():
-            variants = ([[*doc[:i], m, *doc[i + 1:]] for i, row in enumerate(doc) for m in _mutations(rng, row)]
-                        if isinstance(doc, list) else list(_mutations(rng, doc)))
-            for variant in variants:
-                path = tmp_path / name
-                text = "".join(json.dumps(r) + "\n" for r in variant) if name.endswith(".jsonl") else json.dumps(variant)
-                path.write_text(text)
-                n += 1
-                try:
-                    out = import_any(path)
-                except GraceInputError as exc:
-                    assert "\n" not in str(exc) and str(path) in str(exc), str(exc)
-                    continue
-                if isinstance(out, RoutingTrace):  # accepted: every id is a real, in-range integer
-                    assert out.expert_ids.dtype == np.int32 and out.expert_ids.max() < out.num_experts
-                else:
-                    assert np.isfinite(out.load).all() and (out.load >= 0).all() and out.load.dtype == np.float64
-    assert n > 200
+    cases = []
+    for name, doc in _seed_documents().items():
+        variants = ([[*doc[:i], m, *doc[i + 1:]] for i, row in enumerate(doc) for m in _mutations(rng, row)]
+                    if isinstance(doc, list) else list(_mutations(rng, doc)))
+        for variant in variants:
+            path = tmp_path / f"{len(cases)}-{name}"
+            path.write_text("".join(json.dumps(r) + "\n" for r in variant) if name.endswith(".jsonl") else json.dumps(variant))
+            out = tmp_path / f"{len(cases)}-out.npz"
+            cases.append((["--limit", "memory_gb=1", "import", str(path), "--out", str(out)], path, out, valid))
+    assert len(cases) > 200
+    _check_generated(cases, tmp_path)
 
 
 def test_generated_truncations_and_byte_flips(tmp_path: Path) -> None:
-    """Truncated and bit-flipped copies of every binary container: a clean refusal or a correct read."""
+    """Truncated and bit-flipped copies of every binary container, capped as above: a clean refusal, or a read of
+    exactly the original data (every .npz member is CRC-checked; an .npy has no checksum, so any valid load)."""
     rng = random.Random(7)
     src = _small_trace(tmp_path, "src.npz")
-    ExpertStats.from_trace(RoutingTrace.read(src)).save(tmp_path / "stats.npz")
+    trace = RoutingTrace.read(src)
+    stats = ExpertStats.from_trace(trace)
+    stats.save(tmp_path / "stats.npz")
     np.save(tmp_path / "m.npy", np.array([[3.5, 1, 2, 2], [1, 1, 4, 2]]))
-    for base in (src, tmp_path / "stats.npz", tmp_path / "m.npy"):
+
+    def same_trace(out) -> None:
+        assert np.array_equal(out.expert_ids, trace.expert_ids) and out.num_experts == trace.num_experts
+
+    def same_stats(out) -> None:
+        assert np.array_equal(out.load, stats.load) and np.array_equal(out.coactivation, stats.coactivation)
+
+    def valid_load(out) -> None:
+        assert np.isfinite(out.load).all() and (out.load >= 0).all()
+
+    cases = []
+    for base, check in ((src, same_trace), (tmp_path / "stats.npz", same_stats), (tmp_path / "m.npy", valid_load)):
         blob = base.read_bytes()
         for i in range(40):
             data = bytearray(blob)
@@ -612,12 +667,12 @@ def test_generated_truncations_and_byte_flips(tmp_path: Path) -> None:
             else:
                 for _ in range(rng.randrange(1, 8)):
                     data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-            path = tmp_path / f"fuzz{base.suffix}"
+            path = tmp_path / f"fuzz{len(cases)}{base.suffix}"
             path.write_bytes(bytes(data))
-            try:
-                import_any(path, top_k=2) if base.suffix == ".npy" else import_any(path)
-            except GraceInputError as exc:
-                assert "\n" not in str(exc)
+            out = tmp_path / f"{len(cases)}-out.npz"
+            extra = ["--top-k", "2"] if base.suffix == ".npy" else []
+            cases.append((["--limit", "memory_gb=1", "import", str(path), *extra, "--out", str(out)], path, out, check))
+    _check_generated(cases, tmp_path)
 
 
 def test_plan_mismatch_errors_name_the_plan_file(tmp_path, capsys):
