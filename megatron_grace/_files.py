@@ -111,24 +111,12 @@ def remove_stale_temporaries(target: PathLike, suffix: str = "") -> list[Path]:
     return removed
 
 
-def check_output_name(target: PathLike) -> None:
-    """Early check of an output path (file or folder) before any work: names the OS refuses and
-    existing FIFOs, devices and sockets raise GraceInputError; a missing path is fine."""
-    try:
-        st = os.stat(target)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise GraceInputError(f"cannot write here ({exc.strerror or exc})", target) from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        raise GraceInputError(f"is a {_kind(st.st_mode)}, not a regular file: give a new path or a regular file to replace", target)
-
-
-def check_output_path(target: PathLike) -> Path:
+def check_output_path(target: PathLike, folder_ok: bool = False) -> Path:
     """The path a writer may replace: a new path or an existing regular file (symlinks followed).
 
-    Directories, FIFOs, sockets and device nodes are refused (renaming a file over ``/dev/null``
-    would replace it), as are names the file system cannot hold.
+    Directories (unless ``folder_ok``: an output folder such as ``--plot DIR``), FIFOs, sockets and
+    device nodes are refused (renaming a file over ``/dev/null`` would replace it), as are names
+    the file system cannot hold. The CLI checks its output flags with it before any work.
     """
     target = Path(target)
     try:
@@ -138,6 +126,8 @@ def check_output_path(target: PathLike) -> Path:
     except OSError as exc:
         raise GraceInputError(f"cannot write here ({exc.strerror or exc})", target) from None
     if stat.S_ISDIR(st.st_mode):
+        if folder_ok:
+            return target
         raise GraceInputError("is a directory, expected a file name to write", target)
     if not stat.S_ISREG(st.st_mode):
         raise GraceInputError(f"is a {_kind(st.st_mode)}, not a regular file: give a new path or a regular file to replace", target)

@@ -283,3 +283,24 @@ def test_token_fingerprints_in_blocks_equal_one_block(rng, monkeypatch):
     assert len(set(whole.tolist())) == 50
     record = _provenance.planning_record(trace, "x")
     assert record["token_fingerprints"] == [f"{int(h):016x}" for h in whole[np.unique(np.linspace(0, 49, 50).astype(np.int64))]]
+
+
+def test_auto_detection_parses_a_file_once(tmp_path, monkeypatch):
+    """import_any with format auto: the parse detection made serves the importer (JSON, plain arrays)."""
+    import json as _json
+
+    from megatron_grace.trace import importers
+
+    calls = []
+    for name in ("load_json", "_read_plain_array_uncached"):
+        real = getattr(importers, name)
+        monkeypatch.setattr(importers, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    doc = tmp_path / "q.json"
+    doc.write_text(_json.dumps({"model": "tiny", "k": 2, "n_decode_tokens": 10,
+                                "layers": [{"layer": 0, "heat": [6, 4, 6, 4], "pairs": [[0, 2, 3, 1.6]]}]}))
+    assert importers.import_any(doc).num_experts == 4
+    np.save(tmp_path / "m.npy", np.array([[3.5, 1, 2, 2], [1, 1, 4, 2]]))
+    assert importers.import_any(tmp_path / "m.npy", top_k=2).num_layers == 2
+    assert calls == ["load_json", "_read_plain_array_uncached"]
+    importers.import_any(doc)  # a new call parses again (the file may have changed)
+    assert calls[-1] == "load_json" and len(calls) == 3

@@ -37,12 +37,12 @@ _OUTPUT_DESTS = ("out", "json", "plot", "export_eplb", "export_sglang", "dump_de
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Refuse output paths that can never be written (name too long, a FIFO or device) up front."""
-    from megatron_grace._files import check_output_name
+    from megatron_grace._files import check_output_path
 
     for dest in _OUTPUT_DESTS:
         value = getattr(args, dest, None)
         if isinstance(value, str | os.PathLike):
-            check_output_name(value)
+            check_output_path(value, folder_ok=True)
 
 
 def _flag(dest: str) -> str:

@@ -35,10 +35,12 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +108,38 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     return _read_own(load_npz, ".npz file", path)
 
 
+_PARSED: dict[tuple[Any, ...], Any] | None = None
+"""Files parsed during the current :func:`import_any` call (detection, then the importer), or None outside one."""
+
+
+@contextmanager
+def _parse_once() -> Iterator[None]:
+    """Within the block, a file that detection parsed is not parsed again by its importer (:func:`_once`)."""
+    global _PARSED
+    outer = _PARSED
+    _PARSED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _PARSED = outer
+
+
+def _once(kind: str, path: Path, parse: Callable[[], Any]) -> Any:
+    """``parse()``, or its result from earlier in the same :func:`_parse_once` block for the same unchanged file."""
+    if _PARSED is None:
+        return parse()
+    try:
+        st = os.stat(path)
+    except OSError:
+        return parse()  # it reports the problem
+    key = (kind, str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _PARSED:
+        _PARSED[key] = parse()
+    return _PARSED[key]
+
+
 def _read_json(path: Path) -> Any:
-    return load_json(path)
+    return _once("json", path, lambda: load_json(path))
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
@@ -977,6 +1009,11 @@ def import_switch_load(path: PathLike, top_k: int = 1, model: str = "switch-base
 
 # ====================================================================== plain load matrix
 def _read_plain_array(path: Path, what: str) -> tuple[np.ndarray, Any, bool]:
+    """:func:`_read_plain_array_uncached`, parsed once per :func:`import_any` call."""
+    return _once("plain-array", path, lambda: _read_plain_array_uncached(path, what))
+
+
+def _read_plain_array_uncached(path: Path, what: str) -> tuple[np.ndarray, Any, bool]:
     """(array, the file's top_k or None, whether the file names it ``logical_count``) of a plain-array file.
 
     Containers: ``.npy``; ``.npz`` (array ``logical_count``, else its only array; optional scalar
@@ -1354,6 +1391,11 @@ def import_any(path: PathLike | Sequence[PathLike], fmt: str = "auto", **kwargs:
     label = _source_label([Path(p) for p in paths])
     if fmt != "auto" and fmt not in IMPORT_FORMATS:
         raise GraceInputError(f"unknown import format {fmt!r} (known: auto, {', '.join(IMPORT_FORMATS)})", label)
+    with _parse_once():  # detection's parse of a JSON or plain-array file serves its importer too
+        return _import_any(paths, fmt, label, many, kwargs)
+
+
+def _import_any(paths: list[PathLike], fmt: str, label: Any, many: bool, kwargs: dict[str, Any]) -> RoutingTrace | ExpertStats:
     if fmt == "auto":
         found = {detect_format(p) for p in paths}
         if len(found) != 1:
