@@ -438,6 +438,13 @@ def _read_member_widened(zf: zipfile.ZipFile, name: str, dtype: np.dtype, path: 
     return out
 
 
+def strict_int(value: Any, what: str) -> int:
+    """An integer read from a file (JSON metadata, a plan); 1.7, True or "3" raise ValueError (no silent truncation)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}"[:120])
+    return value
+
+
 def strict_json(obj: Any) -> Any:
     """``obj`` with every NaN or infinite float replaced by None, so that it is strict JSON (RFC 8259)."""
     if isinstance(obj, float):

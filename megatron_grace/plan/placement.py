@@ -24,6 +24,7 @@ import numpy as np
 
 from megatron_grace import limits
 from megatron_grace._files import PathLike, load_json, save_json_atomic
+from megatron_grace._files import strict_int as _strict_int
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.topology import Topology
 
@@ -230,10 +231,3 @@ class PlacementPlan:
     def read(path: PathLike) -> PlacementPlan:
         """Load and validate a plan file."""
         return PlacementPlan.from_dict(load_json(path), source=path)
-
-
-def _strict_int(value: Any, what: str) -> int:
-    """An integer read from a plan file; 1.7, True or "3" raise ValueError (no silent truncation)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what} must be an integer, got {value!r}"[:100])
-    return value

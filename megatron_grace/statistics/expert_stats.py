@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_grace import limits
-from megatron_grace._files import PathLike, load_npz, save_npz_atomic
+from megatron_grace._files import PathLike, load_npz, save_npz_atomic, strict_int
 from megatron_grace.errors import GraceInputError
-from megatron_grace.trace.routing_trace import RoutingTrace, metadata_int
+from megatron_grace.trace.routing_trace import RoutingTrace
 
 STATS_FORMAT = "grace-stats/1"
 _COUNT_BLOCK = 1 << 23  # ids per block of tokens in from_trace (32 MB as int32)
@@ -255,7 +255,7 @@ class ExpertStats:
                 raise GraceInputError(f"statistics file lacks the array {key!r}", path)
         try:
             meta = json.loads(str(data["metadata"]))
-            top_k = metadata_int(meta, "top_k")
+            top_k = strict_int(meta["top_k"], "top_k")
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise GraceInputError(f"statistics file has unreadable metadata ({type(exc).__name__}: {str(exc)[:120]})", path) from None
         try:

@@ -567,7 +567,6 @@ def import_sglang_jsonl(path: PathLike, num_experts: int | None = None, model: s
         if row_type == "header":
             if not first:
                 raise GraceInputError(f"{where}: header row after the first row", path)
-            header = row
             schema = str(row.get("schema", ""))
             prov = row.get("provenance", {})
             if not isinstance(prov, dict):

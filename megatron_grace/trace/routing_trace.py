@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from megatron_grace import limits
-from megatron_grace._files import PathLike, StreamedArray, load_npz, save_npz_atomic
+from megatron_grace._files import PathLike, StreamedArray, load_npz, save_npz_atomic, strict_int
 from megatron_grace.errors import GraceInputError
 
 TRACE_FORMAT = "grace-trace/1"
@@ -199,8 +199,8 @@ class RoutingTrace:
                 raise GraceInputError(f"routing trace lacks the array {key!r}", path)
         try:
             meta = json.loads(str(data["metadata"]))
-            num_experts = metadata_int(meta, "num_experts")
-            top_k = metadata_int(meta, "top_k")
+            num_experts = strict_int(meta["num_experts"], "num_experts")
+            top_k = strict_int(meta["top_k"], "top_k")
             extra = dict(meta.get("extra", {}))
             request_names = tuple(str(n) for n in meta.get("request_names", []))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
@@ -267,11 +267,3 @@ def write_trace(path: PathLike, expert_ids: np.ndarray | StreamedArray, num_expe
     if gate_weights is not None:
         arrays["gate_weights"] = gate_weights
     save_npz_atomic(path, arrays, verify=RoutingTrace.read, dtypes={"expert_ids": small})
-
-
-def metadata_int(meta: dict[str, Any], key: str) -> int:
-    """An integer field of a file's JSON metadata; a float (1.7), a bool or a string raises ValueError."""
-    value = meta[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{key} must be an integer, got {value!r}"[:120])
-    return value

@@ -410,7 +410,7 @@ def _local_search(state: _Layer, rng: np.random.Generator) -> None:
     are refreshed before every block, so that moves of one block see the effect of the previous
     ones (fewer tokens overshooting the same pair at once).
     """
-    S, E = state.S, state.E
+    S = state.S
     k, T = S.shape
     if k < 2:
         return
