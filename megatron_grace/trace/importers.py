@@ -540,7 +540,6 @@ def import_sglang_jsonl(path: PathLike, num_experts: int | None = None, model: s
         record carries them.
     """
     path = _check_file(path)
-    header: dict[str, Any] | None = None
     footer: dict[str, Any] | None = None
     footer_line = 0
     schema = ""
