@@ -358,7 +358,7 @@ def _prepare(targets: _Targets, config: SynthesisConfig) -> _Layer:
 
 def _propose(state: _Layer, anchors: np.ndarray, bits: np.ndarray) -> np.ndarray:
     """Experts ``[...]`` proposed from the anchors' co-activation rows, or globally, using random ``bits``."""
-    entry = (bits & (_GLOBAL_TABLE - 1)).astype(np.int32)  # bits 0-11 (the row tables use 0-7)
+    entry = bits & (_GLOBAL_TABLE - 1)  # bits 0-11 (the row tables use 0-7); int64, as every index here
     from_global = ((bits >> 12) & 0xFFF) < int(state.config.global_share * 4096)
     return np.where(from_global, state.global_table[entry], state.row_table[anchors * _TABLE + (entry & (_TABLE - 1))])
 
@@ -451,8 +451,8 @@ def _search_block(state: _Layer, block: np.ndarray, offset: int, rng: np.random.
     bits = rng.integers(0, 2**62, size=n, dtype=np.int64)
     slot = ((bits >> 24) & 0xFFFF) % k
     other = (slot + 1 + ((bits >> 40) & 0xFFFF) % (k - 1)) % k
-    a = block[slot, cols]
-    b = _propose(state, block[other, cols], bits)
+    a = block[slot, cols].astype(np.int64)
+    b = _propose(state, block[other, cols], bits).astype(np.int64)
     BE = block.astype(np.int64) * E  # int64 indices: np.take on int32 ones converts them first (several times slower)
     gain_b = np.take(table, BE + b).sum(axis=0)  # sum_r inc[r, b] (+ i dec[r, b])
     gain_a = np.take(table, BE + a).sum(axis=0)
