@@ -68,11 +68,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(target: PathLike, suffix: str = "") -> list[Path]:
+def temporary_prefix(target: PathLike) -> str:
+    """Start of the name of this process's temporaries for ``target``: ``.{name}.grace{pid}h{host}.``."""
+    return f"{_tmp_head(Path(target))}grace{os.getpid()}h{_host_tag()}."
+
+
+def remove_stale_temporaries(target: PathLike, suffix: str = "", directories: bool = False) -> list[Path]:
     """Remove temporaries a killed writer of ``target`` left behind; returns what was removed.
 
-    Only regular files named like this module's own temporaries for this very target are
-    considered: ``.{name}.grace{pid}h{host}.{random}.tmp{suffix}`` is removed when ``host`` is
+    Only regular files (with ``directories``: only directories, removed with their contents)
+    named like this module's own temporaries for this very target are considered: ``.{name}.grace{pid}h{host}.{random}.tmp{suffix}`` is removed when ``host`` is
     this machine and process ``pid`` is gone, or when it is more than a day old (a writer on
     another machine of a shared file system); the owner-less names of earlier versions,
     ``.{name}.{random}.tmp{suffix}``, when more than an hour old.
@@ -94,7 +99,7 @@ def remove_stale_temporaries(target: PathLike, suffix: str = "") -> list[Path]:
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if not stat.S_ISREG(st.st_mode):
+        if not (stat.S_ISDIR(st.st_mode) if directories else stat.S_ISREG(st.st_mode)):
             continue
         age = now - st.st_mtime
         m = _TMP_TAG.fullmatch(middle)
@@ -104,7 +109,7 @@ def remove_stale_temporaries(target: PathLike, suffix: str = "") -> list[Path]:
             stale = _LEGACY_TMP_TAG.fullmatch(middle) is not None and age > _STALE_LEGACY_S
         if stale:
             try:
-                os.unlink(entry.path)
+                shutil.rmtree(entry.path) if directories else os.unlink(entry.path)
                 removed.append(Path(entry.path))
             except OSError:
                 pass
@@ -146,7 +151,7 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target, suffix)
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{_tmp_head(target)}grace{os.getpid()}h{_host_tag()}.", suffix=f".tmp{suffix}",
+        fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(target), suffix=f".tmp{suffix}",
                                         dir=target.parent)
     except OSError as exc:
         raise GraceInputError(f"cannot write here ({exc.strerror or exc})", target) from None

@@ -8,8 +8,10 @@ local_experts.{j}.linear_fc{1,2}.weight``; written here with ``torch.save`` beca
 Megatron model is too slow to build on this CPU). A GRACE plan for the bundled Qwen3-30B-A3B
 statistics (``--topology``, ``--extra-slots``; its first ``--layers`` layers) is applied with the
 CLI in a subprocess. Measured in the same run: ``cp -r`` of the same checkpoint on the same
-disk, the patch (wall time, peak RSS of the process), ``verify``, and a Python process that only
-imports the package (baseline RSS). The Qwen3-30B-A3B (48 layers) time is extrapolated
+disk and the patch (wall time, peak RSS of the process), ``--repeat`` times in alternating order
+(the machine is shared: each pair's ratio, their median and range, and the load average are
+reported), the patch with ``--file-sha256`` (plain sha256 of every output file as well),
+``verify``, and a Python process that only imports the package (baseline RSS). The Qwen3-30B-A3B (48 layers) time is extrapolated
 linearly per layer from the measured subset. Prints a table, writes JSON.
 
     python scripts/bench_checkpoint.py --layers 2 --ep 4 --out benchmarks/results/checkpoint.json
@@ -22,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +77,7 @@ def main() -> int:
     ap.add_argument("--ep", type=int, default=4, help="expert-parallel size of the generated checkpoint")
     ap.add_argument("--topology", default="a100-2x4", help="topology preset of the plan")
     ap.add_argument("--extra-slots", type=int, default=2, help="replica slots per GPU in the plan")
+    ap.add_argument("--repeat", type=int, default=3, help="cp -r / patch pairs (alternating order); medians and ranges are reported")
     ap.add_argument("--workdir", type=Path, default=None, help="where to generate (default: a temporary directory on /tmp's disk)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "checkpoint.json")
     args = ap.parse_args()
@@ -96,13 +100,34 @@ def main() -> int:
         gen_s = time.perf_counter() - t
         src_bytes = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
         largest = max(p.stat().st_size for p in files)
-        cp_s, _, _ = _child(["cp", "-r", str(src), str(work / "copy")])
-        shutil.rmtree(work / "copy")
         base_s, _, base_rss = _child([sys.executable, "-c", "import torch, megatron_grace.checkpoint, megatron_grace.cli.main"])
         grace = [sys.executable, "-m", "megatron_grace", "checkpoint"]
-        patch_s, rc, patch_rss = _child([*grace, "patch", str(src), str(work / "dst"), "--plan", str(work / "plan.json")])
-        if rc != 0:
-            raise SystemExit(f"patch failed with exit code {rc}")
+        patch_argv = [*grace, "patch", str(src), str(work / "dst"), "--plan", str(work / "plan.json")]
+        runs = []
+        load_before = os.getloadavg()
+        for i in range(args.repeat):  # cp -r and patch alternate (their order too): the machine is shared, its load drifts
+            run: dict[str, float] = {}
+            order = ["cp", "patch", "patch_file_sha256"] if i % 2 == 0 else ["patch_file_sha256", "patch", "cp"]
+            for what in order:
+                if what == "cp":
+                    run["cp_r_s"], _, _ = _child(["cp", "-r", str(src), str(work / "copy")])
+                    shutil.rmtree(work / "copy")
+                    continue
+                shutil.rmtree(work / "dst", ignore_errors=True)
+                dt, rc, rss = _child(patch_argv + (["--file-sha256"] if what == "patch_file_sha256" else []))
+                if rc != 0:
+                    raise SystemExit(f"patch failed with exit code {rc}")
+                run[f"{what}_s"], run[f"{what}_rss"] = dt, rss
+            run["ratio"] = run["cp_r_s"] / run["patch_s"]
+            run["ratio_file_sha256"] = run["cp_r_s"] / run["patch_file_sha256_s"]
+            run["loadavg_1min"] = os.getloadavg()[0]
+            runs.append(run)
+            print(f"run {i + 1}/{args.repeat}: cp -r {run['cp_r_s']:.2f} s, patch {run['patch_s']:.2f} s ({run['ratio']:.2f}x), "
+                  f"patch --file-sha256 {run['patch_file_sha256_s']:.2f} s ({run['ratio_file_sha256']:.2f}x), "
+                  f"load {run['loadavg_1min']:.1f}", flush=True)
+        cp_s = statistics.median(r["cp_r_s"] for r in runs)
+        patch_s = statistics.median(r["patch_s"] for r in runs)
+        patch_rss = max(max(r["patch_rss"], r["patch_file_sha256_rss"]) for r in runs)
         dst_bytes = sum(p.stat().st_size for p in (work / "dst").rglob("*") if p.is_file())
         verify_s, rc_v, _ = _child([*grace, "verify", str(work / "dst")])
         from megatron_grace.checkpoint import load_rank_slots
@@ -119,14 +144,18 @@ def main() -> int:
         # patch time without the ~fixed start-up (interpreter, imports): the baseline process's time
         per_layer = max(patch_s - base_s, 1e-9) / args.layers
         qwen_s = base_s + per_layer * QWEN["layers"]
+        ratios = [r["ratio"] for r in runs]
+        ratios_sha = [r["ratio_file_sha256"] for r in runs]
         result = {
             "command": " ".join(["python", "scripts/bench_checkpoint.py", *sys.argv[1:]]),
             "layers": args.layers, "ep": args.ep, "plan": {"topology": args.topology, "extra_slots": args.extra_slots, "slots": slots,
                                                            "gpus": plan.num_gpus},
             "source_bytes": src_bytes, "largest_source_file": largest, "patched_bytes": dst_bytes, "generate_s": gen_s,
+            "runs": runs, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "cp_r_s": cp_s, "patch_s": patch_s, "verify_s": verify_s, "verify_rc": rc_v, "startup_s": base_s,
             "patch_mb_per_s": src_bytes / patch_s / 1e6, "cp_mb_per_s": src_bytes / cp_s / 1e6,
-            "throughput_vs_cp": cp_s / patch_s,
+            "throughput_vs_cp": statistics.median(ratios), "throughput_vs_cp_range": [min(ratios), max(ratios)],
+            "throughput_vs_cp_file_sha256": statistics.median(ratios_sha), "throughput_vs_cp_file_sha256_range": [min(ratios_sha), max(ratios_sha)],
             "peak_rss": patch_rss, "baseline_rss": base_rss, "peak_rss_over_largest_file": patch_rss / largest,
             "rss_above_baseline_over_largest_file": (patch_rss - base_rss) / largest,
             "qwen3_30b_a3b_estimate_s": qwen_s, "load_rank_slots_layer0": per_rank,
@@ -137,9 +166,14 @@ def main() -> int:
     rows = [("source (generated, Qwen3 shapes, bf16)", f"{args.layers} layers x 128 experts, EP {args.ep}: {src_bytes / 1e9:.2f} GB, "
              f"largest file {largest / 1e9:.2f} GB"),
             ("plan", f"grace on the bundled Qwen3 statistics, {args.topology} +{args.extra_slots} slots: {slots} slots on {plan.num_gpus} GPUs"),
-            ("cp -r", f"{cp_s:.2f} s ({result['cp_mb_per_s']:.0f} MB/s)"),
-            ("grace checkpoint patch", f"{patch_s:.2f} s ({result['patch_mb_per_s']:.0f} MB/s of source; {dst_bytes / 1e9:.2f} GB written)"),
-            ("patch throughput / cp -r", f"{result['throughput_vs_cp']:.2f}x (target >= 0.5x)"),
+            ("cp -r (median)", f"{cp_s:.2f} s ({result['cp_mb_per_s']:.0f} MB/s)"),
+            ("grace checkpoint patch (median)", f"{patch_s:.2f} s ({result['patch_mb_per_s']:.0f} MB/s of source; "
+             f"{dst_bytes / 1e9:.2f} GB written)"),
+            ("patch throughput / cp -r", f"median {result['throughput_vs_cp']:.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x over "
+             f"{args.repeat} runs (target >= 0.5x)"),
+            ("same with --file-sha256", f"median {result['throughput_vs_cp_file_sha256']:.2f}x, range {min(ratios_sha):.2f}-"
+             f"{max(ratios_sha):.2f}x"),
+            ("load average (1 min)", f"{load_before[0]:.1f} before, " + ", ".join(f"{r['loadavg_1min']:.1f}" for r in runs) + " after each run"),
             ("peak RSS of patch", f"{patch_rss / 1e9:.2f} GB = {result['peak_rss_over_largest_file']:.2f}x the largest file "
              f"({(patch_rss - base_rss) / 1e9:.2f} GB above the {base_rss / 1e9:.2f} GB of a process that only imports = "
              f"{result['rss_above_baseline_over_largest_file']:.2f}x; target < 1.5x)"),

@@ -468,6 +468,11 @@ def test_verify_catches_one_flipped_byte_in_any_file(ds_src, tmp_path, capsys):
         load_rank_slots(dst, 1, 0)
 
 
+def _temporaries(folder: Path, target: Path) -> list[Path]:
+    """The temporary directories of runs writing ``target`` (``.NAME.grace{pid}h{host}.{random}.tmpdir``)."""
+    return [p for p in folder.iterdir() if p.name.startswith(f".{target.name}.grace") and p.name.endswith(".tmpdir")]
+
+
 def test_kill_9_leaves_no_half_written_checkpoint(ckpts, tmp_path):
     """SIGKILL ``grace checkpoint patch`` at random moments while it writes: DST is absent or complete
     (a previous complete copy survives an interrupted --overwrite), and the next run cleans up."""
@@ -489,11 +494,11 @@ def test_kill_9_leaves_no_half_written_checkpoint(ckpts, tmp_path):
                                 stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:  # wait for the temporary directory
-            if [p for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.grace-tmp-")]:
+            if _temporaries(tmp_path, target):
                 break
             time.sleep(0.002)
         time.sleep(rng.uniform(0.0, full))
-        was_writing = bool([p for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.grace-tmp-")])
+        was_writing = bool(_temporaries(tmp_path, target))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         mid_write += was_writing and proc.returncode == -signal.SIGKILL
@@ -505,4 +510,4 @@ def test_kill_9_leaves_no_half_written_checkpoint(ckpts, tmp_path):
     for name in ("dst0", "dst1"):
         patch_checkpoint(src, tmp_path / name, plan, overwrite=True, show_progress=False)
         assert not verify_checkpoint(tmp_path / name, show_progress=False).problems
-    assert not [p for p in tmp_path.iterdir() if ".grace-tmp-" in p.name or ".grace-old-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmpdir") or ".grace-old-" in p.name]

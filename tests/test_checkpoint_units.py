@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import os
 import pickle
+import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_grace.checkpoint.convert import expert_geometry, grace_state
-from megatron_grace.checkpoint.safe_load import load_dcp_metadata, load_torch_file
-from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, read_header, read_tensor, tensor_bytes, write_tensor
+from megatron_grace.checkpoint.safe_load import load_dcp_metadata, load_torch_file, load_torch_file_located
+from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, read_header, read_tensor, tensor_bytes, tree_sha256
 from megatron_grace.checkpoint.scan import scan_safetensors
-from megatron_grace.checkpoint.source import TensorSpec
+from megatron_grace.checkpoint.source import FileSpan, TensorSpec
+from megatron_grace.checkpoint.stream_copy import StreamWriter
 from megatron_grace.errors import GraceInputError
 
 
@@ -28,12 +33,13 @@ def test_streamed_safetensors_read_by_the_library_and_by_pread(tmp_path):
     tensors = _tensors()
     layout = SafetensorsLayout([(k, TensorSpec.of(v)) for k, v in tensors.items()], {"format": "test"})
     path = tmp_path / "x.safetensors"
-    layout.create(path)
-    fd = os.open(path, os.O_WRONLY)
-    for k in reversed(list(tensors)):  # any order: each tensor has its place
-        write_tensor(fd, layout.entries[k], tensor_bytes(tensors[k]))
-    os.close(fd)
-    assert path.stat().st_size == layout.size
+    writer = StreamWriter({"x": (path, layout)}, block=8, file_sha256=True)  # 8-byte blocks: many buffer reuses
+    digests: dict[str, str] = {}
+    for k in reversed(list(tensors)):  # out of file order: the file is hashed by a read in finish()
+        writer.put(tensors[k], [("x", k)], digests, k)
+    record = writer.finish()
+    assert path.stat().st_size == layout.size == record["x"]["bytes"]
+    assert record["x"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     lib = load_file(str(path))
     entries, meta, _ = read_header(path)
     assert meta == {"format": "test"} and set(lib) == set(tensors) == set(entries)
@@ -42,15 +48,19 @@ def test_streamed_safetensors_read_by_the_library_and_by_pread(tmp_path):
         assert torch.equal(lib[k], t) and lib[k].dtype == t.dtype
         assert torch.equal(read_tensor(fd, entries[k]), t)
     os.close(fd)
-    import hashlib
-
     want = {k: hashlib.sha256(tensor_bytes(t)).hexdigest() for k, t in tensors.items()}
-    sha, size, problems = scan_safetensors(path, want)
-    assert not problems and size == layout.size and sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digests == want
+    scan = scan_safetensors(path, want, plain=True)
+    assert not scan.problems and scan.size == layout.size and scan.sha256 == record["x"]["sha256"]
+    assert scan.tree_sha256 == record["x"]["tree_sha256"] == tree_sha256(layout.head, [
+        hashlib.sha256(tensor_bytes(tensors[k])).digest() for k in sorted(tensors, key=lambda k: (entries[k].begin, entries[k].end))])
     raw = bytearray(path.read_bytes())
     raw[entries["c"].begin + 3] ^= 0xFF
     path.write_bytes(raw)
-    assert scan_safetensors(path, want)[2] == [f"{path}: tensor c does not match the manifest (sha256 differs)"]
+    bad = scan_safetensors(path, want)
+    assert bad.problems == [f"{path}: tensor c does not match the manifest (sha256 differs)"] and bad.tree_sha256 != scan.tree_sha256
+    path.write_bytes(raw + b"x")
+    assert scan_safetensors(path, want).problems[-1] == f"{path}: 1 bytes after the last tensor"
     path.write_bytes(raw[:-5])
     with pytest.raises(GraceInputError, match="truncated"):
         read_header(path)
@@ -124,3 +134,149 @@ def test_grace_state_computes_the_framework_expert(naming):
 def test_unknown_expert_naming_is_refused():
     with pytest.raises(GraceInputError, match="match no known naming"):
         grace_state({"fc1.weight": torch.zeros(4, 6), "fc1.bias": torch.zeros(4), "fc2.weight": torch.zeros(6, 4)})
+
+
+def _random_state(rng: random.Random, g: torch.Generator) -> dict:
+    """A torch.save-able state like the frameworks write: tensors of many dtypes and shapes, views
+    sharing storages (contiguous and not), an args namespace, numpy RNG state, nesting."""
+    import numpy as np
+
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool]
+    model = {}
+    for i in range(rng.randrange(3, 12)):
+        shape = tuple(rng.randrange(0 if rng.random() < 0.1 else 1, 9) for _ in range(rng.randrange(1, 4)))
+        model[f"t{i}"] = (torch.rand(shape, generator=g) * 100).to(rng.choice(dtypes))
+    base = torch.randn(6, 10, generator=g)
+    model.update({"row_view": base[2:4], "col_view": base[:, 3:5], "t_view": base.t(), "whole": base, "tail": base.reshape(-1)[37:]})
+    return {"model": model, "args": argparse.Namespace(hidden=4, name="x"), "rng": {"np": np.random.RandomState(0).get_state()[1]},
+            "nested": [torch.arange(5), (torch.ones(2, 2),)], "iteration": 3}
+
+
+def _all_tensors(obj, out):
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _all_tensors(v, out)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _all_tensors(v, out)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_span_locator_gives_each_tensors_bytes_on_random_files(tmp_path, seed):
+    """The fast path (pread of a located byte range) against the reference (the loaded tensor's bytes)."""
+    path = tmp_path / "f.pt"
+    torch.save(_random_state(random.Random(seed), torch.Generator().manual_seed(seed)), path)
+    state, locator = load_torch_file_located(path)
+    assert locator.enabled
+    raw = path.read_bytes()
+    located = 0
+    for t in _all_tensors(state, []):
+        span = locator.span(t)
+        if t.numel() == 0 or not t.is_contiguous():
+            assert span is None
+            continue
+        assert span is not None and span.path == path
+        assert raw[span.offset: span.offset + span.nbytes] == tensor_bytes(t).tobytes()
+        located += 1
+    assert located >= 5
+    # a tensor that is not from this file is never located
+    assert locator.span(torch.ones(3)) is None and locator.data(torch.ones(3)).shape == (3,)
+
+
+def test_stream_writer_span_and_tensor_paths_write_the_same_files(tmp_path):
+    """Replicas in two files, written front to back (hashes from the buffers, no re-read) from
+    source byte ranges and from tensors: identical files; every digest equals a fresh sha256."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"w{i}": torch.randn(5 + 37 * i, 3, generator=g).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(5)}
+    src = tmp_path / "src.pt"
+    torch.save(tensors, src)
+    loaded, locator = load_torch_file_located(src)
+    spans = {k: locator.span(t) for k, t in loaded.items()}
+    assert all(isinstance(s, FileSpan) for s in spans.values())
+    layout = SafetensorsLayout([(k, TensorSpec.of(t)) for k, t in tensors.items()], {"format": "test"})
+    results = []
+    for label, source, use_mmap, plain in (("mmap", spans, True, True), ("pread", spans, False, False), ("tensor", tensors, True, True)):
+        files = {n: (tmp_path / f"{label}_{n}.safetensors", layout) for n in ("a", "b")}
+        writer = StreamWriter(files, hash_threads=2, block=64, use_mmap=use_mmap, file_sha256=plain)  # small blocks: many ring reuses
+        digests: dict[str, str] = {}
+        for k in tensors:
+            writer.put(source[k], [("a", k), ("b", k)], digests, k)
+        record = writer.finish()
+        assert writer.use_mmap == use_mmap and writer._maps == [None] * len(writer._maps)  # every source window unmapped
+        for n, (path, _) in files.items():  # written front to back: the plain sha256 comes from the blocks, not a re-read
+            scan = scan_safetensors(path, {}, plain=True)
+            assert record[n]["tree_sha256"] == scan.tree_sha256 and record[n]["bytes"] == layout.size
+            assert record[n].get("sha256") == (hashlib.sha256(path.read_bytes()).hexdigest() if plain else None)
+        assert digests == {k: hashlib.sha256(tensor_bytes(t)).hexdigest() for k, t in tensors.items()}
+        results.append([files[n][0].read_bytes() for n in files])
+    assert results[0] == results[1] == results[2] and results[0][0] == results[0][1]
+
+
+def test_stream_writer_refuses_incomplete_or_truncated_input(tmp_path):
+    t = torch.arange(32, dtype=torch.float32)
+    layout = SafetensorsLayout([("x", TensorSpec.of(t)), ("y", TensorSpec.of(t))])
+    writer = StreamWriter({"f": (tmp_path / "f.safetensors", layout)})
+    writer.put(t, [("f", "x")], {}, "x")
+    with pytest.raises(GraceInputError, match="tensor y was never written"):
+        writer.finish()
+    writer.close()
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\0" * 100)
+    for use_mmap in (True, False):
+        writer = StreamWriter({"f": (tmp_path / f"g{use_mmap}.safetensors", layout)}, use_mmap=use_mmap)
+        with pytest.raises(GraceInputError, match="truncated"):
+            writer.put(FileSpan(short, 0, 128), [("f", "x")], {}, "x")
+    with pytest.raises(GraceInputError, match="written twice"):
+        writer.put(t, [("f", "x")], {}, "x")
+    writer.close()
+
+
+def test_torch_files_go_through_the_input_and_archive_checks(tmp_path):
+    from megatron_grace import limits
+
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(GraceInputError, match="FIFO"):
+        load_torch_file(fifo)  # refused unopened (a FIFO would block)
+    big = tmp_path / "big.pt"
+    torch.save({"w": torch.zeros(1 << 18)}, big)  # one 1 MB record
+    with limits.override(memory_gb=0.0005), pytest.raises(GraceInputError, match="memory limit"):
+        load_torch_file(big)
+    assert load_torch_file(big)["w"].numel() == 1 << 18
+
+
+def test_atomic_dir_temporaries_follow_the_package_rule(tmp_path):
+    """One naming and one stale rule for temporary files and directories: a dead run's directory on
+    this host is removed, a live run's and another host's (shared file system) are kept."""
+    import subprocess
+    import sys
+
+    from megatron_grace._files import temporary_prefix
+    from megatron_grace.checkpoint.atomic_dir import atomic_dir
+
+    dst = tmp_path / "ckpt"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = temporary_prefix(dst)
+    assert mine.startswith(".ckpt.grace") and f"grace{os.getpid()}h" in mine
+    stale = tmp_path / mine.replace(f"grace{os.getpid()}h", f"grace{dead.pid}h")
+    stale = Path(f"{stale}abcdefgh.tmpdir")
+    live = tmp_path / f"{mine}live0001.tmpdir"
+    other_host = tmp_path / f".ckpt.grace{dead.pid}h00000000.abcdefgh.tmpdir"
+    for d in (stale, live, other_host):
+        d.mkdir()
+        (d / "part").write_bytes(b"x")
+    with atomic_dir(dst, overwrite=False) as tmp:
+        assert tmp.name.startswith(mine) and tmp.name.endswith(".tmpdir")
+        (tmp / "data").write_bytes(b"ok")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (dst / "data").read_bytes() == b"ok" and dst.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert not stale.exists() and live.exists() and other_host.exists()
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "failed", overwrite=False) as tmp:
+        (tmp / "data").write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert not (tmp_path / "failed").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".failed.")]

@@ -1,43 +1,33 @@
 """Directories written atomically: a temporary sibling, verified, then renamed into place.
 
 A run that dies at any point (``kill -9`` included) leaves the destination absent or as it
-was before; the next run removes temporaries that dead runs left behind.
+was before. The temporary is named like every temporary of the package,
+``.NAME.grace{pid}h{host}.{random}.tmpdir`` (:func:`megatron_grace._files.temporary_prefix`), and
+the next run removes those of dead runs with the package's one rule
+(:func:`megatron_grace._files.remove_stale_temporaries`): a temporary of this host whose process
+is gone, or one of another host (shared file system) only when it is more than a day old.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from megatron_grace._files import remove_stale_temporaries, temporary_prefix
 from megatron_grace.errors import GraceInputError
 
-_TAG = ".grace-tmp-"
+SUFFIX = "dir"
+"""Temporaries are ``....tmpdir`` (files of :func:`megatron_grace._files.atomic_path` end ``.tmp{suffix}``)."""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale(dst: Path) -> None:
-    """Delete temporaries ``.NAME.grace-tmp-PID-*`` next to ``dst`` whose process is gone."""
-    prefix = f".{dst.name}{_TAG}"
-    if not dst.parent.is_dir():
-        return
-    for p in dst.parent.iterdir():
-        if p.name.startswith(prefix):
-            pid = p.name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
+def remove_stale(dst: Path) -> list[Path]:
+    """Delete the temporary directories of dead runs next to ``dst`` (see the module docstring)."""
+    return remove_stale_temporaries(dst, SUFFIX, directories=True)
 
 
 def check_target(dst: Path, overwrite: bool) -> None:
@@ -70,8 +60,11 @@ def atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
     dst = Path(dst)
     remove_stale(dst)
     check_target(dst, overwrite)
-    tmp = dst.parent / f".{dst.name}{_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(dst), suffix=f".tmp{SUFFIX}", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give DST the mode a plain mkdir would
     try:
         yield tmp
         _fsync_tree(tmp)

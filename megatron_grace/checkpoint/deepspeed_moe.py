@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from megatron_grace.checkpoint.safe_load import load_torch_file
-from megatron_grace.checkpoint.source import MoELayerInfo, SourceInfo, TensorSpec, check_expert, jsonable
+from megatron_grace.checkpoint.safe_load import SpanLocator, load_torch_file_located
+from megatron_grace.checkpoint.source import FileSpan, MoELayerInfo, SourceInfo, TensorSpec, check_expert, jsonable
 from megatron_grace.errors import GraceInputError
 
 MAIN = "mp_rank_00_model_states.pt"
@@ -70,9 +70,12 @@ class DeepSpeedReader:
                 ep_ranks.add(int(m.group(1)))
         if not expert_files:
             raise GraceInputError("no layer_*_expert_*_mp_rank_00_model_states.pt files (not a MoE checkpoint)", self.tag_dir)
-        main = load_torch_file(self.tag_dir / MAIN)
+        main, main_locator = load_torch_file_located(self.tag_dir / MAIN)
         if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
             raise GraceInputError("no 'module' state dict", self.tag_dir / MAIN)
+        for key, t in main["module"].items():
+            if not isinstance(t, torch.Tensor):
+                raise GraceInputError(f"module entry {key!r} is a {type(t).__name__}, not a tensor", self.tag_dir / MAIN)
         declared = main.get("num_experts")
         self.layer_ids = sorted(expert_files)
         if self.layer_ids != list(range(len(self.layer_ids))):
@@ -88,7 +91,7 @@ class DeepSpeedReader:
                 raise GraceInputError(f"MoE layer {li}: expert file(s) {missing} missing", self.tag_dir)
             if isinstance(declared, list) and li < len(declared) and int(declared[li]) != E:
                 raise GraceInputError(f"MoE layer {li}: {E} expert files but the checkpoint declares {declared[li]} experts", self.tag_dir)
-            prefix, tensors = self._load_expert(li, 0)
+            prefix, tensors, _ = self._load_expert(li, 0)
             self.prefixes.append(prefix)
             layers.append(MoELayerInfo(prefix, E, {k: TensorSpec.of(t) for k, t in tensors.items()}))
         kept = {k: v for k, v in main.items() if k not in ("module", "optimizer") and jsonable(v)}
@@ -98,11 +101,14 @@ class DeepSpeedReader:
         rel = [str(p.relative_to(self.src)) for p in sorted(self.tag_dir.iterdir()) if p.is_file()]
         if (self.src / "latest").is_file():
             rel.append("latest")
-        self.info = SourceInfo(self.format, self.src, max(1, len(ep_ranks)), layers, rel, extra, dropped)
+        order = [(li, e) for li in self.layer_ids for e in range(layers[li].num_experts)]
+        self.info = SourceInfo(self.format, self.src, max(1, len(ep_ranks)), layers, rel, extra, dropped,
+                               [(k, TensorSpec.of(t)) for k, t in main["module"].items()], order)
+        self._main: tuple[dict[str, torch.Tensor], SpanLocator] | None = (main["module"], main_locator)  # parsed once; iter_dense releases it
 
-    def _load_expert(self, li: int, e: int) -> tuple[str, dict[str, torch.Tensor]]:
+    def _load_expert(self, li: int, e: int) -> tuple[str, dict[str, torch.Tensor], SpanLocator]:
         path = self.expert_files[li][e]
-        sd = load_torch_file(path)
+        sd, locator = load_torch_file_located(path)
         if not isinstance(sd, dict) or not sd:
             raise GraceInputError("expert file holds no state dict", path)
         prefix, out = None, {}
@@ -115,23 +121,30 @@ class DeepSpeedReader:
             prefix = m.group("prefix")
             out[m.group("name")] = t
         assert prefix is not None
-        return prefix, out
+        return prefix, out, locator
 
-    def iter_experts(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-        for li in self.layer_ids:
-            for e in range(self.info.layers[li].num_experts):
-                prefix, tensors = self._load_expert(li, e)
-                if prefix != self.prefixes[li]:
-                    raise GraceInputError(f"key prefix {prefix!r} differs from expert 0's {self.prefixes[li]!r}", self.expert_files[li][e])
-                check_expert(self.info, li, e, tensors, str(self.expert_files[li][e]))
-                yield li, e, tensors
+    def iter_experts(self, spans: bool = False) -> Iterator[tuple[int, int, dict[str, torch.Tensor | FileSpan]]]:
+        for li, e in self.info.expert_order:
+            prefix, tensors, locator = self._load_expert(li, e)
+            if prefix != self.prefixes[li]:
+                raise GraceInputError(f"key prefix {prefix!r} differs from expert 0's {self.prefixes[li]!r}", self.expert_files[li][e])
+            check_expert(self.info, li, e, tensors, str(self.expert_files[li][e]))
+            yield li, e, {k: locator.data(t) for k, t in tensors.items()} if spans else tensors
 
-    def iter_dense(self) -> Iterator[tuple[str, torch.Tensor]]:
-        module = load_torch_file(self.tag_dir / MAIN)["module"]
-        for key, t in module.items():
+    def iter_dense(self, spans: bool = False) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
+        if self._main is not None:
+            module, locator = self._main
+            self._main = None
+        else:
+            main, locator = load_torch_file_located(self.tag_dir / MAIN)
+            module = main.get("module") if isinstance(main, dict) else None
+            if not isinstance(module, dict):
+                raise GraceInputError("no 'module' state dict", self.tag_dir / MAIN)
+        for key, _spec in self.info.dense:
+            t = module.get(key)
             if not isinstance(t, torch.Tensor):
-                raise GraceInputError(f"module entry {key!r} is a {type(t).__name__}, not a tensor", self.tag_dir / MAIN)
-            yield key, t
+                raise GraceInputError(f"module entry {key!r} is gone or not a tensor (the file changed while reading)", self.tag_dir / MAIN)
+            yield key, locator.data(t) if spans else t
 
     def iter_blobs(self) -> Iterator[tuple[str, bytes]]:
         return iter(())

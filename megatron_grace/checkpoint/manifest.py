@@ -11,14 +11,23 @@ A patched checkpoint ``DST`` holds::
     extra.safetensors                opaque byte records the format needs to be written back
                                      (uint8 tensors; torch_dist only; never unpickled)
 
-Manifest (JSON, ``format = grace-checkpoint/1``): ``source`` (path, format, EP size, every file
+Manifest (JSON, ``format = grace-checkpoint/2``): ``source`` (path, format, EP size, every file
 with bytes and sha256, format facts for unpatch, what was dropped), ``plan`` (file, sha256,
 GPUs, layers, experts), ``layers`` (per MoE layer: source name, experts, tensor names with shape
 and dtype), ``expert_sha256[l][e][name]`` (the source expert tensor's bytes), ``dense_sha256``,
 ``slots`` (one row per slot: layer, rank, slot, expert, file, and each tensor's key, shape,
-dtype), ``files`` (every other file of DST with bytes and sha256) and ``manifest_sha256``, the
-sha256 of the rest of the manifest as canonical JSON (sorted keys, no spaces), so a changed
+dtype), ``files`` (every other file of DST with its bytes and a digest) and ``manifest_sha256``,
+the sha256 of the rest of the manifest as canonical JSON (sorted keys, no spaces), so a changed
 manifest value is caught too.
+
+File digests: ``plan.json`` has ``sha256`` (of its bytes). Each ``.safetensors`` file has
+``tree_sha256``, the sha256 of its header bytes followed by the 32-byte sha256 of each tensor
+in file order (:func:`~megatron_grace.checkpoint.safetensors_io.tree_sha256`); its tensors tile
+the data section, so every byte of the file is covered (``verify`` also refuses gaps and
+trailing bytes), and the patch gets it from the per-tensor hashes it computes anyway, without
+hashing each replica's bytes again. ``patch --file-sha256`` records the plain ``sha256`` of
+every file as well (one more hash of every written byte), e.g. to compare with ``sha256sum``.
+Format 2 (this one) differs from 1 only there (1 had ``sha256`` for every file).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from megatron_grace._files import load_json
 from megatron_grace.checkpoint.source import MoELayerInfo
 from megatron_grace.errors import GraceInputError
 
-FORMAT = "grace-checkpoint/1"
+FORMAT = "grace-checkpoint/2"
 MANIFEST = "grace-checkpoint.json"
 PLAN = "plan.json"
 DENSE = "dense.safetensors"
@@ -62,6 +71,9 @@ def read_manifest(dst: Path) -> dict[str, Any]:
     if not path.is_file():
         raise GraceInputError(f"no {MANIFEST} (not a patched GRACE checkpoint)", dst)
     m = load_json(path)
+    if isinstance(m, dict) and m.get("format") == "grace-checkpoint/1":
+        raise GraceInputError(f"written by an earlier version (grace-checkpoint/1, per-file sha256 only); patch it again for {FORMAT}",
+                              path)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise GraceInputError(f"not a GRACE checkpoint manifest (format {m.get('format') if isinstance(m, dict) else None!r}, "
                               f"expected {FORMAT!r})", path)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from megatron_grace import limits
+from megatron_grace._files import check_input_file
 from megatron_grace.checkpoint.safe_load import load_dcp_metadata, load_torch_bytes
 from megatron_grace.checkpoint.source import MoELayerInfo, SourceInfo, TensorSpec, check_expert
 from megatron_grace.errors import GraceInputError
@@ -100,7 +102,10 @@ class MegatronDistReader:
             layers.append(MoELayerInfo(source_layer, int(E or 0), specs))
         files = [p.name for p in sorted(self.src.iterdir()) if p.is_file()]
         extra = {"blob_fqns": self.blobs}
-        self.info = SourceInfo(self.format, self.src, 1, layers, files, extra, [])
+        dense = [(dense_key(fqn, _offsets(c), len(meta.chunks) == 1), TensorSpec(_sizes(c), meta.properties.dtype))
+                 for fqn, meta in self.dense for c in meta.chunks]
+        order = [(li, e) for li, layer in enumerate(layers) for e in range(layer.num_experts)]
+        self.info = SourceInfo(self.format, self.src, 1, layers, files, extra, [], dense, order)
         self._groups = groups
         self._fh: dict[str, Any] = {}
 
@@ -118,8 +123,10 @@ class MegatronDistReader:
         if info.relative_path not in self._fh:
             if not path.is_file():
                 raise GraceInputError("missing chunk file", path)
+            check_input_file(path)
             self._fh[info.relative_path] = open(path, "rb")  # noqa: SIM115 - closed in close()
         fh = self._fh[info.relative_path]
+        limits.check_bytes(int(info.length), f"record {fqn}", path)
         fh.seek(int(info.offset))
         blob = fh.read(int(info.length))
         if len(blob) != int(info.length):
@@ -143,7 +150,8 @@ class MegatronDistReader:
         self._fh.clear()
 
     # ------------------------------------------------------------------ streams
-    def iter_experts(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    def iter_experts(self, spans: bool = False) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """Experts assembled from their chunks (always tensors: chunks are ``torch.save`` records, not raw spans)."""
         for li, (prefix, lo) in enumerate(self.layer_keys):
             layer = self.info.layers[li]
             by_expert: dict[str, dict[int, list[Any]]] = {}
@@ -173,7 +181,7 @@ class MegatronDistReader:
                 yield li, e, tensors
         self.close()
 
-    def iter_dense(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_dense(self, spans: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         for fqn, meta in self.dense:
             single = len(meta.chunks) == 1
             for c in meta.chunks:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from megatron_grace.checkpoint.safe_load import load_torch_file
-from megatron_grace.checkpoint.source import MoELayerInfo, SourceInfo, TensorSpec, check_expert, jsonable
+from megatron_grace.checkpoint.safe_load import SpanLocator, load_torch_file_located
+from megatron_grace.checkpoint.source import FileSpan, MoELayerInfo, SourceInfo, TensorSpec, check_expert, jsonable
 from megatron_grace.errors import GraceInputError
 
 FILE = "model_optim_rng.pt"
@@ -118,7 +118,7 @@ class MegatronTorchReader:
         self.it_dir = find_iteration_dir(self.src)
         self.files = _rank_files(self.it_dir)
         W = len(self.files)
-        state = load_torch_file(self.files[0])
+        state, locator = load_torch_file_located(self.files[0])
         experts, dense, other = _split(_model(state, self.files[0]), self.files[0])
         if not experts:
             raise GraceInputError("no MoE experts (no '...mlp.experts.local_experts.N...' keys)", self.files[0])
@@ -150,12 +150,24 @@ class MegatronTorchReader:
         tracker = self.src / "latest_checkpointed_iteration.txt"
         if tracker.is_file():
             files.append(tracker.name)
-        self.info = SourceInfo(self.format, self.src, W, layers, files, extra, dropped)
+        order = [(li, r * n + j) for r in range(W) for li, n in enumerate(self.num_local) for j in range(n)]
+        self.info = SourceInfo(self.format, self.src, W, layers, files, extra, dropped,
+                               [(k, TensorSpec.of(t)) for k, t in dense.items()], order)
+        # rank 0's file stays loaded (memory-mapped; with spans its pages are never touched) for iter_experts
+        # and iter_dense, so that it is parsed once; iter_dense, and iter_experts without spans, release it
+        self._first: tuple[dict[str, Any], SpanLocator] | None = (_model(state, self.files[0]), locator)
         del state
 
-    def iter_experts(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    def _load(self, r: int) -> tuple[dict[str, Any], SpanLocator]:
+        if r == 0 and self._first is not None:
+            return self._first
+        state, locator = load_torch_file_located(self.files[r])
+        return _model(state, self.files[r]), locator
+
+    def iter_experts(self, spans: bool = False) -> Iterator[tuple[int, int, dict[str, torch.Tensor | FileSpan]]]:
         for r, path in enumerate(self.files):
-            experts, _, _ = _split(_model(load_torch_file(path), path), path)
+            model, locator = self._load(r)
+            experts, _, _ = _split(model, path)
             for li, prefix in enumerate(self.prefixes):
                 local = experts.get(prefix, {})
                 n = self.num_local[li]
@@ -163,12 +175,19 @@ class MegatronTorchReader:
                     raise GraceInputError(f"{prefix}: local experts {sorted(local)}, expected 0..{n - 1} as on rank 0", path)
                 for j in range(n):
                     check_expert(self.info, li, r * n + j, local[j], str(path))
-                    yield li, r * n + j, local[j]
-            experts = local = None  # unmap this file before the next one is mapped
+                    yield li, r * n + j, {k: locator.data(t) for k, t in local[j].items()} if spans else local[j]
+            if r == 0 and not spans:
+                self._first = None  # its touched pages would stay resident while the next files are read
+            model = experts = local = locator = None  # unmap this file before the next one is mapped
 
-    def iter_dense(self) -> Iterator[tuple[str, torch.Tensor]]:
-        _, dense, _ = _split(_model(load_torch_file(self.files[0]), self.files[0]), self.files[0])
-        yield from dense.items()
+    def iter_dense(self, spans: bool = False) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
+        model, locator = self._load(0)
+        _, dense, _ = _split(model, self.files[0])
+        self._first = model = None
+        for key, _spec in self.info.dense:
+            if key not in dense:
+                raise GraceInputError(f"dense tensor {key} is gone (the file changed while reading)", self.files[0])
+            yield key, locator.data(dense[key]) if spans else dense[key]
 
     def iter_blobs(self) -> Iterator[tuple[str, bytes]]:
         return iter(())

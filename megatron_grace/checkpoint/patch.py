@@ -1,15 +1,21 @@
 """``patch``: a framework checkpoint -> the GRACE layout of a placement plan.
 
-Streams the source one expert at a time (one source file at most in memory, memory-mapped),
-writing each expert's bytes into every slot the plan gives it (replicas included) and reading
-each slot back at once to compare it byte for byte with the source tensor still in memory; then
-hashes every output file once for the manifest (several files in parallel) and writes it; all of it in a temporary directory renamed onto ``DST`` only when complete
-(:mod:`megatron_grace.checkpoint.atomic_dir`). The source is only ever opened for reading.
+Streams the source one expert at a time, in the order the reader yields them
+(``info.expert_order``), through :class:`~megatron_grace.checkpoint.stream_copy.StreamWriter`:
+each tensor's bytes are read once (``pread`` of its byte range in the source file where the
+reader can locate it, else from the loaded tensor) into a fixed buffer, written into every slot
+the plan gives the expert (replicas included) and hashed from that same buffer, for the tensor
+and for each output file. Every rank file is laid out in that same expert order, so each output
+file is written front to back and its sha256 is known when the last byte is written; nothing is
+read back but the headers (the check before the rename is described in
+:mod:`~megatron_grace.checkpoint.stream_copy`). The dense tensors are streamed once the same
+way. All of it happens in a temporary directory that is fsynced and renamed onto ``DST`` only
+when complete (:mod:`megatron_grace.checkpoint.atomic_dir`). The source is only ever opened for
+reading.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -24,9 +30,9 @@ from megatron_grace.checkpoint import manifest as mf
 from megatron_grace.checkpoint.atomic_dir import atomic_dir, check_space, check_target
 from megatron_grace.checkpoint.convert import expert_geometry
 from megatron_grace.checkpoint.detect import open_source
-from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, tensor_bytes, write_tensor
-from megatron_grace.checkpoint.scan import scan_many
+from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout
 from megatron_grace.checkpoint.source import SourceInfo, TensorSpec, dtype_name, sha256_file
+from megatron_grace.checkpoint.stream_copy import StreamWriter
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.placement import PlacementPlan
 
@@ -65,12 +71,16 @@ def check_plan(info: SourceInfo, plan: PlacementPlan, hidden_size: int | None = 
 
 
 def _rank_layouts(info: SourceInfo, plan: PlacementPlan) -> list[SafetensorsLayout]:
+    """One layout per GPU: its slots of every layer, ordered as the reader streams the experts
+    (``info.expert_order``; replicas of one expert on one GPU by slot), so each file is written front to back."""
+    rank = {le: i for i, le in enumerate(info.expert_order)}
+    if len(rank) != sum(layer.num_experts for layer in info.layers):
+        raise GraceInputError(f"the {info.format} reader lists {len(rank)} experts in its order, the layers have "
+                              f"{sum(layer.num_experts for layer in info.layers)}", info.path)
     layouts = []
     for g in range(plan.num_gpus):
-        entries = []
-        for li, layer in enumerate(info.layers):
-            for s, _e in enumerate(plan.gpu_experts[li][g]):
-                entries += [(mf.slot_key(li, s, name), spec) for name, spec in layer.tensors.items()]
+        slots = sorted(((rank[(li, e)], s, li) for li in range(len(info.layers)) for s, e in enumerate(plan.gpu_experts[li][g])))
+        entries = [(mf.slot_key(li, s, name), spec) for _, s, li in slots for name, spec in info.layers[li].tensors.items()]
         layouts.append(SafetensorsLayout(entries, {"format": mf.FORMAT, "rank": str(g)}))
     return layouts
 
@@ -81,11 +91,13 @@ def _file_record(path: Path, hashed: bool = True) -> dict[str, Any]:
 
 def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan: PlacementPlan | str | os.PathLike[str], *,
                      fmt: str = "auto", overwrite: bool = False, hidden_size: int | None = None, ffn_size: int | None = None,
-                     dtype: str | None = None, hash_source: bool = False, show_progress: bool = True) -> PatchSummary:
+                     dtype: str | None = None, hash_source: bool = False, file_sha256: bool = False,
+                     show_progress: bool = True) -> PatchSummary:
     """Write ``dst``: the experts of checkpoint ``src`` placed as ``plan`` says (see the package docstring).
 
     The manifest records every source file's size, and its sha256 with ``hash_source`` (one more
-    read of the source).
+    read of the source); every output file's size and tree digest, and its plain sha256 with
+    ``file_sha256`` (one more hash of every written byte; :mod:`~megatron_grace.checkpoint.manifest`).
 
     Raises:
         GraceInputError: bad source, plan mismatch (layers, experts, hidden or ffn size, dtype),
@@ -101,8 +113,7 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
     info = reader.info
     check_plan(info, plan_obj, hidden_size, ffn_size, dtype)
     layouts = _rank_layouts(info, plan_obj)
-    dense_specs = [(k, TensorSpec.of(t)) for k, t in reader.iter_dense()]
-    dense_layout = SafetensorsLayout(dense_specs, {"format": mf.FORMAT})
+    dense_layout = SafetensorsLayout(info.dense, {"format": mf.FORMAT})
     blobs = list(reader.iter_blobs())
     extra_layout = SafetensorsLayout([(k, TensorSpec((len(b),), torch.uint8)) for k, b in blobs]) if blobs else None
     needed = sum(lay.size for lay in layouts) + dense_layout.size + (extra_layout.size if extra_layout else 0)
@@ -113,35 +124,32 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
 
     expert_sha: list[list[dict[str, str]]] = [[{} for _ in range(layer.num_experts)] for layer in info.layers]
     dense_sha: dict[str, str] = {}
+    blob_sha: dict[str, str] = {}
     with atomic_dir(dst, overwrite) as tmp:
         (tmp / "experts").mkdir()
-        fds = []
+        outputs = {mf.rank_file(g): (tmp / mf.rank_file(g), lay) for g, lay in enumerate(layouts)}
+        outputs[mf.DENSE] = (tmp / mf.DENSE, dense_layout)
+        if extra_layout is not None:
+            outputs[mf.EXTRA] = (tmp / mf.EXTRA, extra_layout)
+        writer = StreamWriter(outputs, file_sha256=file_sha256)
         try:
-            for g, lay in enumerate(layouts):
-                lay.create(tmp / mf.rank_file(g))
-                fds.append(os.open(tmp / mf.rank_file(g), os.O_RDWR))
             total = sum(layer.num_experts for layer in info.layers)
-            for li, e, tensors in progress(reader.iter_experts(), "patching experts", total, show_progress):
-                hosts = plan_obj.expert_gpus[li, e]
-                slots = plan_obj.expert_slots[li, e]
-                for name, t in tensors.items():
-                    data = tensor_bytes(t)
-                    expert_sha[li][e][name] = hashlib.sha256(data).hexdigest()
-                    for g, s in zip(hosts.tolist(), slots.tolist(), strict=True):
-                        if g >= 0:
-                            write_tensor(fds[g], layouts[g].entries[mf.slot_key(li, s, name)], data, read_back=True)
-                tensors = t = data = None  # let the reader unmap a finished source file
+            for li, e, tensors in progress(reader.iter_experts(spans=True), "patching experts", total, show_progress):
+                where = [(g, s) for g, s in zip(plan_obj.expert_gpus[li, e].tolist(), plan_obj.expert_slots[li, e].tolist(),
+                                                strict=True) if g >= 0]
+                for name in info.layers[li].tensors:
+                    writer.put(tensors[name], [(mf.rank_file(g), mf.slot_key(li, s, name)) for g, s in where], expert_sha[li][e], name)
+                tensors = None  # let the reader unmap a finished source file
+            for key, data in reader.iter_dense(spans=True):
+                writer.put(data, [(mf.DENSE, key)], dense_sha, key)
+            for key, blob in blobs:
+                writer.put(torch.frombuffer(bytearray(blob), dtype=torch.uint8), [(mf.EXTRA, key)], blob_sha, key)
+            files: dict[str, Any] = writer.finish()  # every key written once, sizes and headers read back
         finally:
-            for fd in fds:
-                os.close(fd)
-        missing = [(li, e) for li, layer in enumerate(expert_sha) for e, d in enumerate(layer) if not d]
+            writer.close()
+        missing = [(li, e) for li, layer in enumerate(expert_sha) for e, d in enumerate(layer) if len(d) != len(info.layers[li].tensors)]
         if missing:
             raise GraceInputError(f"the source never provided expert {missing[0][1]} of MoE layer {missing[0][0]}", src)
-        _write_stream(tmp / mf.DENSE, dense_layout, reader.iter_dense(), dense_sha)
-        blob_sha: dict[str, str] = {}
-        if extra_layout is not None:
-            _write_stream(tmp / mf.EXTRA, extra_layout, ((k, torch.frombuffer(bytearray(b), dtype=torch.uint8)) for k, b in blobs),
-                          blob_sha)
         plan_obj.save(tmp / mf.PLAN)
 
         slots = []
@@ -152,13 +160,6 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
                     for name, spec in layer.tensors.items():
                         row["tensors"][name] = {"key": mf.slot_key(li, s, name), **spec.to_dict()}
                     slots.append(row)
-        written = [mf.rank_file(g) for g in range(plan_obj.num_gpus)] + [mf.DENSE] + ([mf.EXTRA] if extra_layout is not None else [])
-        files: dict[str, Any] = {}
-        scans = scan_many([(tmp / rel, None) for rel in written])  # each tensor was read back when written
-        for rel, (sha, size, problems) in progress(zip(written, scans), "verifying output", len(written), show_progress):
-            if problems:
-                raise GraceInputError(f"written file failed its read-back check: {problems[0]}")
-            files[rel] = {"bytes": size, "sha256": sha}
         files[mf.PLAN] = _file_record(tmp / mf.PLAN)
         manifest = {
             "format": mf.FORMAT,
@@ -177,19 +178,3 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
         save_json_atomic(tmp / mf.MANIFEST, manifest)
     return PatchSummary(info.format, sum(r["bytes"] for r in source_files.values()), sum(r["bytes"] for r in files.values()),
                         len(files) + 1, len(slots), time.perf_counter() - t0)
-
-
-def _write_stream(path: Path, layout: SafetensorsLayout, items: Any, hashes: dict[str, str]) -> None:
-    layout.create(path)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        seen = set()
-        for key, t in items:
-            data = tensor_bytes(t)
-            hashes[key] = hashlib.sha256(data).hexdigest()
-            write_tensor(fd, layout.entries[key], data, read_back=True)
-            seen.add(key)
-        if seen != set(layout.entries):
-            raise GraceInputError(f"{path.name}: the source changed while reading (tensor set differs)")
-    finally:
-        os.close(fd)

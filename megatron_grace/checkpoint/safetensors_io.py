@@ -3,15 +3,16 @@
 The safetensors format is an 8-byte little-endian header length, a JSON header
 (``{key: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}``,
 offsets relative to the data start) and the raw little-endian data. :class:`SafetensorsLayout`
-computes the header and every tensor's place from shapes and dtypes alone, so a writer can
-create the file once and ``pwrite`` each tensor when it streams past (no file ever held whole
-in memory). Reading (:func:`read_header`, :func:`read_tensor`) uses ``pread`` of exactly the
+computes the header and every tensor's place from shapes and dtypes alone, so a writer
+(:mod:`~megatron_grace.checkpoint.stream_copy`) can write the header first and ``pwrite`` each
+tensor when it streams past (no file ever held whole in memory). Reading (:func:`read_header`, :func:`read_tensor`) uses ``pread`` of exactly the
 requested byte ranges, so callers can count the bytes they read. Files are readable by the
 ``safetensors`` library.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -65,11 +66,20 @@ class SafetensorsLayout:
         self.entries = {k: Entry(s, start + b, start + e) for k, (s, b, e) in rel.items()}
         self.size = start + pos
 
-    def create(self, path: Path) -> None:
-        """Write the header and size the file (tensor bytes follow with :func:`write_tensor`)."""
-        with open(path, "wb") as fh:
-            fh.write(self.head)
-            fh.truncate(self.size)
+
+def tree_sha256(head: bytes, tensor_digests: list[bytes]) -> str:
+    """A safetensors file's tree digest: sha256 of its header bytes (length prefix, JSON, padding)
+    followed by the 32-byte sha256 of each tensor's bytes, in file order (by byte range; an
+    empty tensor before the one that starts at its offset).
+
+    For a file whose tensors tile the data section (no gaps, nothing after the last one; the
+    readers check that separately) it covers every byte, so any changed byte changes it; it
+    costs one hash of the data, shared with the per-tensor hashes of the manifest.
+    """
+    h = hashlib.sha256(head)
+    for d in tensor_digests:
+        h.update(d)
+    return h.hexdigest()
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -78,21 +88,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if flat.numel() == 0:
         return memoryview(b"")
     return memoryview(flat.view(torch.uint8).numpy())
-
-
-def write_tensor(fd: int, entry: Entry, data: memoryview, read_back: bool = False) -> None:
-    """``pwrite`` one tensor's bytes at its place; with ``read_back``, ``pread`` them again and compare.
-
-    Raises:
-        GraceInputError: the bytes read back differ from those written (``fd`` must be open for reading too).
-    """
-    if len(data) != entry.end - entry.begin:
-        raise ValueError(f"tensor has {len(data)} bytes, its place {entry.end - entry.begin}")
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], entry.begin + done)
-    if read_back and os.pread(fd, len(data), entry.begin) != data.tobytes():  # bytes == bytes is a memcmp
-        raise GraceInputError(f"bytes {entry.begin}..{entry.end} read back differ from those written")
 
 
 def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str], int]:

@@ -1,4 +1,4 @@
-"""One sequential read of a safetensors file: its sha256 and every tensor's sha256.
+"""One sequential read of a safetensors file: every tensor's sha256, the file's tree digest and, if asked, its plain sha256.
 
 :func:`scan_many` scans several files on a few threads (``hashlib`` releases the GIL while it
 hashes, so files are hashed in parallel on several cores).
@@ -10,75 +10,93 @@ import hashlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_grace.checkpoint.safetensors_io import read_header
-from megatron_grace.checkpoint.source import sha256_file
+from megatron_grace.checkpoint.safetensors_io import read_header, tree_sha256
 from megatron_grace.errors import GraceInputError
 
 _BLOCK = 1 << 22
 
 
-def scan_safetensors(path: Path, expected: dict[str, str] | None) -> tuple[str, int, list[str]]:
-    """Hash ``path`` and check each tensor against ``expected[key]`` (hex sha256 of its bytes).
+@dataclass
+class Scan:
+    """What one read of a file found: ``tree_sha256`` (see :func:`tree_sha256`), ``sha256`` of
+    the bytes (None unless asked for), ``size``, and ``problems`` (one line each)."""
 
-    With ``expected=None`` only the file's sha256 and size are computed (the header is still parsed).
+    tree_sha256: str = ""
+    sha256: str | None = None
+    size: int = 0
+    problems: list[str] = field(default_factory=list)
 
-    Returns:
-        ``(file sha256, file bytes, problems)``; problems name the key whose bytes differ, keys
-        the file lacks and keys it has but ``expected`` does not list.
+
+def scan_safetensors(path: Path, expected: dict[str, str], plain: bool = False) -> Scan:
+    """Read ``path`` once; check each tensor against ``expected[key]`` (hex sha256 of its bytes).
+
+    Problems name the key whose bytes differ, keys the file lacks, keys it has but ``expected``
+    does not list, and bytes outside every tensor (gaps, trailing bytes: not covered by the tree digest).
     """
     entries, _, start = read_header(path)
-    if expected is None:
-        return sha256_file(path), path.stat().st_size, []
-    problems = [f"{path}: tensor {k} is missing" for k in expected if k not in entries]
-    problems += [f"{path}: unexpected tensor {k}" for k in entries if k not in expected]
-    file_hash = hashlib.sha256()
-    size = 0
+    out = Scan(problems=[f"{path}: tensor {k} is missing" for k in expected if k not in entries])
+    out.problems += [f"{path}: unexpected tensor {k}" for k in entries if k not in expected]
+    file_hash = hashlib.sha256() if plain else None
+    digests = []
     with open(path, "rb") as fh:
         head = fh.read(start)
-        file_hash.update(head)
-        size += len(head)
+        if file_hash is not None:
+            file_hash.update(head)
+        out.size += len(head)
         pos = start
-        for key, entry in sorted(entries.items(), key=lambda kv: kv[1].begin):
-            if entry.begin != pos:  # gap (not written by us): hash it into the file only
+        for key, entry in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):  # empty tensors first
+            if entry.begin < pos:
+                out.problems.append(f"{path}: tensor {key} overlaps the one before it")
+                return out
+            if entry.begin > pos:
+                out.problems.append(f"{path}: {entry.begin - pos} bytes before tensor {key} belong to no tensor")
                 gap = fh.read(entry.begin - pos)
-                file_hash.update(gap)
-                size += len(gap)
+                out.size += len(gap)
+                if file_hash is not None:
+                    file_hash.update(gap)
             h = hashlib.sha256()
             left = entry.end - entry.begin
             while left:
                 block = fh.read(min(_BLOCK, left))
                 if not block:
-                    problems.append(f"{path}: truncated inside tensor {key}")
-                    return file_hash.hexdigest(), size, problems
+                    out.problems.append(f"{path}: truncated inside tensor {key}")
+                    return out
                 h.update(block)
-                file_hash.update(block)
-                size += len(block)
+                if file_hash is not None:
+                    file_hash.update(block)
+                out.size += len(block)
                 left -= len(block)
             pos = entry.end
+            digests.append(h.digest())
             if key in expected and h.hexdigest() != expected[key]:
-                problems.append(f"{path}: tensor {key} does not match the manifest (sha256 differs)")
+                out.problems.append(f"{path}: tensor {key} does not match the manifest (sha256 differs)")
         while block := fh.read(_BLOCK):
-            file_hash.update(block)
-            size += len(block)
-    return file_hash.hexdigest(), size, problems
+            if file_hash is not None:
+                file_hash.update(block)
+            out.size += len(block)
+    if out.size > pos:
+        out.problems.append(f"{path}: {out.size - pos} bytes after the last tensor")
+    out.tree_sha256 = tree_sha256(head, digests)
+    out.sha256 = file_hash.hexdigest() if file_hash is not None else None
+    return out
 
 
-def scan_many(jobs: list[tuple[Path, dict[str, str] | None]], threads: int | None = None,
-              tolerant: bool = False) -> Iterator[tuple[str, int, list[str]]]:
-    """:func:`scan_safetensors` of each ``(path, expected)``, results in the order given.
+def scan_many(jobs: list[tuple[Path, dict[str, str], bool]], threads: int | None = None, tolerant: bool = False) -> Iterator[Scan]:
+    """:func:`scan_safetensors` of each ``(path, expected, plain)``, results in the order given.
 
-    With ``tolerant`` an unreadable file gives ``("", 0, [its error])`` instead of raising.
+    With ``tolerant`` an unreadable file gives a :class:`Scan` with its error as the one problem instead of raising.
     """
 
-    def one(job: tuple[Path, dict[str, str] | None]) -> tuple[str, int, list[str]]:
+    def one(job: tuple[Path, dict[str, str], bool]) -> Scan:
         try:
             return scan_safetensors(*job)
         except GraceInputError as exc:
             if not tolerant:
                 raise
-            return "", 0, [str(exc)]
+            return Scan(problems=[str(exc)])
 
     workers = threads or min(4, os.cpu_count() or 1, max(1, len(jobs)))
     if workers <= 1:

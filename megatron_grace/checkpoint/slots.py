@@ -34,6 +34,10 @@ class SlotFiles:
             self._open[rel] = (os.open(path, os.O_RDONLY), entries)
         return self._open[rel]
 
+    def entries(self, rel: str) -> dict[str, Entry]:
+        """The tensors of one file (its header, read once)."""
+        return self._file(rel)[1]
+
     def read(self, rel: str, key: str, sha256: str | None = None) -> torch.Tensor:
         """One tensor; with ``sha256``, its bytes must hash to it (else GraceInputError)."""
         fd, entries = self._file(rel)

@@ -1,11 +1,15 @@
 """What every checkpoint reader provides: the MoE layers, their experts' tensors, the rest.
 
 A reader (one per framework format) describes a checkpoint as a :class:`SourceInfo` without
-loading its tensors, then streams them: :meth:`SourceReader.iter_experts` yields one expert
-``(moe_layer, expert, {name: tensor})`` at a time (``moe_layer`` counts the model's MoE layers in
-order, as the plan does), holding at most one source file in memory; :meth:`iter_dense` yields
-every non-expert tensor once; :meth:`iter_blobs` yields opaque byte records the format needs to
-be written back (never unpickled here).
+loading its tensors (expert and dense tensor specs, and the order in which it will stream the
+experts), then streams them: :meth:`SourceReader.iter_experts` yields one expert
+``(moe_layer, expert, {name: tensor})`` at a time in ``info.expert_order`` (``moe_layer`` counts
+the model's MoE layers in order, as the plan does), holding at most one source file open
+(memory-mapped); :meth:`iter_dense` yields every non-expert tensor once, in ``info.dense``
+order; :meth:`iter_blobs` yields opaque byte records the format needs to be written back (never
+unpickled here). With ``spans=True`` both streams give a :class:`FileSpan` instead of a tensor
+wherever the tensor's bytes lie contiguously in a source file, so a writer can copy them with
+``pread`` into a fixed buffer without touching (and mapping into memory) the tensor itself.
 """
 
 from __future__ import annotations
@@ -22,6 +26,15 @@ import torch
 from megatron_grace.errors import GraceInputError
 
 FORMATS = ("megatron-dist", "megatron-torch", "deepspeed")
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """``nbytes`` bytes of file ``path`` from byte ``offset``: one tensor's raw (C-order, little-endian) bytes."""
+
+    path: Path
+    offset: int
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,8 @@ class SourceInfo:
         files: every file of the checkpoint (relative to ``path``).
         extra: JSON-able, format-specific facts needed to write the format back (unpatch).
         dropped: what is not carried over (optimizer and RNG states), for the manifest.
+        dense: every non-expert tensor as ``(key, spec)``, in the order ``iter_dense`` yields them.
+        expert_order: every ``(moe_layer, expert)`` in the order ``iter_experts`` yields them.
     """
 
     format: str
@@ -106,6 +121,8 @@ class SourceInfo:
     files: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    dense: list[tuple[str, TensorSpec]] = field(default_factory=list)
+    expert_order: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def expert_bytes(self) -> int:
@@ -118,10 +135,10 @@ class SourceReader(Protocol):
 
     info: SourceInfo
 
-    def iter_experts(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    def iter_experts(self, spans: bool = False) -> Iterator[tuple[int, int, dict[str, torch.Tensor | FileSpan]]]:
         ...
 
-    def iter_dense(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_dense(self, spans: bool = False) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
         ...
 
     def iter_blobs(self) -> Iterator[tuple[str, bytes]]:

@@ -22,7 +22,7 @@ from megatron_grace.checkpoint.deepspeed_moe import write_deepspeed
 from megatron_grace.checkpoint.detect import open_source
 from megatron_grace.checkpoint.megatron_dist import write_megatron_dist
 from megatron_grace.checkpoint.megatron_torch import write_megatron_torch
-from megatron_grace.checkpoint.safetensors_io import read_header, tensor_bytes
+from megatron_grace.checkpoint.safetensors_io import tensor_bytes
 from megatron_grace.checkpoint.slots import SlotFiles
 from megatron_grace.errors import GraceInputError
 
@@ -35,23 +35,15 @@ class UnpatchSummary:
     bytes: int
 
 
-def _dense(dst: Path, m: dict[str, Any]) -> dict[str, Any]:
-    files = SlotFiles(dst, m)
-    try:
-        entries, _, _ = read_header(dst / mf.DENSE)
-        return {k: files.read(mf.DENSE, k, m["dense_sha256"].get(k)) for k in entries}
-    finally:
-        files.close()
+def _dense(files: SlotFiles) -> dict[str, Any]:
+    """Every dense tensor, hash-checked against the manifest."""
+    entries = files.entries(mf.DENSE)
+    return {k: files.read(mf.DENSE, k, files.m["dense_sha256"].get(k)) for k in entries}
 
 
-def _blobs(dst: Path, m: dict[str, Any]) -> dict[str, bytes]:
-    if not m.get("blob_sha256"):
-        return {}
-    files = SlotFiles(dst, m)
-    try:
-        return {k: files.read(mf.EXTRA, k, sha).numpy().tobytes() for k, sha in m["blob_sha256"].items()}
-    finally:
-        files.close()
+def _blobs(files: SlotFiles) -> dict[str, bytes]:
+    """The opaque byte records (torch_dist), hash-checked."""
+    return {k: files.read(mf.EXTRA, k, sha).numpy().tobytes() for k, sha in files.m.get("blob_sha256", {}).items()}
 
 
 def unpatch_checkpoint(dst: str | os.PathLike[str], out: str | os.PathLike[str], ep_size: int | None = None, *,
@@ -69,8 +61,12 @@ def unpatch_checkpoint(dst: str | os.PathLike[str], out: str | os.PathLike[str],
         raise GraceInputError(f"EP size must be >= 1, got {ep}")
     extra = m["source"]["extra"]
     check_space(out, sum(r["bytes"] for r in m["files"].values()))
-    files = SlotFiles(dst, m)
-    dense = _dense(dst, m)
+    files = SlotFiles(dst, m)  # one set of open rank files for dense, blobs and experts
+    try:
+        dense = _dense(files)
+    except BaseException:
+        files.close()
+        raise
     total = sum(layer.num_experts for layer in layers)
     bar = iter(progress(range(total), "unpatching", total, show_progress))
 
@@ -85,7 +81,7 @@ def unpatch_checkpoint(dst: str | os.PathLike[str], out: str | os.PathLike[str],
             elif fmt == "deepspeed":
                 written = write_deepspeed(tmp, extra, layers, ep, dense, expert)
             elif fmt == "megatron-dist":
-                written = write_megatron_dist(tmp, extra, layers, ep, dense, expert, _blobs(dst, m))
+                written = write_megatron_dist(tmp, extra, layers, ep, dense, expert, _blobs(files))
             else:
                 raise GraceInputError(f"manifest names an unknown source format {fmt!r}", dst / mf.MANIFEST)
             _check_written(tmp, fmt, m, ep if fmt == "megatron-torch" else None)

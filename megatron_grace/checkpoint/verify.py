@@ -12,7 +12,7 @@ import torch
 from megatron_grace._progress import progress
 from megatron_grace.checkpoint import manifest as mf
 from megatron_grace.checkpoint.detect import open_source
-from megatron_grace.checkpoint.scan import scan_many
+from megatron_grace.checkpoint.scan import Scan, scan_many
 from megatron_grace.checkpoint.slots import SlotFiles
 from megatron_grace.checkpoint.source import sha256_file
 from megatron_grace.errors import GraceInputError
@@ -48,8 +48,8 @@ def expected_hashes(m: dict[str, Any]) -> dict[str, dict[str, str]]:
     return out
 
 
-def _plain(path: Path) -> tuple[str, int, list[str]]:
-    return sha256_file(path), path.stat().st_size, []
+def _plain(path: Path) -> Scan:
+    return Scan(sha256=sha256_file(path), size=path.stat().st_size)
 
 
 def _check_plan(dst: Path, m: dict[str, Any], report: VerifyReport) -> None:
@@ -86,20 +86,24 @@ def verify_checkpoint(dst: str | os.PathLike[str], against: str | os.PathLike[st
         report.problems.append(f"{dst / rel}: missing")
     expected = expected_hashes(m)
     names = sorted(set(files) & present)
-    tensor_files = [rel for rel in names if rel in expected]
-    scans = dict(zip(tensor_files, scan_many([(dst / rel, expected[rel]) for rel in tensor_files], tolerant=True), strict=True))
+    tensor_files = [rel for rel in names if rel.endswith(".safetensors")]
+    jobs = [(dst / rel, expected.get(rel, {}), "sha256" in files[rel]) for rel in tensor_files]
+    scans = dict(zip(tensor_files, scan_many(jobs, tolerant=True), strict=True))
     for rel in progress(names, "verifying", len(names), show_progress):
         path = dst / rel
-        sha, size, problems = scans[rel] if rel in scans else _plain(path)
-        report.problems += problems
-        if not sha:
-            continue
+        scan = scans[rel] if rel in scans else _plain(path)
+        report.problems += scan.problems
+        if not (scan.sha256 or scan.tree_sha256):
+            continue  # unreadable: its problem is listed
         report.files += 1
-        report.bytes += size
-        if size != files[rel]["bytes"]:
-            report.problems.append(f"{path}: {size} bytes, the manifest says {files[rel]['bytes']} (truncated?)")
-        elif sha != files[rel]["sha256"]:
-            report.problems.append(f"{path}: sha256 differs from the manifest (corrupt file)")
+        report.bytes += scan.size
+        rec = files[rel]
+        if scan.size != rec["bytes"]:
+            report.problems.append(f"{path}: {scan.size} bytes, the manifest says {rec['bytes']} (truncated?)")
+        elif not any(k in rec for k in ("sha256", "tree_sha256")):
+            report.problems.append(f"{path}: the manifest records no hash for it")
+        elif ("tree_sha256" in rec and scan.tree_sha256 != rec["tree_sha256"]) or ("sha256" in rec and scan.sha256 != rec["sha256"]):
+            report.problems.append(f"{path}: {'tree_sha256' if 'tree_sha256' in rec else 'sha256'} differs from the manifest (corrupt file)")
     if (dst / mf.PLAN).is_file() and not any(mf.PLAN in p for p in report.problems):
         try:
             _check_plan(dst, m, report)
@@ -140,10 +144,8 @@ def _against_source(dst: Path, m: dict[str, Any], src: Path, report: VerifyRepor
                     if not _same(files.read(row["file"], d["key"]), tensors[name]):
                         report.problems.append(f"{dst / row['file']}: {d['key']} (expert {e}, layer {li}) differs from the source")
             report.experts_against_source += 1
-        dense_file = SlotFiles(dst, {"slots": [], "expert_sha256": []})
         for key, t in reader.iter_dense():
-            if not _same(dense_file.read(mf.DENSE, key), t):
+            if not _same(files.read(mf.DENSE, key), t):
                 report.problems.append(f"{dst / mf.DENSE}: {key} differs from the source")
-        dense_file.close()
     finally:
         files.close()

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Read SRC (a checkpoint written by Megatron-Core dist_checkpointing torch_dist, Megatron "
                        "legacy per-rank torch, or DeepSpeed engine.save_checkpoint; torch files with weights_only=True only) "
                        "and write DST: experts/rank_NNNNN.safetensors (each GPU's slots, replicas included), "
-                       "dense.safetensors (every other tensor), plan.json and grace-checkpoint.json (sizes, sha256, "
+                       "dense.safetensors (every other tensor), plan.json and grace-checkpoint.json (sizes, sha256 digests, "
                        "per-slot expert, layer, dtype, shape). Streams one expert at a time; DST appears only when complete "
                        "and verified. Optimizer and RNG states are not carried over.")
     p.add_argument("src", type=Path, metavar="SRC", help="checkpoint directory (the root or the iteration/tag directory)")
@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ffn-size", type=int, default=None, help="expected expert FFN width f (checked)")
     p.add_argument("--dtype", default=None, help="expected expert dtype, e.g. bfloat16 (checked)")
     p.add_argument("--hash-source", action="store_true", help="also record each source file's sha256 (one more read of SRC)")
+    p.add_argument("--file-sha256", action="store_true",
+                   help="also record the plain sha256 of every output file (default: a tree digest of its header and "
+                   "per-tensor sha256, which covers every byte without hashing each replica again)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run_patch)
 
@@ -67,7 +70,8 @@ def run_patch(args: argparse.Namespace) -> int:
     from megatron_grace.checkpoint import patch_checkpoint
 
     s = patch_checkpoint(args.src, args.dst, args.plan, fmt=args.format, overwrite=args.overwrite, hidden_size=args.hidden_size,
-                         ffn_size=args.ffn_size, dtype=args.dtype, hash_source=args.hash_source)
+                         ffn_size=args.ffn_size, dtype=args.dtype, hash_source=args.hash_source,
+                         file_sha256=args.file_sha256)
     print(f"patched {s.format} checkpoint {args.src} -> {args.dst}: {s.slots} slots, {s.files} files, "
           f"{_mb(s.source_bytes)} read, {_mb(s.written_bytes)} written in {s.seconds:.1f} s "
           f"({_mb(s.source_bytes / max(s.seconds, 1e-9))}/s of source)")

@@ -1,0 +1,295 @@
+"""Copy tensors into safetensors files, hashing every tensor once, from the bytes as they are written.
+
+:class:`StreamWriter` owns the output files of a patch (each created with its header, from a
+:class:`~megatron_grace.checkpoint.safetensors_io.SafetensorsLayout`). :meth:`StreamWriter.put`
+takes one tensor's bytes, either a :class:`~megatron_grace.checkpoint.source.FileSpan` of a
+source file or an in-memory tensor, and writes them into every ``(file, key)`` target (an expert
+and its replicas). A span is taken in blocks of :data:`BLOCK` bytes, each a read-only,
+pre-populated memory map of just that window of the source file (no copy into user space;
+unmapped as soon as its block is hashed, so at most :data:`BUFFERS` windows add to the RSS),
+or, where mapping fails, ``pread`` into one of :data:`BUFFERS` fixed buffers. From that one
+block:
+
+- ``pwrite`` into each target at its offset (main thread),
+- the tensor's sha256 (the manifest's per-tensor hash) on a hash thread (``hashlib`` releases
+  the GIL, so hashing runs beside the copy; tensors alternate between the threads).
+
+Each file's digest is its tree digest
+(:func:`~megatron_grace.checkpoint.safetensors_io.tree_sha256`: the header bytes and the
+per-tensor digests in file order), so a replica costs a ``pwrite`` but no second hash. With
+``file_sha256`` the plain sha256 of each file's bytes is recorded too, from the same blocks
+(one more hash of every written byte); that needs each file written front to back, which the
+patch's layouts ensure (a file written out of order is hashed by reading it once in
+:meth:`finish`).
+
+Why not ``os.copy_file_range``: the bytes must be seen in user space anyway to be hashed, and
+the mapped window gives them without a copy; a kernel-side copy to each target costs as much
+as the ``pwrite`` from the window (measured: no difference beyond the noise of a shared machine)
+and would write bytes other than the ones hashed.
+
+What :meth:`finish` verifies (the check before the rename): every key of every file was
+written exactly once with exactly its byte count (each ``pwrite`` loop reports the bytes it
+wrote), each file's size equals its layout's, and each file's header, read back from the file
+and parsed, gives exactly the layout's keys, dtypes, shapes and offsets. The data bytes are not
+re-read: a read-back right after writing is served by the page cache from the very pages just
+written, so it cannot see more than the ``pwrite`` results already say, while it doubles the
+memory traffic. The hashes in the manifest are those of the very bytes handed to ``pwrite``
+(for spans, the source bytes as mapped or read); ``grace checkpoint verify`` recomputes them
+from the files on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, read_header, tensor_bytes, tree_sha256
+from megatron_grace.checkpoint.source import FileSpan, sha256_file
+from megatron_grace.errors import GraceInputError
+
+BLOCK = 8 << 20
+"""Bytes per ``pread`` / ``pwrite`` / hash step."""
+BUFFERS = 3
+"""Fixed read buffers cycled through: one being filled while up to two are still hashed."""
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``pwrite`` all of ``data`` at ``offset`` (looping over short writes)."""
+    done = 0
+    while done < len(data):
+        n = os.pwrite(fd, data[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"pwrite wrote {n} bytes")
+        done += n
+
+
+@dataclass
+class _Out:
+    path: Path
+    layout: SafetensorsLayout
+    fd: int
+    hasher: Any
+    thread: int
+    pos: int
+    in_order: bool = True
+    written: set[str] = field(default_factory=set)
+    tensors: list[tuple[tuple[int, int], Any]] = field(default_factory=list)  # (byte range, the tensor's sha256 object)
+
+
+def _first(pair: tuple[tuple[int, int], Any]) -> tuple[int, int]:
+    return pair[0]  # file order; an empty tensor before the one that starts where it does
+
+
+def _update(hashers: list[Any], view: memoryview) -> None:
+    for h in hashers:
+        h.update(view)
+
+
+class StreamWriter:
+    """Write tensors into new safetensors files (see the module docstring).
+
+    Args:
+        files: ``name -> (path, layout)``; each path must not exist yet.
+        hash_threads: threads that hash (tensors alternate between them; a file's plain hasher
+            always runs on the same thread, so its updates stay in order).
+        block: bytes per step. use_mmap: map source windows (else ``pread``).
+        file_sha256: also compute each file's plain sha256 (see the module docstring).
+    """
+
+    def __init__(self, files: dict[str, tuple[Path, SafetensorsLayout]], hash_threads: int = 2, block: int = BLOCK,
+                 use_mmap: bool = True, file_sha256: bool = False) -> None:
+        self.block = block
+        self.use_mmap = use_mmap
+        self.file_sha256 = file_sha256
+        self._count = 0
+        self._maps: list[tuple[mmap.mmap, memoryview] | None] = [None] * BUFFERS
+        self.pools = [ThreadPoolExecutor(1, thread_name_prefix=f"grace-hash{i}") for i in range(max(1, hash_threads))]
+        self.out: dict[str, _Out] = {}
+        self._bufs = [bytearray(block) for _ in range(BUFFERS)]
+        self._busy: list[list[Future[None]]] = [[] for _ in range(BUFFERS)]
+        self._next = 0
+        self._src: tuple[Path, int, int] | None = None
+        self._pending: list[Future[None]] = []
+        try:
+            for i, (name, (path, layout)) in enumerate(files.items()):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                self.out[name] = _Out(Path(path), layout, fd, hashlib.sha256(), i % len(self.pools), len(layout.head),
+                                      in_order=file_sha256)
+                pwrite_all(fd, memoryview(layout.head), 0)
+                self.out[name].hasher.update(layout.head)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ source reads
+    def _source_fd(self, path: Path) -> tuple[int, int]:
+        """``(fd, size)`` of the source file ``path`` (kept open until the next file is asked for)."""
+        if self._src is None or self._src[0] != path:
+            if self._src is not None:
+                os.close(self._src[1])
+                self._src = None
+            fd = os.open(path, os.O_RDONLY)
+            self._src = (path, fd, os.fstat(fd).st_size)
+        return self._src[1], self._src[2]
+
+    def _wait_buffer(self, i: int, strict: bool = True) -> None:
+        """Wait for the hashing of ring slot ``i``'s block, then unmap its source window."""
+        for fut in self._busy[i]:
+            if strict:
+                fut.result()
+            elif not fut.cancelled():
+                fut.exception()
+        self._busy[i] = []
+        if self._maps[i] is not None:
+            mm, view = self._maps[i]
+            self._maps[i] = None
+            view.release()
+            try:
+                mm.close()
+            except BufferError:  # still referenced somewhere: unmapped when collected
+                pass
+
+    def _slot(self) -> int:
+        """The next ring slot, once the hashing of the block it held last is done (bounds the bytes in flight)."""
+        i = self._next
+        self._next = (i + 1) % BUFFERS
+        self._wait_buffer(i)
+        return i
+
+    def _read_span(self, i: int, fd: int, pos: int, n: int, path: Path) -> memoryview:
+        """``n`` bytes of the source at ``pos``: a populated read-only mapping of just that window
+        (no copy; unmapped when the slot is reused), or ``pread`` into the slot's buffer."""
+        if self.use_mmap:
+            start = pos - pos % mmap.ALLOCATIONGRANULARITY
+            try:
+                mm = mmap.mmap(fd, pos - start + n, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ,
+                               offset=start)
+            except (OSError, ValueError):
+                self.use_mmap = False  # a file system without mmap: read instead
+            else:
+                view = memoryview(mm)[pos - start: pos - start + n]
+                self._maps[i] = (mm, view)
+                return view
+        view = memoryview(self._bufs[i])[:n]
+        got = 0
+        while got < n:
+            k = os.preadv(fd, [view[got:]], pos + got)
+            if k <= 0:
+                raise GraceInputError(f"truncated: a tensor needs bytes up to {pos + n}", path)
+            got += k
+        return view
+
+    def _blocks(self, data: torch.Tensor | FileSpan) -> Any:
+        """Yield ``(ring slot, memoryview)`` blocks of the tensor's bytes, in order."""
+        if isinstance(data, FileSpan):
+            fd, size = self._source_fd(data.path)
+            pos, end = data.offset, data.offset + data.nbytes
+            if size < end:  # checked before mapping: a mapping past the end would fault
+                raise GraceInputError(f"truncated: a tensor needs bytes {data.offset}..{end}", data.path)
+            while pos < end:
+                i = self._slot()
+                view = self._read_span(i, fd, pos, min(self.block, end - pos), data.path)
+                yield i, view
+                pos += len(view)
+        else:
+            raw = tensor_bytes(data)
+            for start in range(0, len(raw), self.block):
+                yield self._slot(), raw[start: start + self.block]
+
+    # ------------------------------------------------------------------ writing
+    def put(self, data: torch.Tensor | FileSpan, targets: list[tuple[str, str]], digests: dict[str, str], name: str) -> None:
+        """Write one tensor into each ``(file, key)`` of ``targets``; ``digests[name]`` gets its sha256 (hex) once hashed.
+
+        The sha256 is of the bytes as written; ``digests`` is filled from a hash thread (complete after :meth:`finish`).
+
+        Raises:
+            GraceInputError: a target's byte count differs from the tensor's, a key written twice,
+                or a truncated source span.
+        """
+        nbytes = data.nbytes if isinstance(data, FileSpan) else data.numel() * data.element_size()
+        outs = []
+        for rel, key in targets:
+            o = self.out[rel]
+            entry = o.layout.entries.get(key)
+            if entry is None or key in o.written:
+                raise GraceInputError(f"{o.path.name}: tensor {key} is {'unknown' if entry is None else 'written twice'}")
+            if entry.end - entry.begin != nbytes:
+                raise GraceInputError(f"{o.path.name}: {key} holds {entry.end - entry.begin} bytes, the source tensor {nbytes}")
+            if entry.begin != o.pos:
+                o.in_order = False  # plain sha256 (if asked for) by a read in finish()
+            o.written.add(key)
+            outs.append((o, entry))
+        tensor_hash = hashlib.sha256()
+        for o, entry in outs:
+            o.tensors.append(((entry.begin, entry.end), tensor_hash))
+        home = self._count % len(self.pools)
+        self._count += 1
+        done = 0
+        for i, view in self._blocks(data):
+            per_thread: list[list[Any]] = [[] for _ in self.pools]
+            per_thread[home].append(tensor_hash)
+            for o, entry in outs:
+                pwrite_all(o.fd, view, entry.begin + done)
+                if o.in_order:
+                    per_thread[o.thread].append(o.hasher)
+            self._busy[i] = [pool.submit(_update, hs, view) for pool, hs in zip(self.pools, per_thread, strict=True) if hs]
+            done += len(view)
+        for o, entry in outs:
+            if o.in_order:
+                o.pos = entry.end
+
+        def record() -> None:
+            digests[name] = tensor_hash.hexdigest()
+
+        self._pending.append(self.pools[home].submit(record))  # after the tensor's updates: one thread runs in order
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """Wait for the hashes, check every file (see the module docstring).
+
+        Returns:
+            ``name -> {"bytes", "tree_sha256"}`` (and ``"sha256"`` with ``file_sha256``).
+
+        Raises:
+            GraceInputError: a file misses keys, has the wrong size or reads back a different header.
+        """
+        for pool in self.pools:
+            pool.shutdown(wait=True)
+        for fut in self._pending + [f for busy in self._busy for f in busy]:
+            fut.result()
+        records = {}
+        for name, o in self.out.items():
+            missing = set(o.layout.entries) - o.written
+            if missing:
+                raise GraceInputError(f"{o.path.name}: tensor {sorted(missing)[0]} was never written ({len(missing)} missing)")
+            size = os.fstat(o.fd).st_size
+            if size != o.layout.size:
+                raise GraceInputError(f"{o.path.name}: {size} bytes written, its layout has {o.layout.size}")
+            entries, _, start = read_header(o.path)
+            if os.pread(o.fd, start, 0) != o.layout.head or entries != o.layout.entries:
+                raise GraceInputError(f"{o.path.name}: the header read back differs from the one written")
+            records[name] = {"bytes": size, "tree_sha256": tree_sha256(o.layout.head, [h.digest() for _, h in sorted(o.tensors, key=_first)])}
+            if self.file_sha256:
+                records[name]["sha256"] = o.hasher.hexdigest() if o.in_order and o.pos == size else sha256_file(o.path)
+        self.close()
+        return records
+
+    def close(self) -> None:
+        """Close every file (also after an error); hash threads are stopped, source windows unmapped."""
+        for pool in self.pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for i in range(BUFFERS):
+            self._wait_buffer(i, strict=False)
+        for o in self.out.values():
+            if o.fd >= 0:
+                os.close(o.fd)
+                o.fd = -1
+        if self._src is not None:
+            os.close(self._src[1])
+            self._src = None
