@@ -355,6 +355,48 @@ def test_grace_layer_from_patched_checkpoint_matches_framework(ckpts, tmp_path):
                 assert res[name]["rchar"][li] < nbytes + 2 * (Path(patched) / mf.MANIFEST).stat().st_size + 65536
 
 
+def _deepspeed_reload(rank: int, world: int, ckpt: str, out: str) -> None:
+    """DeepSpeed's own engine.load_checkpoint of an unpatched checkpoint (module weights only: the
+    optimizer state is not part of a patched checkpoint); every parameter is written out."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(1234)  # other initial weights: the load must overwrite them
+    net = DSNet(world)
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(),
+                                      config={"train_batch_size": world, "optimizer": {"type": "Adam", "params": {"torch_adam": True}}})
+    path, _ = engine.load_checkpoint(ckpt, tag="global_step5", load_optimizer_states=False, load_lr_scheduler_states=False)
+    assert path is not None, "DeepSpeed found no checkpoint to load"
+    torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, Path(out) / f"ds_reload_{rank}.pt")
+
+
+def test_unpatched_deepspeed_checkpoint_reloads_with_deepspeed(ckpts, tmp_path):
+    """patch -> unpatch (EP 2) -> DeepSpeed's engine.load_checkpoint on 2 gloo ranks: every module
+    and expert weight equals the source checkpoint's, bit for bit (the dropped optimizer state is
+    listed in the manifest)."""
+    _, sources = ckpts
+    src = sources["deepspeed"][0]
+    patch_checkpoint(src, tmp_path / "patched", _plan(PLAN4, 2, 2), show_progress=False)
+    dropped = mf.read_manifest(tmp_path / "patched")["source"]["dropped"]
+    assert "optimizer" in dropped and any(d.endswith("_optim_states.pt") for d in dropped)
+    unpatch_checkpoint(tmp_path / "patched", tmp_path / "unpatched", 2, show_progress=False)
+    spawn(_deepspeed_reload, 2, str(tmp_path / "unpatched"), str(tmp_path))
+    experts, dense = _all_weights(src, "deepspeed")
+    for r in range(2):
+        got = torch.load(tmp_path / f"ds_reload_{r}.pt", weights_only=True)
+        n_expert = 0
+        for key, t in got.items():
+            if "deepspeed_experts." in key:  # local expert j of rank r is global expert r * E/2 + j
+                prefix, rest = key.split("deepspeed_experts.", 1)
+                j, name = rest.split(".", 1)
+                li = int(prefix.split("moe.", 1)[1].split(".", 1)[0])
+                assert _same_bits(t, experts[(li, r * (E // 2) + int(j))][name]), key
+                n_expert += 1
+            else:
+                assert _same_bits(t, dense[key]), key
+        assert n_expert == 2 * (E // 2) * 3 and set(dense) <= set(got)
+
+
 # ---------------------------------------------------------------------------------------------- reliability
 @pytest.fixture
 def ds_src(ckpts, tmp_path):
