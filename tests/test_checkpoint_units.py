@@ -198,9 +198,11 @@ def test_stream_writer_span_and_tensor_paths_write_the_same_files(tmp_path):
     assert all(isinstance(s, FileSpan) for s in spans.values())
     layout = SafetensorsLayout([(k, TensorSpec.of(t)) for k, t in tensors.items()], {"format": "test"})
     results = []
-    for label, source, use_mmap, plain in (("mmap", spans, True, True), ("pread", spans, False, False), ("tensor", tensors, True, True)):
+    for label, source, use_mmap, plain, max_open in (("mmap", spans, True, True, 8), ("pread", spans, False, False, 8),
+                                                      ("tensor", tensors, True, True, 1)):  # one file open at a time: reopened
         files = {n: (tmp_path / f"{label}_{n}.safetensors", layout) for n in ("a", "b")}
-        writer = StreamWriter(files, hash_threads=2, block=64, use_mmap=use_mmap, file_sha256=plain)  # small blocks: many ring reuses
+        writer = StreamWriter(files, hash_threads=2, block=64, use_mmap=use_mmap, file_sha256=plain,
+                              max_open=max_open)  # small blocks: many ring reuses
         digests: dict[str, str] = {}
         for k in tensors:
             writer.put(source[k], [("a", k), ("b", k)], digests, k)

@@ -4,8 +4,10 @@
   framework wrote (Megatron-Core ``torch_dist``, Megatron legacy per-rank ``torch``, DeepSpeed
   MoE) and write every GPU's expert slots as the plan places them (replicas included) as
   safetensors, the non-expert tensors once, the plan and a manifest with hashes
-  (:mod:`~megatron_grace.checkpoint.manifest` describes the layout). Streamed one expert at a time,
-  written to a temporary directory, read back and checked, then renamed.
+  (:mod:`~megatron_grace.checkpoint.manifest` describes the layout). Streamed one tensor at a
+  time from its byte range in the source, hashed from the bytes written
+  (:mod:`~megatron_grace.checkpoint.stream_copy`), into a temporary directory that is checked,
+  fsynced and renamed.
 - :func:`verify_checkpoint` (``verify DST [--against SRC]``): every hash, the manifest against the
   plan, and optionally every slot against the source expert, bit for bit.
 - :func:`unpatch_checkpoint` (``unpatch DST OUT [--ep-size N]``): back to the framework's layout.

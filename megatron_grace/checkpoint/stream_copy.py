@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,9 @@ from megatron_grace.errors import GraceInputError
 BLOCK = 8 << 20
 """Bytes per ``pread`` / ``pwrite`` / hash step."""
 BUFFERS = 3
-"""Fixed read buffers cycled through: one being filled while up to two are still hashed."""
+"""Ring slots: source windows (or read buffers) whose block may still be hashed."""
+MAX_OPEN = 256
+"""Output files open at once (see ``StreamWriter``'s ``max_open``)."""
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -101,14 +104,18 @@ class StreamWriter:
             always runs on the same thread, so its updates stay in order).
         block: bytes per step. use_mmap: map source windows (else ``pread``).
         file_sha256: also compute each file's plain sha256 (see the module docstring).
+        max_open: output files kept open at once (a plan with more GPUs than the descriptor
+            limit: the least recently written file is closed and reopened when needed).
     """
 
     def __init__(self, files: dict[str, tuple[Path, SafetensorsLayout]], hash_threads: int = 2, block: int = BLOCK,
-                 use_mmap: bool = True, file_sha256: bool = False) -> None:
+                 use_mmap: bool = True, file_sha256: bool = False, max_open: int = MAX_OPEN) -> None:
         self.block = block
         self.use_mmap = use_mmap
         self.file_sha256 = file_sha256
         self._count = 0
+        self.max_open = max(1, max_open)
+        self._lru: OrderedDict[str, None] = OrderedDict()  # output files now open, least recently used first
         self._maps: list[tuple[mmap.mmap, memoryview] | None] = [None] * BUFFERS
         self.pools = [ThreadPoolExecutor(1, thread_name_prefix=f"grace-hash{i}") for i in range(max(1, hash_threads))]
         self.out: dict[str, _Out] = {}
@@ -122,11 +129,28 @@ class StreamWriter:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
                 self.out[name] = _Out(Path(path), layout, fd, hashlib.sha256(), i % len(self.pools), len(layout.head),
                                       in_order=file_sha256)
+                self._used(name)
                 pwrite_all(fd, memoryview(layout.head), 0)
                 self.out[name].hasher.update(layout.head)
         except BaseException:
             self.close()
             raise
+
+    def _used(self, name: str) -> None:
+        """Mark output ``name`` (open) as just used; close the least recently used beyond ``max_open``."""
+        self._lru[name] = None
+        self._lru.move_to_end(name)
+        while len(self._lru) > self.max_open:
+            old, _ = self._lru.popitem(last=False)
+            os.close(self.out[old].fd)
+            self.out[old].fd = -1
+
+    def _fd(self, name: str) -> int:
+        o = self.out[name]
+        if o.fd < 0:
+            o.fd = os.open(o.path, os.O_RDWR)
+        self._used(name)
+        return o.fd
 
     # ------------------------------------------------------------------ source reads
     def _source_fd(self, path: Path) -> tuple[int, int]:
@@ -225,9 +249,9 @@ class StreamWriter:
             if entry.begin != o.pos:
                 o.in_order = False  # plain sha256 (if asked for) by a read in finish()
             o.written.add(key)
-            outs.append((o, entry))
+            outs.append((rel, o, entry))
         tensor_hash = hashlib.sha256()
-        for o, entry in outs:
+        for _, o, entry in outs:
             o.tensors.append(((entry.begin, entry.end), tensor_hash))
         home = self._count % len(self.pools)
         self._count += 1
@@ -235,13 +259,13 @@ class StreamWriter:
         for i, view in self._blocks(data):
             per_thread: list[list[Any]] = [[] for _ in self.pools]
             per_thread[home].append(tensor_hash)
-            for o, entry in outs:
-                pwrite_all(o.fd, view, entry.begin + done)
+            for rel, o, entry in outs:
+                pwrite_all(self._fd(rel), view, entry.begin + done)
                 if o.in_order:
                     per_thread[o.thread].append(o.hasher)
             self._busy[i] = [pool.submit(_update, hs, view) for pool, hs in zip(self.pools, per_thread, strict=True) if hs]
             done += len(view)
-        for o, entry in outs:
+        for _, o, entry in outs:
             if o.in_order:
                 o.pos = entry.end
 
@@ -268,11 +292,12 @@ class StreamWriter:
             missing = set(o.layout.entries) - o.written
             if missing:
                 raise GraceInputError(f"{o.path.name}: tensor {sorted(missing)[0]} was never written ({len(missing)} missing)")
-            size = os.fstat(o.fd).st_size
+            fd = self._fd(name)
+            size = os.fstat(fd).st_size
             if size != o.layout.size:
                 raise GraceInputError(f"{o.path.name}: {size} bytes written, its layout has {o.layout.size}")
             entries, _, start = read_header(o.path)
-            if os.pread(o.fd, start, 0) != o.layout.head or entries != o.layout.entries:
+            if os.pread(fd, start, 0) != o.layout.head or entries != o.layout.entries:
                 raise GraceInputError(f"{o.path.name}: the header read back differs from the one written")
             records[name] = {"bytes": size, "tree_sha256": tree_sha256(o.layout.head, [h.digest() for _, h in sorted(o.tensors, key=_first)])}
             if self.file_sha256:
@@ -290,6 +315,7 @@ class StreamWriter:
             if o.fd >= 0:
                 os.close(o.fd)
                 o.fd = -1
+        self._lru.clear()
         if self._src is not None:
             os.close(self._src[1])
             self._src = None
