@@ -155,7 +155,8 @@ def main() -> int:
             "cp_r_s": cp_s, "patch_s": patch_s, "verify_s": verify_s, "verify_rc": rc_v, "startup_s": base_s,
             "patch_mb_per_s": src_bytes / patch_s / 1e6, "cp_mb_per_s": src_bytes / cp_s / 1e6,
             "throughput_vs_cp": statistics.median(ratios), "throughput_vs_cp_range": [min(ratios), max(ratios)],
-            "throughput_vs_cp_file_sha256": statistics.median(ratios_sha), "throughput_vs_cp_file_sha256_range": [min(ratios_sha), max(ratios_sha)],
+            "throughput_vs_cp_file_sha256": statistics.median(ratios_sha),
+            "throughput_vs_cp_file_sha256_range": [min(ratios_sha), max(ratios_sha)],
             "peak_rss": patch_rss, "baseline_rss": base_rss, "peak_rss_over_largest_file": patch_rss / largest,
             "rss_above_baseline_over_largest_file": (patch_rss - base_rss) / largest,
             "qwen3_30b_a3b_estimate_s": qwen_s, "load_rank_slots_layer0": per_rank,
@@ -165,7 +166,8 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     rows = [("source (generated, Qwen3 shapes, bf16)", f"{args.layers} layers x 128 experts, EP {args.ep}: {src_bytes / 1e9:.2f} GB, "
              f"largest file {largest / 1e9:.2f} GB"),
-            ("plan", f"grace on the bundled Qwen3 statistics, {args.topology} +{args.extra_slots} slots: {slots} slots on {plan.num_gpus} GPUs"),
+            ("plan", f"grace on the bundled Qwen3 statistics, {args.topology} +{args.extra_slots} slots: {slots} slots on "
+             f"{plan.num_gpus} GPUs"),
             ("cp -r (median)", f"{cp_s:.2f} s ({result['cp_mb_per_s']:.0f} MB/s)"),
             ("grace checkpoint patch (median)", f"{patch_s:.2f} s ({result['patch_mb_per_s']:.0f} MB/s of source; "
              f"{dst_bytes / 1e9:.2f} GB written)"),
@@ -173,7 +175,8 @@ def main() -> int:
              f"{args.repeat} runs (target >= 0.5x)"),
             ("same with --file-sha256", f"median {result['throughput_vs_cp_file_sha256']:.2f}x, range {min(ratios_sha):.2f}-"
              f"{max(ratios_sha):.2f}x"),
-            ("load average (1 min)", f"{load_before[0]:.1f} before, " + ", ".join(f"{r['loadavg_1min']:.1f}" for r in runs) + " after each run"),
+            ("load average (1 min)", f"{load_before[0]:.1f} before, " + ", ".join(f"{r['loadavg_1min']:.1f}" for r in runs)
+             + " after each run"),
             ("peak RSS of patch", f"{patch_rss / 1e9:.2f} GB = {result['peak_rss_over_largest_file']:.2f}x the largest file "
              f"({(patch_rss - base_rss) / 1e9:.2f} GB above the {base_rss / 1e9:.2f} GB of a process that only imports = "
              f"{result['rss_above_baseline_over_largest_file']:.2f}x; target < 1.5x)"),

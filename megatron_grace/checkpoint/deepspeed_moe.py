@@ -104,7 +104,8 @@ class DeepSpeedReader:
         order = [(li, e) for li in self.layer_ids for e in range(layers[li].num_experts)]
         self.info = SourceInfo(self.format, self.src, max(1, len(ep_ranks)), layers, rel, extra, dropped,
                                [(k, TensorSpec.of(t)) for k, t in main["module"].items()], order)
-        self._main: tuple[dict[str, torch.Tensor], SpanLocator] | None = (main["module"], main_locator)  # parsed once; iter_dense releases it
+        # parsed once: iter_dense uses it and releases it
+        self._main: tuple[dict[str, torch.Tensor], SpanLocator] | None = (main["module"], main_locator)
 
     def _load_expert(self, li: int, e: int) -> tuple[str, dict[str, torch.Tensor], SpanLocator]:
         path = self.expert_files[li][e]

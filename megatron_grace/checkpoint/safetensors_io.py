@@ -5,7 +5,8 @@ The safetensors format is an 8-byte little-endian header length, a JSON header
 offsets relative to the data start) and the raw little-endian data. :class:`SafetensorsLayout`
 computes the header and every tensor's place from shapes and dtypes alone, so a writer
 (:mod:`~megatron_grace.checkpoint.stream_copy`) can write the header first and ``pwrite`` each
-tensor when it streams past (no file ever held whole in memory). Reading (:func:`read_header`, :func:`read_tensor`) uses ``pread`` of exactly the
+tensor when it streams past (no file ever held whole in memory). Reading (:func:`read_header`,
+:func:`read_tensor`) uses ``pread`` of exactly the
 requested byte ranges, so callers can count the bytes they read. Files are readable by the
 ``safetensors`` library.
 """

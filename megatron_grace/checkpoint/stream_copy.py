@@ -299,7 +299,8 @@ class StreamWriter:
             entries, _, start = read_header(o.path)
             if os.pread(fd, start, 0) != o.layout.head or entries != o.layout.entries:
                 raise GraceInputError(f"{o.path.name}: the header read back differs from the one written")
-            records[name] = {"bytes": size, "tree_sha256": tree_sha256(o.layout.head, [h.digest() for _, h in sorted(o.tensors, key=_first)])}
+            tree = tree_sha256(o.layout.head, [h.digest() for _, h in sorted(o.tensors, key=_first)])
+            records[name] = {"bytes": size, "tree_sha256": tree}
             if self.file_sha256:
                 records[name]["sha256"] = o.hasher.hexdigest() if o.in_order and o.pos == size else sha256_file(o.path)
         self.close()

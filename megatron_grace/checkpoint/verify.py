@@ -103,7 +103,8 @@ def verify_checkpoint(dst: str | os.PathLike[str], against: str | os.PathLike[st
         elif not any(k in rec for k in ("sha256", "tree_sha256")):
             report.problems.append(f"{path}: the manifest records no hash for it")
         elif ("tree_sha256" in rec and scan.tree_sha256 != rec["tree_sha256"]) or ("sha256" in rec and scan.sha256 != rec["sha256"]):
-            report.problems.append(f"{path}: {'tree_sha256' if 'tree_sha256' in rec else 'sha256'} differs from the manifest (corrupt file)")
+            digest = "tree_sha256" if "tree_sha256" in rec else "sha256"
+            report.problems.append(f"{path}: {digest} differs from the manifest (corrupt file)")
     if (dst / mf.PLAN).is_file() and not any(mf.PLAN in p for p in report.problems):
         try:
             _check_plan(dst, m, report)

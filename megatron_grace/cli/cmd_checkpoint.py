@@ -42,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_patch)
 
     p = sub.add_parser("verify", help="recompute every hash of DST; check it against its plan (and SRC)",
-                       description="Exit 0 only if every file's size and digest (tree_sha256, and sha256 where recorded), every slot tensor's bytes, the manifest "
-                       "and plan.json agree; with --against, also every slot against the source expert, bit for bit.")
+                       description="Exit 0 only if every file's size and digest (tree_sha256, and sha256 where recorded), "
+                       "every slot tensor's bytes, the manifest and plan.json agree; with --against, also every slot "
+                       "against the source expert, bit for bit.")
     p.add_argument("dst", type=Path, metavar="DST", help="patched checkpoint directory")
     p.add_argument("--against", type=Path, default=None, metavar="SRC", help="the source checkpoint to compare with")
     p.set_defaults(func=run_verify)
