@@ -134,10 +134,15 @@ def test_real_qwen3_subset_of_layers():
     assert o["unlisted_listable_share"] <= 0.01
 
 
-def test_progress_bar(planted, capsys):
+def test_progress_bar(planted, capsys, monkeypatch):
     _, stats = planted
+    monkeypatch.setattr("megatron_grace._progress.DELAY_S", 0.0)  # show it at once (normally after 1 s of work)
+    monkeypatch.delenv("GRACE_NO_PROGRESS", raising=False)
     synthesize_trace(stats, 500, seed=0, progress=True, config=SynthesisConfig(sweeps=2))
     assert "synthesizing layers" in capsys.readouterr().err
+    monkeypatch.setenv("GRACE_NO_PROGRESS", "1")  # the package-wide switch silences it
+    synthesize_trace(stats, 500, seed=0, progress=True, config=SynthesisConfig(sweeps=2))
+    assert "synthesizing layers" not in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ bad input

@@ -60,6 +60,7 @@ import torch
 
 from megatron_grace import limits
 from megatron_grace._files import PathLike, StreamedArray, check_disk_space
+from megatron_grace._progress import progress_bar
 from megatron_grace._segments import rank_in_group
 from megatron_grace.errors import GraceInputError
 from megatron_grace.statistics.expert_stats import ExpertStats
@@ -654,7 +655,7 @@ class TraceSynthesis:
             out = np.empty((self.sizes[j], L, k), dtype=self.dtype)
             return out, [pool.submit(run, j, layer, quota, out) for layer, quota in enumerate(next(quotas))]
 
-        bar = _progress_bar(len(self.sizes) * L, self.progress)
+        bar = progress_bar(len(self.sizes) * L, "synthesizing layers", "layer", self.progress)
         pool = ThreadPoolExecutor(max_workers=self.workers)
         try:
             pending = [submit(0)]
@@ -771,22 +772,6 @@ def _layer_targets_check(stats: ExpertStats, layer: int) -> None:
         raise GraceInputError(
             f"layer {layer}: expert {e} receives {share[e]:.1%} of the expert choices, more than 1/top_k = {1 / k:.1%}; "
             "a token cannot choose it twice", stats.source or None)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="synthesizing layers", unit="layer")
 
 
 # ---------------------------------------------------------------------------------------------
