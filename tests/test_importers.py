@@ -78,7 +78,9 @@ def qwen_json() -> ExpertStats:
 
 @pytest.fixture(scope="module")
 def qwen_npz() -> ExpertStats:
-    return import_qwen_coactivation(_need(QWEN / "qwen3_30b_a3b_load_and_pairs.npz"))
+    from megatron_grace.data import bundled_stats_path
+
+    return import_qwen_coactivation(bundled_stats_path())  # the same file as the shared one, shipped with the package
 
 
 # ====================================================================== Mixtral (vLLM records, npz)
@@ -715,8 +717,8 @@ def test_detect_format_real_files() -> None:
         SWITCH / "expert_statistics_3d.json": "switch-load",
     }
     for path, fmt in expected.items():
-        if path.exists():
-            assert detect_format(path) == fmt, path
+        assert path.exists(), f"missing from the shared traces: {path}"
+        assert detect_format(path) == fmt, path
     assert set(IMPORT_FORMATS) == {"vllm-records-jsonl", "mixtral-npz", "sglang-jsonl", "qwen-coactivation",
                                    "switch-load", "load-matrix", "topk-ids", "grace-trace", "grace-stats"}
 

@@ -9,7 +9,7 @@ from megatron_grace.errors import GraceInputError
 from megatron_grace.statistics.expert_stats import ExpertStats
 from megatron_grace.trace.routing_trace import RoutingTrace
 from megatron_grace.trace.synthesis import SynthesisConfig, synthesis_fidelity, synthesize_trace
-from tests.conftest import shared_trace
+from megatron_grace.data import bundled_stats_path
 
 
 def planted_trace(rng: np.random.Generator, tokens: int, layers: int, experts: int, k: int,
@@ -123,7 +123,7 @@ def test_load_only_statistics_and_top1():
 def test_real_qwen3_subset_of_layers():
     from megatron_grace.trace.importers import import_qwen_coactivation
 
-    stats = import_qwen_coactivation(shared_trace("qwen3-30b-a3b/qwen3_30b_a3b_load_and_pairs.npz"))
+    stats = import_qwen_coactivation(bundled_stats_path())  # the same file as the shared one, shipped with the package
     sub = stats.select_layers([0, 16, 31, 47])
     trace = synthesize_trace(sub, 100_000, seed=0)
     o = synthesis_fidelity(sub, trace).overall
