@@ -771,6 +771,13 @@ def test_random_bytes_never_leak_raw_errors(tmp_path: Path) -> None:
         path = tmp_path / f"fuzz{trial}{suffix}"
         path.write_bytes(data)
         try:
-            import_any(path)
+            result = import_any(path)
         except GraceInputError as exc:
             assert "\n" not in str(exc) and str(path) in str(exc)
+        else:  # a mutation that still parses is another valid input: what was read must be self-consistent
+            result.validate()
+            if isinstance(result, RoutingTrace):
+                ids = result.expert_ids
+                assert ids.ndim == 3 and ids.min(initial=-1) >= -1 and ids.max(initial=-1) < result.num_experts
+            else:
+                assert np.isfinite(result.load).all() and (result.load >= 0).all() and result.top_k >= 1
