@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _job(args, rank, world)
     finally:
+        from megatron_grace.adapters.deepspeed.testing import release_cpu_allreduce_buffer
+
+        release_cpu_allreduce_buffer()  # DeepSpeed's CPU accelerator never unlinks its 69 MB /dev/shm segment per rank
         # Tear the groups down while the interpreter is whole: gloo groups (the world, DeepSpeed's expert
         # groups, GRACE's hierarchical ones) left to interpreter shutdown can abort the rank with
         # "terminate called without an active exception" after the job itself succeeded.

@@ -27,14 +27,21 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None or
                                 reason="deepspeed (and its launcher) is not installed")
 
 
+def _shm_left(port: int) -> list[str]:
+    """DeepSpeed CPU all-reduce segments of the job on ``port`` still in /dev/shm (the job must remove its own)."""
+    return sorted(str(p) for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
 def test_deepspeed_launcher_job_agrees(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     out_json, plan_json = tmp_path / "result.json", tmp_path / "plan.json"
-    cmd = [str(LAUNCHER), "--num_gpus", "4", "--master_port", str(free_port()), str(ROOT / "scripts" / "deepspeed_infer.py"),
+    port = free_port()
+    cmd = [str(LAUNCHER), "--num_gpus", "4", "--master_port", str(port), str(ROOT / "scripts" / "deepspeed_infer.py"),
            "--layers", "1", "--experts", "8", "--tokens", "32", "--steps", "1", "--json", str(out_json),
            "--save-plan", str(plan_json), "--timeout", "300", "--expert-bias"]
     rc, log = run_job(cmd, tmp_path, env, timeout=400)
     assert rc == 0, log[-4000:]
+    assert not _shm_left(port)  # DeepSpeed never unlinks them; the job does
     assert "GRACE flat vs DeepSpeed MoE: agree" in log and "GRACE hierarchical vs DeepSpeed MoE: agree" in log, log[-4000:]
     assert "agreement: OK" in log and "gelu experts with biases" in log
     result = json.loads(out_json.read_text())

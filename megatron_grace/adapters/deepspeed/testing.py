@@ -4,11 +4,13 @@ DeepSpeed deep-copies one ``expert`` module into every local expert, so a freshl
 has identical experts everywhere (a comparison would not notice an expert sent to the wrong
 slot); :func:`randomize_experts` gives every expert of every layer its own weights, a function
 of (seed, layer, global expert id) only, so the same expert has the same weights whatever its
-rank.
+rank. :func:`release_cpu_allreduce_buffer` removes the shared memory DeepSpeed's CPU accelerator
+leaves behind after a job.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -105,3 +107,24 @@ def init_deepspeed_without_optional_ops(backend: str = "gloo") -> None:
 
     deepspeed.ops.__compatible_ops__ = {}
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def release_cpu_allreduce_buffer() -> bool:
+    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer; call at the end of a CPU job.
+
+    With DeepSpeed's CPU accelerator, ``deepspeed.init_distributed`` (its shared-memory comm op
+    built) creates one ~69 MB segment per rank,
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, and never unlinks
+    it: every CPU job leaves them behind (a test suite leaves gigabytes of shared memory). The peers
+    mapped the segment at initialisation and keep their mappings, so each rank removes its own
+    name once its last collective is done. Returns whether there was one. A no-op with CUDA.
+    """
+    if torch.cuda.is_available() or not dist.is_initialized():
+        return False
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_"
+            f"{dist.get_rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        return False
+    return True
