@@ -29,6 +29,12 @@ import numpy as np
 import scipy.linalg
 
 _TOL = 1e-12
+_SWAP_MISSES = 16
+"""Stale candidates a swap batch skips before it ends and the gains are recomputed."""
+_BLOCK_SWAP_MIN_PER_GROUP = 48
+"""From this many experts per group on, swap passes first try :meth:`_State.block_swap_candidates`."""
+_BLOCK_SWAP_M = 24
+"""Candidates per side and group pair of a block swap pass."""
 _SPECTRAL_MIN_PER_GROUP = 4
 """Below 4 experts per group the greedy start plus local search is as good and much cheaper."""
 
@@ -301,21 +307,79 @@ class _State:
         gain[self.idx, lab] = -np.inf
         return gain
 
-    def swap_gains(self) -> np.ndarray:
-        """``[n, n]`` objective gain of exchanging experts e and f (same group -> -inf)."""
+    def swap_gains(self, cap: float | None = None) -> np.ndarray:
+        """``[n, n]`` objective gain of exchanging experts e and f (same group, or a group over ``cap`` after it: -inf)."""
         lab = self.labels
         own = self.M[self.idx, lab]
-        Q = self.M[:, lab] - own[:, None]  # Q[e, f] = M[e, lab f] - M[e, lab e]
-        gain = Q + Q.T - 2.0 * self.A
+        Q = self.M[:, lab]  # Q[e, f] = M[e, lab f] - M[e, lab e]
+        Q -= own[:, None]
+        gain = Q + Q.T
+        gain -= 2.0 * self.A
         if self.anchor is not None:
             R = self.anchor[:, lab] - self.anchor[self.idx, lab][:, None]
             gain += R + R.T
-        if self.mu:
-            delta = self.w[:, None] - self.w[None, :]
+        if self.mu or cap is not None:
+            delta = self.w[:, None] - self.w[None, :]  # w_e - w_f
             Wl = self.W[lab]
-            gain -= self.mu * 2.0 * delta * (Wl[None, :] - Wl[:, None] + delta)
+            if self.mu:
+                t = Wl[None, :] - Wl[:, None]
+                t += delta
+                t *= delta
+                t *= 2.0 * self.mu
+                gain -= t
+            if cap is not None:
+                gain[(Wl[:, None] - delta > cap) | (Wl[None, :] + delta > cap)] = -np.inf
         gain[lab[:, None] == lab[None, :]] = -np.inf
         return gain
+
+    def block_swap_candidates(self, m: int, cap: float | None, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Improving swaps among each group pair's ``m`` most promising members (a cheap pre-pass to :meth:`swap_gains`).
+
+        For groups ``a < b``, expert e of a and f of b are ranked by the part of the swap gain
+        that depends on one of them (``M[e, b] - M[e, a]`` plus the linear part of the balance
+        term); the ``m x m`` block of exact gains between the best of each side is evaluated.
+        O(K^2 m^2 + n K) instead of O(n^2); it can miss improving swaps, so the local search
+        ends only after a full :meth:`swap_gains` pass finds none.
+
+        Returns:
+            ``(e, f, gain)``: int64, int64, float64 ``[c]``, every gain above ``tol``.
+        """
+        lab, w, W = self.labels, self.w, self.W
+        U = self.M - self.M[self.idx, lab][:, None]  # [n, K] gain of e's attachment when moving to k
+        if self.anchor is not None:
+            U = U + self.anchor - self.anchor[self.idx, lab][:, None]
+        order = np.argsort(lab, kind="stable")
+        bounds = np.searchsorted(lab[order], np.arange(self.K + 1))
+        members = [order[bounds[k]: bounds[k + 1]] for k in range(self.K)]
+        es, fs, gs = [], [], []
+        for a in range(self.K):
+            ia = members[a]
+            if ia.size == 0:
+                continue
+            for b in range(a + 1, self.K):
+                ib = members[b]
+                if ib.size == 0:
+                    continue
+                dW = W[b] - W[a]
+                sa = U[ia, b] - 2.0 * self.mu * w[ia] * dW
+                sb = U[ib, a] + 2.0 * self.mu * w[ib] * dW
+                ta = ia if ia.size <= m else ia[np.argpartition(-sa, m - 1)[:m]]
+                tb = ib if ib.size <= m else ib[np.argpartition(-sb, m - 1)[:m]]
+                delta = w[ta][:, None] - w[tb][None, :]
+                g = U[ta, b][:, None] + U[tb, a][None, :] - 2.0 * self.A[np.ix_(ta, tb)]
+                if self.mu:
+                    g -= 2.0 * self.mu * delta * (dW + delta)
+                if cap is not None:
+                    g[(W[a] - delta > cap) | (W[b] + delta > cap)] = -np.inf
+                i, j = np.nonzero(g > tol)
+                if i.size:
+                    es.append(ta[i])
+                    fs.append(tb[j])
+                    gs.append(g[i, j])
+        if not es:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, np.zeros(0)
+        return np.concatenate(es), np.concatenate(fs), np.concatenate(gs)
 
     def move_gain(self, e: int, b: int, lo: np.ndarray, hi: np.ndarray, cap: float | None) -> float:
         """Objective gain of moving expert e to group b now (-inf if not allowed)."""
@@ -411,6 +475,7 @@ class _State:
         n = self.A.shape[0]
         tol = _TOL * max(float(np.abs(self.A).sum()), 1.0)
         base = float(self.W.sum()) / self.K
+        use_blocks = n >= _BLOCK_SWAP_MIN_PER_GROUP * self.K
         while steps < max_steps:
             gain = self.move_gains()
             gain[:, self.size + 1 > hi] = -np.inf
@@ -440,32 +505,44 @@ class _State:
                     if steps >= max_steps:
                         break
                 continue
-            sg = self.swap_gains()
-            if load_slack is not None:
-                delta = self.w[:, None] - self.w[None, :]  # w_e - w_f
-                Wl = self.W[self.labels]
-                sg[(Wl[:, None] - delta > cap) | (Wl[None, :] + delta > cap)] = -np.inf
-            flat_gain = sg.ravel()
-            cand = np.flatnonzero(flat_gain > tol)
-            if cand.size == 0:
-                break
-            # apply a batch of improving swaps from this one O(n^2) evaluation: best first, on
-            # fresh experts, each re-checked against the current state (earlier swaps change M
-            # and W); the batch ends at the first candidate that no longer improves
-            cand = cand[np.argsort(-flat_gain[cand], kind="stable")][:n]
+            cap_now = cap if load_slack is not None else None
+            e_c = f_c = None
+            if use_blocks:
+                e_c, f_c, g_c = self.block_swap_candidates(_BLOCK_SWAP_M, cap_now, tol)
+                if e_c.size == 0:
+                    e_c = None  # confirm with a full pass
+            if e_c is None:
+                flat_gain = self.swap_gains(cap_now).ravel()
+                cand = np.flatnonzero(flat_gain > tol)
+                cand = cand[cand // n < cand % n]  # the gain is symmetric: each pair once
+                if cand.size == 0:
+                    break
+                if cand.size > n:
+                    cand = cand[np.argpartition(-flat_gain[cand], n - 1)[:n]]
+                e_c, f_c, g_c = cand // n, cand % n, flat_gain[cand]
+            # apply a batch of improving swaps from this one evaluation: best first, on fresh
+            # experts, each re-checked against the current state (earlier swaps change M and W);
+            # a candidate that no longer improves is skipped, and the batch ends after
+            # _SWAP_MISSES of those (the rest of the list is then mostly stale)
+            rank = np.argsort(-g_c, kind="stable")
+            e_c, f_c = e_c[rank], f_c[rank]
             moved = np.zeros(n, dtype=bool)
-            for k, flat in enumerate(cand):
-                e, f = divmod(int(flat), n)
+            applied = misses = 0
+            for e, f in zip(e_c.tolist(), f_c.tolist()):
                 if moved[e] or moved[f]:
                     continue
-                if k:
+                if applied:
                     cap = None if load_slack is None else max(base + load_slack, float(self.W.max())) + 1e-12
                     if self.swap_gain(e, f, cap) <= tol:
-                        break
+                        misses += 1
+                        if misses >= _SWAP_MISSES:
+                            break
+                        continue
                 a, b = int(self.labels[e]), int(self.labels[f])
                 self.move(e, b)
                 self.move(f, a)
                 moved[e] = moved[f] = True
+                applied += 1
                 steps += 1
                 if steps >= max_steps:
                     break
