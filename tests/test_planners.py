@@ -454,3 +454,17 @@ def test_serving_prediction_matches_simulation():
         predicted = np.array(plan.metadata["predicted"]["serving"]["max_over_mean"])
         simulated = simulate(plan, trace, policy="grace", expert_load=stats.load, dispatch="hierarchical").load_imbalance
         assert np.abs(predicted - simulated).max() < 0.03, (planner, predicted, simulated)
+
+
+def test_plan_serving_prediction_equals_a_fresh_one(qwen):
+    """The grace planner reuses the serving prediction it computed while choosing each layer's copies
+    (and while extending layers under the monotone guard); it must equal routing the final plan again."""
+    from megatron_grace.plan.planners import serving_prediction
+
+    stats = qwen.select_layers(slice(0, 6))
+    for topology in (A100.with_extra_slots(128, 2), Topology.preset("h200-4x8").with_extra_slots(128, 1)):
+        plan = plan_placement(stats, topology, "grace")
+        recorded = plan.metadata["predicted"]["serving"]
+        fresh = serving_prediction(plan, stats.load)
+        np.testing.assert_allclose(recorded["gpu_load"], fresh["gpu_load"], rtol=1e-5)
+        np.testing.assert_allclose(recorded["cross_node_pair_share"], fresh["cross_node_pair_share"], rtol=1e-5, atol=1e-6)

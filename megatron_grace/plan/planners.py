@@ -336,7 +336,9 @@ class _Context:
     Attributes:
         load: float64 ``[L, E]``; affinity: float64 ``[L, E, E]`` (zero diagonal) or None;
         num_nodes, gpus_per_node, capacity (effective slots per GPU); notes: planner-specific
-        metadata to record; warnings: messages also issued as ``UserWarning``.
+        metadata to record; warnings: messages also issued as ``UserWarning``; serving: layer ->
+        ``(gpu_load [G], cross-node share)`` under the serving router on the statistics' demand,
+        for the layers whose planner already evaluated it (:func:`serving_prediction` reuses them).
     """
 
     stats: ExpertStats
@@ -346,6 +348,7 @@ class _Context:
     affinity: np.ndarray | None
     notes: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    serving: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -653,6 +656,20 @@ def _plan_affinity(ctx: _Context, opts: AffinityOptions) -> list[list[list[int]]
     return out
 
 
+def _grace_affinity(ctx: _Context, affinity: np.ndarray | None, opts: PlannerOptions, l: int) -> tuple[np.ndarray | None, np.ndarray, float]:
+    """Layer ``l``'s raw affinity ``A`` (``[E, E]`` or None), the grouping's normalized affinity ``a``
+    (in excess of independence with ``affinity_baseline="independence"``) and the pair mass."""
+    A = None if affinity is None else affinity[l]
+    a, mass = _normalized(A, ctx.num_experts)
+    if A is not None and opts.affinity_baseline == "independence" and mass > 0:
+        w = ctx.load[l]
+        p = w / max(float(ctx.stats.tokens[l]), 1.0)
+        indep = np.outer(p, p) * float(ctx.stats.tokens[l])
+        np.fill_diagonal(indep, 0.0)
+        a = (A - indep) / mass
+    return A, a, mass
+
+
 def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
     """GRACE-MoE: load-aware hierarchical affinity grouping, then replication into free slots."""
     E, G, L = ctx.num_experts, ctx.num_gpus, ctx.num_layers
@@ -682,14 +699,8 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
     group_sizes: list[np.ndarray] = []
     prev_hosts: np.ndarray | None = None
     for l in ctx.layers("plan grace", opts.progress):
-        A = None if affinity is None else affinity[l]
-        a, mass = _normalized(A, E)
+        A, a, mass = _grace_affinity(ctx, affinity, opts, l)
         w = ctx.load[l]
-        if A is not None and opts.affinity_baseline == "independence" and mass > 0:
-            p = w / max(float(ctx.stats.tokens[l]), 1.0)
-            indep = np.outer(p, p) * float(ctx.stats.tokens[l])
-            np.fill_diagonal(indep, 0.0)
-            a = (A - indep) / mass
         anchor = None
         if use_inter and l > 0 and prev_hosts is not None:
             T = transitions[l - 1]  # [E, E]: i at l-1 -> j at l
@@ -714,7 +725,7 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
         group_sizes.append(np.bincount(gpu_of, minlength=G))
         if max_new != 0:
             if opts.replica_strategy == "demand" and target is None:
-                hosts = _demand_replicas(hosts, w, a, A, ctx, lo, opts, anchor, max_new, l)
+                hosts, ctx.serving[l] = _demand_replicas(hosts, w, a, A, ctx, lo, opts, anchor, max_new, l)
                 added = 0  # repacked inside
             elif opts.replica_strategy == "planned" and target is None:
                 hosts, added = add_planned_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A, max_new=max_new,
@@ -732,7 +743,8 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
 
 
 def _demand_replicas(hosts: np.ndarray, w: np.ndarray, a: np.ndarray, A: np.ndarray | None, ctx: _Context, lo: int,
-                     opts: PlannerOptions, anchor: np.ndarray | None, max_new: int | None, layer: int) -> np.ndarray:
+                     opts: PlannerOptions, anchor: np.ndarray | None, max_new: int | None,
+                     layer: int) -> tuple[np.ndarray, tuple[np.ndarray, float]]:
     """One layer's demand-aware copies (:func:`~megatron_grace.plan.replication.add_demand_replicas`), repacked.
 
     Two split thresholds are tried: a copy may carry up to one mean GPU load (more slots left
@@ -740,29 +752,37 @@ def _demand_replicas(hosts: np.ndarray, w: np.ndarray, a: np.ndarray, A: np.ndar
     better with many nodes, where a node copy saves only ``1 / N`` of an expert's pairs). The
     serving router (:func:`megatron_grace.simulation.policies.serving_gpu_load`) decides: the
     lower max/mean wins, and within 0.01 the lower cross-node share.
+
+    Returns:
+        ``(hosts, (gpu_load, cross))``: bool ``[G, E]`` placement and the winner's serving
+        prediction (float64 ``[G]`` load, cross-node share of the demand).
     """
     from megatron_grace.simulation.policies import serving_gpu_load
 
     thresholds = [1.0] + ([1.0 / ctx.capacity] if ctx.capacity > 1 else [])
-    best: tuple[tuple[float, float], np.ndarray] | None = None
+    best: tuple[tuple[float, float], np.ndarray, tuple[np.ndarray, float]] | None = None
     for threshold in thresholds:
         out, added, copy_load = add_demand_replicas(hosts, w, ctx.capacity, ctx.gpus_per_node, affinity=A, max_new=max_new,
                                                     locality_weight=opts.replica_locality_weight, split_threshold=threshold)
         if added and opts.repack:
             out = _repack_nodes(out, w, a, ctx, lo, opts.balance_weight, anchor, opts.load_slack, copy_load)
-        if len(thresholds) == 1:
-            return out
-        rows = np.where(out.T, np.arange(ctx.num_gpus)[None, :], ctx.num_gpus)
-        layer_hosts = np.sort(rows, axis=1)[:, : int(out.sum(axis=0).max())]
-        layer_hosts = np.where(layer_hosts == ctx.num_gpus, -1, layer_hosts)  # [E, R] ascending, -1 padded
         with torch_threads(1):
-            load, cross = serving_gpu_load(layer_hosts, ctx.topology, w, layer=layer)
+            load, cross = serving_gpu_load(_host_array(out), ctx.topology, w, layer=layer)
         mom = float(load.max() / load.mean()) if load.mean() > 0 else 1.0
         key = (mom, cross)
         if best is None or key[0] < best[0][0] - 0.01 or (abs(key[0] - best[0][0]) <= 0.01 and key[1] < best[0][1]):
-            best = (key, out)
+            best = (key, out, (load, cross))
+        if not added:  # no free slot: every threshold gives this placement
+            break
     assert best is not None
-    return best[1]
+    return best[1], best[2]
+
+
+def _host_array(hosts: np.ndarray) -> np.ndarray:
+    """int64 ``[E, R]`` hosting GPUs of a bool ``[G, E]`` placement (ascending, -1 padded; ``plan.expert_gpus[l]``)."""
+    G = hosts.shape[0]
+    rows = np.sort(np.where(hosts.T, np.arange(G)[None, :], G), axis=1)[:, : max(int(hosts.sum(axis=0).max()), 1)]
+    return np.where(rows == G, -1, rows)
 
 
 # ============================================================================ registry
@@ -863,14 +883,17 @@ def _jsonable(value: Any) -> Any:
 
 
 def serving_prediction(plan: PlacementPlan, expert_load: np.ndarray, policy: str = "grace",
-                       trace: RoutingTrace | None = None) -> dict[str, Any]:
+                       trace: RoutingTrace | None = None,
+                       known: Mapping[int, tuple[np.ndarray, float]] | None = None) -> dict[str, Any]:
     """Per-GPU load of every layer of ``plan`` under the serving router.
 
     Without a trace: :func:`megatron_grace.simulation.policies.serving_gpu_load` (the routing
     module's policy, as the layer and the simulator run it) on the demand of ``expert_load``
     ``[L, E]``, tokens starting on GPU ``t mod G``. With the planning trace: the simulator
     replays its tokens (``t mod G``) through the plan with the same policy, so the prediction
-    includes the imbalance of batches of that size.
+    includes the imbalance of batches of that size. ``known`` (layer -> ``(gpu_load [G], cross)``,
+    policy ``grace``, no trace) holds layers already evaluated that way, by the planner on the
+    same placement; they are not routed again.
 
     Returns:
         ``{"policy", "token_placement", "source", "gpu_load": float64 [L, G], "max_over_mean":
@@ -893,8 +916,12 @@ def serving_prediction(plan: PlacementPlan, expert_load: np.ndarray, policy: str
             out.update(source=f"planning trace ({trace.num_tokens} tokens)", msgs_node=r.msgs_node)
         else:
             gpu_load, cross = np.zeros((L, G)), np.zeros(L)
+            known = known if policy == "grace" and known is not None else {}
             for l in range(L):
-                gpu_load[l], cross[l] = serving_gpu_load(plan.expert_gpus[l], plan.topology, expert_load[l], policy=policy, layer=l)
+                if l in known:
+                    gpu_load[l], cross[l] = known[l]
+                else:
+                    gpu_load[l], cross[l] = serving_gpu_load(plan.expert_gpus[l], plan.topology, expert_load[l], policy=policy, layer=l)
             out["source"] = "statistics (demand batch)"
     mean = gpu_load.mean(axis=1)
     mom = np.divide(gpu_load.max(axis=1), mean, out=np.ones(L), where=mean > 0)
@@ -941,14 +968,15 @@ def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions, trace: RoutingTrac
     kept: set[int] = set()
     extended: set[int] = set()
     for c in range(base, ctx.capacity + 1):
-        sub = dataclasses.replace(ctx, capacity=c, topology=ctx.topology.with_slots(c), notes={}, warnings=ctx.warnings)
+        sub = dataclasses.replace(ctx, capacity=c, topology=ctx.topology.with_slots(c), notes={}, warnings=ctx.warnings,
+                                  serving={})
         layers = _plan_grace(sub, opts)
-        serving = serving_prediction(_draft(sub, layers), ctx.load, trace=trace)
+        serving = serving_prediction(_draft(sub, layers), ctx.load, trace=trace, known=sub.serving)
         if prev is not None:
             worse = _serving_worse(serving, prev[1])
             if worse.any():
-                grown = [_extend_layer(prev[0][l], l, ctx, c, opts) if worse[l] else layers[l] for l in range(ctx.num_layers)]
-                grown_serving = serving_prediction(_draft(sub, grown), ctx.load, trace=trace)
+                grown = [_extend_layer(prev[0][l], l, sub, opts) if worse[l] else layers[l] for l in range(ctx.num_layers)]
+                grown_serving = serving_prediction(_draft(sub, grown), ctx.load, trace=trace, known=sub.serving)
                 still = worse & _serving_worse(grown_serving, prev[1])
                 choice = np.where(still, 2, np.where(worse, 1, 0))
                 layers, serving = _compose(choice, [(layers, serving), (grown, grown_serving), prev])
@@ -969,11 +997,12 @@ def _draft(ctx: _Context, layers: list) -> PlacementPlan:
     return PlacementPlan(topology=ctx.topology, num_experts=ctx.num_experts, gpu_experts=layers, planner="grace")
 
 
-def _extend_layer(layer: Any, l: int, ctx: _Context, capacity: int, opts: PlannerOptions) -> list[list[int]]:
-    """Layer ``l``'s GPU lists with the free slots of ``capacity`` filled by demand-aware copies."""
-    hosts, _, _ = add_demand_replicas(_hosts(layer, ctx.num_experts), ctx.load[l], capacity, ctx.gpus_per_node,
-                                      affinity=None if ctx.affinity is None else ctx.affinity[l],
-                                      locality_weight=opts.replica_locality_weight)
+def _extend_layer(layer: Any, l: int, ctx: _Context, opts: PlannerOptions) -> list[list[int]]:
+    """Layer ``l``'s GPU lists with the free slots of ``ctx.capacity`` filled by :func:`_demand_replicas`
+    (repacked without the between-layer term); its serving prediction goes to ``ctx.serving[l]``."""
+    lo = size_bounds(ctx.num_experts, ctx.num_gpus, ctx.capacity, opts.ratio)[0]
+    A, a, _ = _grace_affinity(ctx, ctx.affinity, opts, l)
+    hosts, ctx.serving[l] = _demand_replicas(_hosts(layer, ctx.num_experts), ctx.load[l], a, A, ctx, lo, opts, None, None, l)
     return _lists(hosts)
 
 
