@@ -187,18 +187,24 @@ def format_summary(plan, per_layer: bool = True) -> str:
     def fmt(x: float | None) -> str:
         return "    -" if x is None else f"{x:5.3f}"
 
-    header = f"{'layer':>5}  {'max/mean':>8}  {'node m/m':>8}  {'copies':>6}  {'kept gpu':>8}  {'kept node':>9}"
+    serving = pred.get("serving", {}).get("max_over_mean")
+    s = meta["summary"]
+    if serving is not None:
+        lines.append(f"max/mean: predicted GPU load under the serving router ({pred['serving'].get('policy', 'grace')} policy, "
+                     f"{pred['serving'].get('source', 'statistics')}); static: each copy an equal share of its expert's load")
+    header = f"{'layer':>5}  {'max/mean':>8}  {'static':>6}  {'node m/m':>8}  {'copies':>6}  {'kept gpu':>8}  {'kept node':>9}"
     if per_layer:
         lines.append(header)
         for layer in range(plan.num_layers):
+            head = pred["max_over_mean"][layer] if serving is None else serving[layer]
             lines.append(
-                f"{layer:5d}  {pred['max_over_mean'][layer]:8.3f}  {pred['node_max_over_mean'][layer]:8.3f}  "
+                f"{layer:5d}  {head:8.3f}  {pred['max_over_mean'][layer]:6.3f}  {pred['node_max_over_mean'][layer]:8.3f}  "
                 f"{pred['extra_copies'][layer]:6d}  {fmt(None if kept_g is None else kept_g[layer]):>8}  "
                 f"{fmt(None if kept_n is None else kept_n[layer]):>9}"
             )
-    s = meta["summary"]
+    head = (s["max_over_mean"], s["worst_max_over_mean"]) if serving is None else (s["serving_max_over_mean"], s["serving_worst_max_over_mean"])
     lines.append(
-        f"mean   max/mean {s['max_over_mean']:.3f} (worst layer {s['worst_max_over_mean']:.3f}), node max/mean "
+        f"mean   max/mean {head[0]:.3f} (worst layer {head[1]:.3f}; static {s['max_over_mean']:.3f}), node max/mean "
         f"{s['node_max_over_mean']:.3f}, copies per layer {s['extra_copies']:.1f}, kept affinity GPU {fmt(s['kept_affinity_gpu']).strip()} "
         f"node {fmt(s['kept_affinity_node']).strip()}"
         + ("" if s.get("kept_interlayer_gpu") is None else f", kept between-layer {s['kept_interlayer_gpu']:.3f}")
@@ -221,7 +227,7 @@ def run_plan(args: argparse.Namespace) -> int:
     options = planner_options(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the summary prints the planner's warnings once
-        plan = plan_placement(stats, topology, args.planner, **options)
+        plan = plan_placement(stats, topology, args.planner, trace=trace, **options)
     if trace is not None:
         from megatron_grace.cli._provenance import planning_record
 

@@ -85,6 +85,7 @@ from megatron_grace.plan.eplb import eplb_layer, replicate_by_load
 from megatron_grace.plan.grouping import equal_sizes, partition, refine, size_bounds
 from megatron_grace.plan.placement import PlacementPlan
 from megatron_grace.plan.replication import add_demand_replicas, add_planned_replicas, add_replicas
+from megatron_grace.plan.token_grouping import refine_messages
 from megatron_grace.plan.topology import ModelShape, Topology
 from megatron_grace.statistics.expert_stats import ExpertStats
 from megatron_grace.trace.routing_trace import RoutingTrace
@@ -268,6 +269,17 @@ class PlannerOptions:
             copies, or leaves them empty when that is predicted worse too (default True; costs
             one plan per extra slot).
 
+    Planning from a per-token trace (``plan_placement(trace, ...)`` or ``trace=``; ``grace plan --trace``):
+
+    Attributes:
+        token_objective: after the pairwise grouping of each level, swap experts between nodes
+            (then between the GPUs of each node) while the exact number of distinct remote
+            nodes (GPUs) per planning token goes down (:func:`~megatron_grace.plan.token_grouping.refine_messages`;
+            tokens start on GPU ``t mod G``), never making a group heavier than the balance
+            rule of the grouping allows (default True; no effect on statistics-only input).
+        token_sample: at most this many planning tokens per layer enter that search, evenly
+            spaced (default 8192; the search costs ``O(tokens k^2)`` per pass).
+
     Other:
 
     Attributes:
@@ -293,6 +305,8 @@ class PlannerOptions:
     spread_copies: bool = True
     repack: bool = True
     monotone: bool = True
+    token_objective: bool = True
+    token_sample: int = 8192
     on_missing_coactivation: str = "fallback"
     seed: int = 0
     progress: bool = False
@@ -323,6 +337,8 @@ class PlannerOptions:
         _boolean("spread_copies", self.spread_copies)
         _boolean("repack", self.repack)
         _boolean("monotone", self.monotone)
+        _boolean("token_objective", self.token_objective)
+        _integer("token_sample", self.token_sample, 1)
         _choice("on_missing_coactivation", self.on_missing_coactivation, ("fallback", "error"))
         _integer("seed", self.seed, 0)
         _boolean("progress", self.progress)
@@ -338,7 +354,8 @@ class _Context:
         num_nodes, gpus_per_node, capacity (effective slots per GPU); notes: planner-specific
         metadata to record; warnings: messages also issued as ``UserWarning``; serving: layer ->
         ``(gpu_load [G], cross-node share)`` under the serving router on the statistics' demand,
-        for the layers whose planner already evaluated it (:func:`serving_prediction` reuses them).
+        for the layers whose planner already evaluated it (:func:`serving_prediction` reuses them);
+        trace: the planning trace when planning from one (else None).
     """
 
     stats: ExpertStats
@@ -349,6 +366,7 @@ class _Context:
     notes: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     serving: dict[int, tuple[np.ndarray, float]] = field(default_factory=dict)
+    trace: RoutingTrace | None = None
 
     @property
     def num_layers(self) -> int:
@@ -556,13 +574,17 @@ def _normalized(A: np.ndarray | None, E: int) -> tuple[np.ndarray, float]:
 def _hierarchical_groups(a: np.ndarray, w: np.ndarray, ctx: _Context, gpu_lo: np.ndarray, gpu_hi: np.ndarray,
                          balance_weight: float, node_balance_weight: float, anchor: np.ndarray | None, init: str,
                          local_search: bool, rng: np.random.Generator, total: float | None = None,
-                         load_slack: float | None = None) -> np.ndarray:
+                         load_slack: float | None = None, tokens: np.ndarray | None = None,
+                         token_gpu: np.ndarray | None = None) -> np.ndarray:
     """Group experts into nodes, then each node's experts into its GPUs.
 
     Args:
         a: float64 ``[E, E]`` normalized affinity; w: float64 ``[E]`` load.
         gpu_lo, gpu_hi: int64 ``[G]`` size bounds per GPU (a node's bounds are the sums).
         anchor: float64 ``[E, G]`` per-GPU attraction or None.
+        tokens, token_gpu: optional planning tokens, int ``[T, k]`` expert ids (-1: none), and
+            int ``[T]`` their start GPUs: each level's grouping is then refined for fewer
+            distinct remote nodes / GPUs per token (:func:`~megatron_grace.plan.token_grouping.refine_messages`).
 
     Returns:
         int64 ``[E]``: GPU of each expert.
@@ -576,6 +598,8 @@ def _hierarchical_groups(a: np.ndarray, w: np.ndarray, ctx: _Context, gpu_lo: np
     anchor_node = None if anchor is None else anchor.reshape(E, N, gpn).sum(axis=2)
     node_of = partition(a, w_node, node_lo, node_hi, balance_weight=node_balance_weight, anchor=anchor_node,
                         init=init, local_search=local_search, load_slack=load_slack, rng=rng)
+    if tokens is not None and token_gpu is not None and N > 1:
+        node_of = refine_messages(tokens, token_gpu // gpn, node_of, N, w_node)
     gpu_of = np.empty(E, dtype=np.int64)
     for n in range(N):
         members = np.flatnonzero(node_of == n)
@@ -583,6 +607,13 @@ def _hierarchical_groups(a: np.ndarray, w: np.ndarray, ctx: _Context, gpu_lo: np
         sub = partition(a[np.ix_(members, members)], w_gpu[members], gpu_lo[gpus], gpu_hi[gpus],
                         balance_weight=balance_weight, anchor=None if anchor is None else anchor[np.ix_(members, gpus)],
                         init=init, local_search=local_search, load_slack=load_slack, rng=rng)
+        if tokens is not None and token_gpu is not None and gpn > 1:
+            local = np.full(E + 1, -1, dtype=np.int64)  # index E: the -1 padding
+            local[members] = np.arange(members.size)
+            ids = local[np.where(tokens >= 0, tokens, E)]
+            here = (ids >= 0).any(axis=1)
+            home = np.where(token_gpu // gpn == n, token_gpu % gpn, -1)
+            sub = refine_messages(ids[here], home[here], sub, gpn, w_gpu[members])
         gpu_of[members] = gpus[sub]
     return gpu_of
 
@@ -698,6 +729,12 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
     out: list[list[list[int]]] = []
     group_sizes: list[np.ndarray] = []
     prev_hosts: np.ndarray | None = None
+    sample = token_gpu = None
+    if ctx.trace is not None and opts.token_objective:
+        T = ctx.trace.num_tokens
+        sample = np.unique(np.linspace(0, T - 1, min(T, opts.token_sample)).round().astype(np.int64)) if T else np.zeros(0, np.int64)
+        token_gpu = sample % G  # tokens start on GPU t mod G (the serving prediction's placement)
+        ctx.notes["token_objective"] = {"tokens": int(sample.size), "of": T}
     for l in ctx.layers("plan grace", opts.progress):
         A, a, mass = _grace_affinity(ctx, affinity, opts, l)
         w = ctx.load[l]
@@ -719,7 +756,8 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
             w_bal = w / c - psi
         nbw = opts.balance_weight if opts.node_balance_weight is None else opts.node_balance_weight
         gpu_of = _hierarchical_groups(a, w_bal, ctx, gpu_lo, gpu_hi, opts.balance_weight, nbw, anchor, opts.init,
-                                      opts.local_search, rng, total=float(w.sum()), load_slack=opts.load_slack)
+                                      opts.local_search, rng, total=float(w.sum()), load_slack=opts.load_slack,
+                                      tokens=None if sample is None else ctx.trace.expert_ids[sample, l], token_gpu=token_gpu)
         hosts = np.zeros((G, E), dtype=bool)
         hosts[gpu_of, np.arange(E)] = True
         group_sizes.append(np.bincount(gpu_of, minlength=G))
@@ -1037,16 +1075,19 @@ def effective_capacity(topology: Topology, num_experts: int) -> int:
 
 
 def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planner: str = "grace", options: Any = None,
-                   **overrides: Any) -> PlacementPlan:
+                   *, trace: RoutingTrace | None = None, **overrides: Any) -> PlacementPlan:
     """Plan the expert placement of every layer with the named planner.
 
     Args:
         stats: routing statistics (load ``[L, E]``; co-activation ``[L, E, E]`` for the affinity
             planners; transitions ``[L-1, E, E]`` for ``interlayer_weight``), or a per-token
-            trace: it is counted into statistics, and the serving prediction replays its tokens.
+            trace: it is counted into statistics, the serving prediction replays its tokens and
+            ``grace`` refines its grouping on them (``token_objective``).
         topology: the cluster and its per-GPU budget.
         planner: a name in :data:`PLANNERS` (``vanilla``, ``eplb``, ``affinity``, ``grace``).
         options: an options instance of that planner or a mapping of knobs (optional).
+        trace: the per-token trace ``stats`` were counted from, when planning statistics read
+            from one (same layers and experts); used as a trace given as ``stats`` is.
         **overrides: knobs by name (e.g. ``replicas="auto"``); unknown names raise.
 
     Returns:
@@ -1061,20 +1102,25 @@ def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planne
         raise GraceInputError(f"unknown planner {planner!r}; known: {', '.join(PLANNERS)}")
     spec = PLANNERS[planner]
     opts = spec.make_options(options, **overrides)
-    trace = stats if isinstance(stats, RoutingTrace) else None
-    if trace is not None:
+    if isinstance(stats, RoutingTrace):
+        trace = stats
         stats = ExpertStats.from_trace(trace)
+    elif trace is not None and not isinstance(trace, RoutingTrace):
+        raise GraceInputError(f"trace= needs a RoutingTrace, got {type(trace).__name__}")
     if not isinstance(stats, ExpertStats):
         raise GraceInputError(f"planner {planner!r} needs ExpertStats, got {type(stats).__name__}")
     if not isinstance(topology, Topology):
         raise GraceInputError(f"planner {planner!r} needs a Topology, got {type(topology).__name__}")
     stats.validate()
     E = stats.num_experts
+    if trace is not None and (trace.num_layers, trace.num_experts) != (stats.num_layers, E):
+        raise GraceInputError(f"the trace has {trace.num_layers} layers x {trace.num_experts} experts, the statistics "
+                              f"{stats.num_layers} x {E}: plan a trace with the statistics counted from it")
     topology.check_fits(E)
     cap = effective_capacity(topology, E)
     with blas_threads(1):
         affinity = stats.affinity() if stats.coactivation is not None else None
-        ctx = _Context(stats=stats, topology=topology, capacity=cap, load=stats.load, affinity=affinity)
+        ctx = _Context(stats=stats, topology=topology, capacity=cap, load=stats.load, affinity=affinity, trace=trace)
         if planner == "grace" and opts.replicas == "fill" and opts.monotone:
             layers, serving = _plan_grace_monotone(ctx, opts, trace)
         else:
