@@ -527,3 +527,31 @@ def test_planning_from_a_trace_lowers_node_messages_on_its_tokens():
         msgs[on], mom[on] = int(r.msgs_node.sum()), float(plan.metadata["predicted"]["node_max_over_mean"][0])
     assert msgs[True] < msgs[False]
     assert mom[True] <= mom[False] + 1e-6
+
+
+def test_small_trace_prediction_is_the_mean_over_resamples():
+    """From a trace with few tokens the serving prediction is the mean max/mean over resampled batches of the
+    planning tokens (a fresh batch of that size), with the replay itself and the spread recorded beside it."""
+    from megatron_grace.plan import planners as P
+    from megatron_grace.simulation.simulator import simulate
+
+    rng = np.random.default_rng(2)
+    T, E, k = 120, 8, 2
+    ids = np.argsort(rng.gumbel(size=(T, 2, E)) + np.log(rng.lognormal(0, 0.5, E)), axis=2)[:, :, :k].astype(np.int32)
+    trace = RoutingTrace(expert_ids=ids, num_experts=E, model="mixtral-8x7b")
+    stats = ExpertStats.from_trace(trace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = plan_placement(trace, A100.with_extra_slots(E, 1), "grace")
+        serving = P.serving_prediction(plan, stats.load, trace=trace)
+        replay = simulate(plan, trace, policy="grace", expert_load=stats.load, dispatch="hierarchical")
+        draws = np.random.default_rng(0)
+        resampled = [simulate(plan, trace.select_tokens(np.sort(draws.integers(T, size=T))), policy="grace",
+                              expert_load=stats.load, dispatch="hierarchical").load_imbalance
+                     for _ in range(P.BOOTSTRAP_RESAMPLES)]
+    np.testing.assert_allclose(serving["max_over_mean_in_sample"], replay.load_imbalance, rtol=1e-6)
+    np.testing.assert_allclose(serving["max_over_mean"], np.mean(resampled, axis=0), rtol=1e-6)
+    assert serving["sampling_error"] == pytest.approx(float(np.std(np.mean(resampled, axis=1))), rel=1e-6)
+    summary = plan.metadata["summary"]
+    assert summary["serving_max_over_mean"] == pytest.approx(float(np.mean(serving["max_over_mean"])), rel=1e-5)
+    assert summary["serving_max_over_mean_sampling_error"] > 0

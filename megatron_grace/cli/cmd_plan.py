@@ -204,7 +204,9 @@ def format_summary(plan, per_layer: bool = True) -> str:
             )
     head = (s["max_over_mean"], s["worst_max_over_mean"]) if serving is None else (s["serving_max_over_mean"], s["serving_worst_max_over_mean"])
     lines.append(
-        f"mean   max/mean {head[0]:.3f} (worst layer {head[1]:.3f}; static {s['max_over_mean']:.3f}), node max/mean "
+        f"mean   max/mean {head[0]:.3f}"
+        + ("" if s.get("serving_max_over_mean_sampling_error") is None else f" +- {s['serving_max_over_mean_sampling_error']:.3f}")
+        + f" (worst layer {head[1]:.3f}; static {s['max_over_mean']:.3f}), node max/mean "
         f"{s['node_max_over_mean']:.3f}, copies per layer {s['extra_copies']:.1f}, kept affinity GPU {fmt(s['kept_affinity_gpu']).strip()} "
         f"node {fmt(s['kept_affinity_node']).strip()}"
         + ("" if s.get("kept_interlayer_gpu") is None else f", kept between-layer {s['kept_interlayer_gpu']:.3f}")

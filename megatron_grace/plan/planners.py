@@ -929,14 +929,20 @@ def serving_prediction(plan: PlacementPlan, expert_load: np.ndarray, policy: str
     module's policy, as the layer and the simulator run it) on the demand of ``expert_load``
     ``[L, E]``, tokens starting on GPU ``t mod G``. With the planning trace: the simulator
     replays its tokens (``t mod G``) through the plan with the same policy, so the prediction
-    includes the imbalance of batches of that size. ``known`` (layer -> ``(gpu_load [G], cross)``,
+    includes the imbalance of batches of that size. A planning trace with few tokens
+    (under :data:`BOOTSTRAP_BELOW_PAIRS_PER_GPU` pairs per GPU and layer) is also replayed in
+    :data:`BOOTSTRAP_RESAMPLES` resamples drawn with replacement: the plan was chosen on these
+    tokens, so their own replay flatters it, while a resample behaves like a fresh batch of that
+    size; ``max_over_mean`` is then the resamples' mean (``max_over_mean_in_sample`` the replay)
+    and ``sampling_error`` the standard deviation of the layer-mean max/mean over the resamples. ``known`` (layer -> ``(gpu_load [G], cross)``,
     policy ``grace``, no trace) holds layers already evaluated that way, by the planner on the
     same placement; they are not routed again.
 
     Returns:
         ``{"policy", "token_placement", "source", "gpu_load": float64 [L, G], "max_over_mean":
         float64 [L], "cross_node_pair_share": float64 [L]}`` (plus ``"msgs_node"``, int ``[L]``
-        deduplicated token-to-node messages, from a trace).
+        deduplicated token-to-node messages, from a trace; and ``"max_over_mean_in_sample"``
+        float64 ``[L]``, ``"sampling_error"`` float from a resampled small trace).
     """
     from megatron_grace.simulation.policies import serving_gpu_load
 
@@ -952,6 +958,22 @@ def serving_prediction(plan: PlacementPlan, expert_load: np.ndarray, policy: str
             gpu_load = r.gpu_load.astype(np.float64)
             cross = np.divide(r.pairs_inter_node, r.pairs_total, out=np.zeros(L), where=r.pairs_total > 0)
             out.update(source=f"planning trace ({trace.num_tokens} tokens)", msgs_node=r.msgs_node)
+            T = trace.num_tokens
+            if 0 < T * trace.top_k < BOOTSTRAP_BELOW_PAIRS_PER_GPU * G:
+                # few tokens: the plan was chosen on them, so their replay is optimistic; a fresh batch of the same size
+                # is modelled by resampling them (fixed seed: every plan sees the same resamples)
+                rng = np.random.default_rng(0)
+                moms = np.empty((BOOTSTRAP_RESAMPLES, L))
+                for b in range(BOOTSTRAP_RESAMPLES):
+                    rb = simulate(plan, trace.select_tokens(np.sort(rng.integers(T, size=T))), shape, policy=policy,
+                                  dispatch="hierarchical", expert_load=expert_load)
+                    gl = rb.gpu_load.astype(np.float64)
+                    m = gl.mean(axis=1)
+                    moms[b] = np.divide(gl.max(axis=1), m, out=np.ones(L), where=m > 0)
+                in_mean = gpu_load.mean(axis=1)
+                out.update(source=f"planning trace ({T} tokens), mean of {BOOTSTRAP_RESAMPLES} resamples",
+                           max_over_mean_in_sample=np.divide(gpu_load.max(axis=1), in_mean, out=np.ones(L), where=in_mean > 0),
+                           bootstrap_max_over_mean=moms.mean(axis=0), sampling_error=float(moms.mean(axis=1).std()))
         else:
             gpu_load, cross = np.zeros((L, G)), np.zeros(L)
             known = known if policy == "grace" and known is not None else {}
@@ -963,8 +985,14 @@ def serving_prediction(plan: PlacementPlan, expert_load: np.ndarray, policy: str
             out["source"] = "statistics (demand batch)"
     mean = gpu_load.mean(axis=1)
     mom = np.divide(gpu_load.max(axis=1), mean, out=np.ones(L), where=mean > 0)
-    out.update(gpu_load=gpu_load, max_over_mean=mom, cross_node_pair_share=cross)
+    out.update(gpu_load=gpu_load, max_over_mean=out.pop("bootstrap_max_over_mean", mom), cross_node_pair_share=cross)
     return out
+
+
+BOOTSTRAP_BELOW_PAIRS_PER_GPU = 1000
+"""A planning trace with fewer token-expert pairs per GPU and layer than this is predicted by resampling."""
+BOOTSTRAP_RESAMPLES = 16
+"""Resamples of such a trace (each a batch of its size, drawn with replacement)."""
 
 
 MONOTONE_TOLERANCE = 0.005
@@ -983,7 +1011,8 @@ def _compose(choice: np.ndarray, options: list[tuple[list, dict[str, Any]]]) -> 
     """Per layer ``l``, layer and serving prediction of ``options[choice[l]]`` (predictions are per layer)."""
     layers = [options[int(c)][0][l] for l, c in enumerate(choice)]
     serving = dict(options[0][1])
-    for key in ("gpu_load", "max_over_mean", "cross_node_pair_share", "msgs_node"):
+    serving.pop("sampling_error", None)  # a property of the whole plan: the caller recomputes it
+    for key in ("gpu_load", "max_over_mean", "cross_node_pair_share", "msgs_node", "max_over_mean_in_sample"):
         if key in serving:
             serving[key] = np.stack([np.asarray(options[int(c)][1][key])[l] for l, c in enumerate(choice)])
     return layers, serving
@@ -1028,6 +1057,8 @@ def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions, trace: RoutingTrac
         ctx.notes.update(sub.notes)
     ctx.notes["monotone"] = {"layers_extended_from_fewer_slots": sorted(extended), "layers_kept_from_fewer_slots": sorted(kept)}
     assert prev is not None
+    if "max_over_mean_in_sample" in prev[1] and "sampling_error" not in prev[1]:  # a composed plan from a small trace
+        prev = (prev[0], serving_prediction(_draft(sub, prev[0]), ctx.load, trace=trace))
     return prev
 
 
@@ -1146,6 +1177,9 @@ def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planne
     summary["serving_max_over_mean"] = float(np.mean(serving["max_over_mean"]))
     summary["serving_worst_max_over_mean"] = float(np.max(serving["max_over_mean"]))
     summary["serving_cross_node_pair_share"] = float(np.mean(serving["cross_node_pair_share"]))
+    if "sampling_error" in serving:
+        summary["serving_max_over_mean_sampling_error"] = float(serving["sampling_error"])
+        summary["serving_max_over_mean_in_sample"] = float(np.mean(serving["max_over_mean_in_sample"]))
     metadata = {
         "planner": planner,
         "options": dataclasses.asdict(opts),
