@@ -1039,6 +1039,8 @@ def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions, trace: RoutingTrac
                                   serving={})
         layers = _plan_grace(sub, opts)
         serving = serving_prediction(_draft(sub, layers), ctx.load, trace=trace, known=sub.serving)
+        if trace is not None and opts.token_objective:
+            layers, serving = _keep_pairwise_where_better(sub, opts, trace, layers, serving)
         if prev is not None:
             worse = _serving_worse(serving, prev[1])
             if worse.any():
@@ -1060,6 +1062,26 @@ def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions, trace: RoutingTrac
     if "max_over_mean_in_sample" in prev[1] and "sampling_error" not in prev[1]:  # a composed plan from a small trace
         prev = (prev[0], serving_prediction(_draft(sub, prev[0]), ctx.load, trace=trace))
     return prev
+
+
+def _keep_pairwise_where_better(ctx: _Context, opts: PlannerOptions, trace: RoutingTrace, layers: list,
+                                serving: dict[str, Any]) -> tuple[list, dict[str, Any]]:
+    """Per layer, the plan grouped without the per-token search where that one is predicted better on the planning
+    trace (fewer messages or a lower max/mean by :data:`MONOTONE_TOLERANCE`; the search only sees the primaries,
+    the copies added after it can undo its gain). Records the layers (at this slot count) in
+    ``ctx.notes["token_objective"]["layers_planned_pairwise"]``."""
+    sub = dataclasses.replace(ctx, notes={}, serving={})
+    pairwise = _plan_grace(sub, dataclasses.replace(opts, token_objective=False))
+    pairwise_serving = serving_prediction(_draft(sub, pairwise), ctx.load, trace=trace, known=sub.serving)
+    worse = _serving_worse(serving, pairwise_serving)
+    ctx.notes.setdefault("token_objective", {})["layers_planned_pairwise"] = np.flatnonzero(worse).tolist()
+    if not worse.any():
+        return layers, serving
+    ctx.notes["group_sizes"][worse] = sub.notes["group_sizes"][worse]
+    composed, composed_serving = _compose(worse.astype(np.int64), [(layers, serving), (pairwise, pairwise_serving)])
+    if "max_over_mean_in_sample" in composed_serving:
+        composed_serving = serving_prediction(_draft(ctx, composed), ctx.load, trace=trace)  # the sampling error of the mix
+    return composed, composed_serving
 
 
 def _draft(ctx: _Context, layers: list) -> PlacementPlan:
