@@ -555,3 +555,22 @@ def test_small_trace_prediction_is_the_mean_over_resamples():
     summary = plan.metadata["summary"]
     assert summary["serving_max_over_mean"] == pytest.approx(float(np.mean(serving["max_over_mean"])), rel=1e-5)
     assert summary["serving_max_over_mean_sampling_error"] > 0
+
+
+def test_long_planning_trace_is_replayed_on_an_even_sample(monkeypatch):
+    """Statistics count every token of the planning trace; replays and the per-token search use an evenly spaced
+    sample of at most PLANNING_TRACE_TOKENS tokens (a 1M-token trace must not be simulated several times)."""
+    from megatron_grace.plan import planners as P
+
+    rng = np.random.default_rng(5)
+    ids = np.argsort(rng.gumbel(size=(300, 1, 8)), axis=2)[:, :, :2].astype(np.int32)
+    trace = RoutingTrace(expert_ids=ids, num_experts=8, model="mixtral-8x7b")
+    monkeypatch.setattr(P, "PLANNING_TRACE_TOKENS", 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = plan_placement(trace, A100.with_extra_slots(8, 1), "grace")
+    assert plan.metadata["planning_trace_sample"] == {"tokens_replayed": 100, "of": 300}
+    assert plan.metadata["predicted"]["serving"]["source"].startswith("planning trace (100 tokens)")
+    np.testing.assert_allclose(sum(plan.metadata["predicted"]["serving"]["gpu_load"][0]), 200)  # 100 replayed tokens x top-2
+    assert plan.metadata["token_objective"]["of"] == 100
+    np.testing.assert_allclose(sum(plan.metadata["predicted"]["gpu_load"][0]), 600)  # statistics: all 300 tokens x top-2

@@ -1121,6 +1121,10 @@ def _note_empty_slots(ctx: _Context, plan: PlacementPlan, planner: str, opts: An
     ctx.notes["empty_slots"] = {"count": empty.astype(int).tolist(), "reason": reason}
 
 
+PLANNING_TRACE_TOKENS = 65_536
+"""At most this many tokens of a planning trace (evenly spaced) are replayed and searched; statistics use all."""
+
+
 def effective_capacity(topology: Topology, num_experts: int) -> int:
     """Slots per GPU a planner uses: the topology's budget, or ``ceil(E/G) + UNBOUNDED_EXTRA_SLOTS``."""
     cap = topology.capacity()
@@ -1140,7 +1144,9 @@ def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planne
         planner: a name in :data:`PLANNERS` (``vanilla``, ``eplb``, ``affinity``, ``grace``).
         options: an options instance of that planner or a mapping of knobs (optional).
         trace: the per-token trace ``stats`` were counted from, when planning statistics read
-            from one (same layers and experts); used as a trace given as ``stats`` is.
+            from one (same layers and experts); used as a trace given as ``stats`` is. A trace of
+            more than :data:`PLANNING_TRACE_TOKENS` tokens is replayed and searched on an evenly
+            spaced sample of that many (``metadata["planning_trace_sample"]``).
         **overrides: knobs by name (e.g. ``replicas="auto"``); unknown names raise.
 
     Returns:
@@ -1158,6 +1164,12 @@ def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planne
     if isinstance(stats, RoutingTrace):
         trace = stats
         stats = ExpertStats.from_trace(trace)
+    trace_note = None
+    if isinstance(trace, RoutingTrace) and trace.num_tokens > PLANNING_TRACE_TOKENS:
+        # the statistics count every token; the replays and the per-token search use an evenly spaced sample
+        keep = np.unique(np.linspace(0, trace.num_tokens - 1, PLANNING_TRACE_TOKENS).round().astype(np.int64))
+        trace_note = {"tokens_replayed": int(keep.size), "of": trace.num_tokens}
+        trace = trace.select_tokens(keep)
     elif trace is not None and not isinstance(trace, RoutingTrace):
         raise GraceInputError(f"trace= needs a RoutingTrace, got {type(trace).__name__}")
     if not isinstance(stats, ExpertStats):
@@ -1217,6 +1229,8 @@ def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planne
         **ctx.notes,
         "warnings": ctx.warnings,
     }
+    if trace_note is not None:
+        metadata["planning_trace_sample"] = trace_note
     return PlacementPlan(topology=topology, num_experts=E, gpu_experts=draft.gpu_experts, planner=planner,
                          metadata=_jsonable(metadata))
 
