@@ -46,23 +46,30 @@ from check_graph_capture import batch, build_layer  # noqa: E402
 from megatron_grace._sync_audit import SyncAudit, count_host_copies  # noqa: E402
 
 
-def timeit(fn, repeats: int, device: torch.device) -> list[float]:
-    """Per-call milliseconds of ``fn`` (CUDA events on a GPU, perf_counter on a CPU), after 2 warm-ups."""
-    for _ in range(2):
+def _one_call_ms(fn, device: torch.device) -> float:
+    """Milliseconds of one call of ``fn`` (CUDA events on a GPU, perf_counter on a CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_cases(cases: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Per-call milliseconds of every case after 2 warm-ups, the cases interleaved call by call
+    (a burst of load from other processes then hits every case alike, not one case's whole run)."""
+    for fn in cases.values():
+        for _ in range(2):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        for name, fn in cases.items():
+            times[name].append(_one_call_ms(fn, device))
     return times
 
 
@@ -159,8 +166,9 @@ def main() -> int:
             cases["grace_plus_router"] = lambda: (meg.router(hs), layer(x, ids, w, static=False))
         result = {"tokens": T, "device": str(dev), "hidden": h, "ffn": f, "experts": E, "top_k": k, "dtype": str(dtype)}
         with torch.no_grad():
+            timings = time_cases(cases, args.repeats, dev)
             for name, fn in cases.items():
-                ms = timeit(fn, args.repeats, dev)
+                ms = timings[name]
                 entry = {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
                 if name.startswith("grace_") and name != "grace_plus_router":  # the router is Megatron's
                     entry.update(count_syncs(fn, dev))
