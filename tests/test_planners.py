@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from megatron_grace.data import bundled_stats_path
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.grouping import partition, size_bounds
 from megatron_grace.plan.placement import PlacementPlan
@@ -25,16 +25,14 @@ from megatron_grace.plan.topology import LinkModel, Topology
 from megatron_grace.statistics.expert_stats import ExpertStats
 from megatron_grace.trace.routing_trace import RoutingTrace
 
-SHARED_QWEN = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "qwen3-30b-a3b" / "qwen3_30b_a3b_load_and_pairs.npz"
+QWEN_STATS = bundled_stats_path()  # the shared traces' qwen3_30b_a3b_load_and_pairs.npz, shipped with the package
 A100 = Topology.preset("a100-2x4")
 
 
 # ---------------------------------------------------------------------------- data
 def qwen3_stats() -> ExpertStats:
-    """The real Qwen3-30B-A3B statistics from ../shared/traces (skip when absent)."""
-    if not SHARED_QWEN.exists():
-        pytest.skip(f"real routing data not available: {SHARED_QWEN}")
-    with np.load(SHARED_QWEN) as data:
+    """The real Qwen3-30B-A3B statistics (the bundled copy of ../shared/traces' file: never skipped)."""
+    with np.load(QWEN_STATS) as data:
         heat, pairs = data["heat"].astype(np.float64), data["pairs_layer_i_j_count_lift"]
     L, E = heat.shape
     co = np.zeros((L, E, E))
