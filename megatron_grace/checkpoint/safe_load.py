@@ -132,7 +132,7 @@ def _tensors_in(obj: Any, out: list[torch.Tensor], depth: int = 0) -> None:
 class SpanLocator:
     """Where each tensor of a memory-mapped ``torch.load`` lies in its file.
 
-    ``torch.load(mmap=True)`` maps the whole file once and gives every storage record
+    ``torch.load(weights_only=True, mmap=True)`` (:func:`load_torch_file`) maps the whole file once and gives every storage record
     ``.../data/<key>`` (stored uncompressed) as a slice of that mapping, so a storage's address
     minus its record's data offset is the same for all of them. The locator pairs the distinct
     storages (by address) with the data records (by offset), both sorted, and enables itself only
