@@ -78,7 +78,7 @@ class _Out:
     path: Path
     layout: SafetensorsLayout
     fd: int
-    hasher: Any
+    hasher: Any  # hashlib sha256 of the whole file, or None without file_sha256
     thread: int
     pos: int
     in_order: bool = True
@@ -127,11 +127,10 @@ class StreamWriter:
         try:
             for i, (name, (path, layout)) in enumerate(files.items()):
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-                self.out[name] = _Out(Path(path), layout, fd, hashlib.sha256(), i % len(self.pools), len(layout.head),
-                                      in_order=file_sha256)
+                hasher = hashlib.sha256(layout.head) if file_sha256 else None  # the plain file sha256, only when asked for
+                self.out[name] = _Out(Path(path), layout, fd, hasher, i % len(self.pools), len(layout.head), in_order=file_sha256)
                 self._used(name)
                 pwrite_all(fd, memoryview(layout.head), 0)
-                self.out[name].hasher.update(layout.head)
         except BaseException:
             self.close()
             raise

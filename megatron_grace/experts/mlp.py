@@ -138,6 +138,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     return torch.cat([y, y.new_zeros((1, y.shape[1]))]).index_select(0, padded.dest)
 
 
+def row_slots(ends: torch.Tensor, rows: int) -> torch.Tensor:
+    """int64 ``[rows]``: the slot of each row grouped by slot, from the slots' end rows ``ends [S]``
+    (cumulative counts, device); padding rows past the last slot get ``S``. Device ops only."""
+    return torch.searchsorted(ends, torch.arange(rows, device=ends.device), right=True)
+
+
 @dataclass(frozen=True)
 class PaddedRows:
     """Where each grouped row sits in a ``[S, width]`` padded batch (the fallback of :func:`grouped_linear`).
@@ -146,24 +152,25 @@ class PaddedRows:
         dest: int64 ``[n]``: padded position ``slot * width + rank in slot`` of each row; rows past
             the last slot (padding) map to ``S * width``, a spare row.
         width: rows per slot in the padded batch (>= the largest slot count).
+        slot: int64 ``[n]``: slot of each row (padding rows: the last slot).
     """
 
     dest: torch.Tensor
     width: int
+    slot: torch.Tensor
 
     @staticmethod
-    def from_counts(counts: torch.Tensor, rows: int, width: int) -> PaddedRows:
-        """Layout for ``rows`` rows grouped by slot with per-slot ``counts [S]`` (device; the rest is padding);
-        ``width`` >= the largest count (a host bound). Device ops only."""
+    def from_counts(counts: torch.Tensor, ends: torch.Tensor, rows: int, width: int) -> PaddedRows:
+        """Layout for ``rows`` rows grouped by slot with per-slot ``counts [S]`` and their cumulative sums
+        ``ends [S]`` (device; the rest is padding); ``width`` >= the largest count (a host bound). Device ops only."""
         width = max(width, 1)
         S = counts.shape[0]
-        ends = torch.cumsum(counts, 0)
         p = torch.arange(rows, device=counts.device)
-        slot = torch.searchsorted(ends, p, right=True)
+        slot = row_slots(ends, rows)
         real = slot < S
         slot = slot.clamp(max=S - 1)
         dest = slot * width + p - (ends - counts).index_select(0, slot)
-        return PaddedRows(dest=torch.where(real, dest, torch.full_like(dest, S * width)), width=width)
+        return PaddedRows(dest=torch.where(real, dest, torch.full_like(dest, S * width)), width=width, slot=slot)
 
 
 class SlotExperts(nn.Module):
@@ -196,10 +203,10 @@ class SlotExperts(nn.Module):
 
         self.register_parameter(self.first_name, zeros(S, *first))
         self.register_parameter(self.second_name, zeros(S, h, f))
-        if self.bias:  # b_gate_up / b_down (b_fc1 / b_fc2), reached through b_first / b_second
-            self.register_parameter(f"b_{suffix[0]}", zeros(S, first[0]))
-            self.register_parameter(f"b_{suffix[1]}", zeros(S, h))
-        self._bias_names = (f"b_{suffix[0]}", f"b_{suffix[1]}") if self.bias else None
+        self._bias_names = (f"b_{suffix[0]}", f"b_{suffix[1]}")  # b_gate_up / b_down (b_fc1 / b_fc2)
+        if self.bias:
+            self.register_parameter(self._bias_names[0], zeros(S, first[0]))
+            self.register_parameter(self._bias_names[1], zeros(S, h))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -219,12 +226,12 @@ class SlotExperts(nn.Module):
     @property
     def b_first(self) -> torch.Tensor | None:
         """``[S, 2f]`` (swiglu, gate then up) or ``[S, f]`` (gelu); None without biases."""
-        return getattr(self, self._bias_names[0]) if self._bias_names else None
+        return getattr(self, self._bias_names[0]) if self.bias else None
 
     @property
     def b_second(self) -> torch.Tensor | None:
         """``[S, h]``; None without biases."""
-        return getattr(self, self._bias_names[1]) if self._bias_names else None
+        return getattr(self, self._bias_names[1]) if self.bias else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -258,7 +265,7 @@ class SlotExperts(nn.Module):
             out = {"gate": self.w_first[slot, :f].t(), "up": self.w_first[slot, f:].t(), "down": self.w_second[slot].t()}
         else:
             out = {"fc1": self.w_first[slot].t(), "fc2": self.w_second[slot].t()}
-        if self.b_first is not None and self.b_second is not None:
+        if self.b_first is not None and self.b_second is not None:  # i.e. self.bias (typed for the checker)
             if self.activation == "swiglu":
                 out.update(gate_bias=self.b_first[slot, :f], up_bias=self.b_first[slot, f:], down_bias=self.b_second[slot])
             else:
@@ -315,18 +322,18 @@ class SlotExperts(nn.Module):
         if n == 0 or self.num_slots == 0:
             return torch.zeros_like(x)
         counts = slot_counts.to(torch.int64)
+        ends = torch.cumsum(counts, 0)
         if grouped_mm_supported(x.dtype, x.device, torch.compiler.is_compiling()):
-            offsets, padded = torch.cumsum(counts, 0).to(torch.int32), None
+            offsets, padded = ends.to(torch.int32), None
         else:
             offsets = None
-            padded = PaddedRows.from_counts(counts, n, n if max_rows_per_slot is None else max_rows_per_slot)
+            padded = PaddedRows.from_counts(counts, ends, n, n if max_rows_per_slot is None else max_rows_per_slot)
         row_slot = None
-        if self.b_first is not None:  # slot of each row (padding rows: the last slot; their output is unspecified)
-            row_slot = torch.searchsorted(torch.cumsum(counts, 0), torch.arange(n, device=x.device), right=True)
-            row_slot = row_slot.clamp_(max=self.num_slots - 1)
+        if self.bias:  # slot of each row (padding rows: the last slot; their output is unspecified)
+            row_slot = padded.slot if padded is not None else row_slots(ends, n).clamp_(max=self.num_slots - 1)
         hidden = grouped_linear(x, self.w_first, offsets, padded)  # [n, 2f] or [n, f]
         if row_slot is not None:
-            hidden = hidden + self.b_first.index_select(0, row_slot)
+            hidden.add_(self.b_first.index_select(0, row_slot))
         if self.activation == "swiglu":
             f = self.ffn_size
             hidden = F.silu(hidden[:, :f]) * hidden[:, f:]
@@ -334,7 +341,7 @@ class SlotExperts(nn.Module):
             hidden = F.gelu(hidden)
         out = grouped_linear(hidden, self.w_second, offsets, padded)
         if row_slot is not None:
-            out = out + self.b_second.index_select(0, row_slot)
+            out.add_(self.b_second.index_select(0, row_slot))
         return out
 
     def extra_repr(self) -> str:

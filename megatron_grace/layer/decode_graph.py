@@ -44,22 +44,20 @@ class DecodeGraph:
                  use_graph: bool | None = None, warmup: int = 2) -> None:
         if not layers:
             raise GraceInputError("DecodeGraph needs the GRACE layers that the step runs (to check their overflow)")
+        device = example_inputs[0].device
+        self.use_graph = device.type == "cuda" if use_graph is None else use_graph
         for layer in layers:
             if layer.decode is None:
                 raise GraceInputError(f"layer {layer.layer_index} has no decode options: build it with decode=DecodeOptions(...)")
+            p = layer.predictor
+            if self.use_graph and not p.graph_capturable:
+                raise GraceInputError(
+                    f"layer {layer.layer_index}: its load predictor (mode={p.mode!r}, sync_every={p.sync_every}) keeps "
+                    "host-side counters that a CUDA graph would freeze at capture; use mode='ema' and sync_every=0 for "
+                    "a captured decode step")
         self.step_fn, self.layers = step_fn, list(layers)
         self.fallbacks = 0
         self.steps = 0
-        device = example_inputs[0].device
-        self.use_graph = device.type == "cuda" if use_graph is None else use_graph
-        if self.use_graph:
-            for layer in self.layers:
-                p = layer.predictor
-                if p.mode == "window" or p.sync_every:
-                    raise GraceInputError(
-                        f"layer {layer.layer_index}: its load predictor (mode={p.mode!r}, sync_every={p.sync_every}) keeps "
-                        "host-side counters that a CUDA graph would freeze at capture; use mode='ema' and sync_every=0 for "
-                        "a captured decode step")
         if self.use_graph and device.type != "cuda":
             raise GraceInputError("CUDA-graph capture needs inputs on a CUDA device")
         self._inputs = [t.clone() for t in example_inputs]

@@ -107,6 +107,12 @@ class LoadPredictor:
     def device(self) -> torch.device:
         return self._share.device
 
+    @property
+    def graph_capturable(self) -> bool:
+        """Whether a CUDA graph can replay this predictor's updates: not with ``window`` mode or ``sync_every``,
+        whose host-side counters (history position, steps since a merge) a capture would freeze."""
+        return self.mode != "window" and not self.sync_every
+
     def to(self, device: torch.device | str) -> LoadPredictor:
         """Move the state to ``device`` (in place); returns self."""
         for name in ("_static_share", "_share", "_pending", "_history"):

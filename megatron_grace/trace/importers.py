@@ -416,7 +416,8 @@ def import_mixtral_npz(path: PathLike, num_experts: int | None = None, model: st
     data = _read_npz(path)
     if "expert_ids" not in data:
         raise GraceInputError(f"no 'expert_ids' array (arrays: {', '.join(sorted(data)) or 'none'})", path)
-    ids, E = _checked_ids(data["expert_ids"], "expert_ids", num_experts, path)
+    ids = data["expert_ids"]
+    E = _checked_ids(ids, "expert_ids", num_experts, path)
     T = ids.shape[0]
     missing = ids < 0
     gate = None
@@ -460,8 +461,8 @@ def import_mixtral_npz(path: PathLike, num_experts: int | None = None, model: st
     )
 
 
-def _checked_ids(ids: np.ndarray, what: str, num_experts: int | None, path: Path) -> tuple[np.ndarray, int]:
-    """(``ids``, num_experts) after the shape, dtype and size checks; ``num_experts`` defaults to ``max id + 1``.
+def _checked_ids(ids: np.ndarray, what: str, num_experts: int | None, path: Path) -> int:
+    """The number of experts, after the shape, dtype and size checks of ``ids``; defaults to ``max id + 1``.
 
     ``ids`` is an integer array ``[tokens, layers, k]`` with ``-1`` for a missing record. The ids'
     range and the int32 cast are left to :meth:`RoutingTrace.validate` (checked in the source
@@ -475,7 +476,7 @@ def _checked_ids(ids: np.ndarray, what: str, num_experts: int | None, path: Path
     limits.check_count("tokens", T, f"{what} with {T} tokens", path)
     limits.check_count("layers", L, f"{what} with {L} layers", path)
     limits.check_count("top_k", k, f"{what} with k = {k}", path)
-    return ids, _resolve_num_experts(int(ids.max()) if num_experts is None else -1, num_experts, path)
+    return _resolve_num_experts(int(ids.max()) if num_experts is None else -1, num_experts, path)
 
 
 # ====================================================================== plain top-k id arrays
@@ -509,9 +510,9 @@ def import_topk_ids(path: PathLike, num_experts: int | None = None, model: str =
         raise GraceInputError(f"expert ids must be integers, got dtype {arr.dtype}", path)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    ids, E = _checked_ids(arr, "expert ids", num_experts, path)
+    E = _checked_ids(arr, "expert ids", num_experts, path)
     try:
-        return RoutingTrace(expert_ids=ids, num_experts=E, model=model, source=str(path), extra={"importer": "topk-ids"})
+        return RoutingTrace(expert_ids=arr, num_experts=E, model=model, source=str(path), extra={"importer": "topk-ids"})
     except GraceInputError as exc:
         raise GraceInputError(exc.problem, path) from None
 

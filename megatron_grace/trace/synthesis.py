@@ -596,7 +596,7 @@ class TraceSynthesis:
         self.chunk_tokens, self.dtype, self.progress = int(chunk_tokens), np.dtype(dtype), progress
         L, k = stats.num_layers, stats.top_k
         self.workers = max(1, min(workers if workers is not None else min(2, os.cpu_count() or 1), L))
-        self.sizes = chunk_sizes(self.num_tokens, min(self.chunk_tokens, self.num_tokens))
+        self.sizes = chunk_sizes(self.num_tokens, self.chunk_tokens)
         _check_memory(self.num_tokens, self.sizes[0], L, k, stats.num_experts, self.workers, self.dtype, keep_whole)
         self.threshold = _listing_threshold(stats)
         for layer in range(L):  # validate every layer before spending time on any
