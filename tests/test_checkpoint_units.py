@@ -17,7 +17,7 @@ from megatron_grace.checkpoint.safe_load import load_dcp_metadata, load_torch_fi
 from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, read_header, read_tensor, tensor_bytes, tree_sha256
 from megatron_grace.checkpoint.scan import scan_safetensors
 from megatron_grace.checkpoint.source import FileSpan, TensorSpec
-from megatron_grace.checkpoint.stream_copy import StreamWriter
+from megatron_grace.checkpoint.stream_copy import StreamWriter, copy_range_all
 from megatron_grace.errors import GraceInputError
 
 
@@ -198,16 +198,19 @@ def test_stream_writer_span_and_tensor_paths_write_the_same_files(tmp_path):
     assert all(isinstance(s, FileSpan) for s in spans.values())
     layout = SafetensorsLayout([(k, TensorSpec.of(t)) for k, t in tensors.items()], {"format": "test"})
     results = []
-    for label, source, use_mmap, plain, max_open in (("mmap", spans, True, True, 8), ("pread", spans, False, False, 8),
-                                                      ("tensor", tensors, True, True, 1)):  # one file open at a time: reopened
+    with src.open("rb") as a, (tmp_path / "probe").open("wb") as b:  # does this file system copy in the kernel?
+        kernel_ok = copy_range_all(a.fileno(), 0, b.fileno(), 0, 16)
+    for label, source, plain, max_open, kernel in (("span_kernel", spans, True, 8, True), ("span_buffer", spans, False, 8, False),
+                                                   ("tensor", tensors, True, 1, True)):  # one file open at a time: reopened
         files = {n: (tmp_path / f"{label}_{n}.safetensors", layout) for n in ("a", "b")}
-        writer = StreamWriter(files, hash_threads=2, block=64, use_mmap=use_mmap, file_sha256=plain,
-                              max_open=max_open)  # small blocks: many ring reuses
+        writer = StreamWriter(files, hash_threads=2, block=64, file_sha256=plain, max_open=max_open,
+                              kernel_copy=kernel)  # small blocks: many ring reuses
         digests: dict[str, str] = {}
         for k in tensors:
             writer.put(source[k], [("a", k), ("b", k)], digests, k)
         record = writer.finish()
-        assert writer.use_mmap == use_mmap and writer._maps == [None] * len(writer._maps)  # every source window unmapped
+        copied = 2 * sum(tensor_bytes(t).nbytes for t in tensors.values()) if label == "span_kernel" and kernel_ok else 0
+        assert writer.kernel_copied == copied  # the kernel copy is used where the file system has it, and only when asked
         for n, (path, _) in files.items():  # written front to back: the plain sha256 comes from the blocks, not a re-read
             scan = scan_safetensors(path, {}, plain=True)
             assert record[n]["tree_sha256"] == scan.tree_sha256 and record[n]["bytes"] == layout.size
@@ -215,6 +218,22 @@ def test_stream_writer_span_and_tensor_paths_write_the_same_files(tmp_path):
         assert digests == {k: hashlib.sha256(tensor_bytes(t)).hexdigest() for k, t in tensors.items()}
         results.append([files[n][0].read_bytes() for n in files])
     assert results[0] == results[1] == results[2] and results[0][0] == results[0][1]
+
+
+def test_stream_writer_refuses_a_source_that_changes_during_the_copy(tmp_path):
+    """The kernel copy reads the source again: a source written to meanwhile is refused in finish()."""
+    t = torch.arange(64, dtype=torch.float32)
+    src = tmp_path / "src.bin"
+    src.write_bytes(tensor_bytes(t).tobytes())
+    layout = SafetensorsLayout([("x", TensorSpec.of(t))])
+    writer = StreamWriter({"f": (tmp_path / "f.safetensors", layout)})
+    writer.put(FileSpan(src, 0, src.stat().st_size), [("f", "x")], {}, "x")
+    with src.open("r+b") as fh:  # same size, new bytes and modification time
+        fh.write(b"\1" * 4)
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    with pytest.raises(GraceInputError, match="changed while it was being patched"):
+        writer.finish()
+    writer.close()
 
 
 def test_stream_writer_refuses_incomplete_or_truncated_input(tmp_path):
@@ -227,10 +246,15 @@ def test_stream_writer_refuses_incomplete_or_truncated_input(tmp_path):
     writer.close()
     short = tmp_path / "short.bin"
     short.write_bytes(b"\0" * 100)
-    for use_mmap in (True, False):
-        writer = StreamWriter({"f": (tmp_path / f"g{use_mmap}.safetensors", layout)}, use_mmap=use_mmap)
+    writer = StreamWriter({"f": (tmp_path / "g.safetensors", layout)})
+    with pytest.raises(GraceInputError, match="truncated"):  # shorter than its index says, seen before reading
+        writer.put(FileSpan(short, 0, 128), [("f", "x")], {}, "x")
+    fd = os.open(short, os.O_RDONLY)
+    try:  # truncated by someone else after that check: the read comes back short, also refused (a map would fault)
         with pytest.raises(GraceInputError, match="truncated"):
-            writer.put(FileSpan(short, 0, 128), [("f", "x")], {}, "x")
+            writer._read_span(0, fd, 64, 64, short)
+    finally:
+        os.close(fd)
     with pytest.raises(GraceInputError, match="written twice"):
         writer.put(t, [("f", "x")], {}, "x")
     writer.close()
