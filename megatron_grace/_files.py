@@ -173,8 +173,21 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
             tmp.unlink()
 
 
+DISK_SLACK_BYTES = 16 << 20
+"""Free space asked for beyond what a write needs, besides 1% of it (file-system blocks, directory entries)."""
+
+
 def check_disk_space(target: PathLike, nbytes: int, what: str) -> None:
-    """Refuse, before any work, to write about ``nbytes`` to ``target`` when its file system has less free space."""
+    """Refuse, before any work, to write about ``nbytes`` to ``target`` when its file system has less free space.
+
+    The package's one up-front disk check (trace synthesis, checkpoint patch and unpatch). It asks
+    for ``nbytes`` plus a slack of 1% + :data:`DISK_SLACK_BYTES`, measured on the nearest existing
+    folder above ``target`` (which need not exist; nothing is created). Where the free space
+    cannot be known the write itself reports a full disk.
+
+    Raises:
+        GraceInputError: one line naming ``what``, the bytes needed, the bytes free and the folder.
+    """
     folder = Path(target).absolute().parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -182,8 +195,18 @@ def check_disk_space(target: PathLike, nbytes: int, what: str) -> None:
         free = shutil.disk_usage(folder).free
     except OSError:
         return  # unknowable here; the write itself reports a full disk
-    if nbytes > free:
-        raise GraceInputError(f"{what} needs up to {nbytes / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB are free in {folder}", target)
+    slack = nbytes // 100 + DISK_SLACK_BYTES
+    if nbytes + slack > free:
+        raise GraceInputError(f"not enough disk space: {what} needs up to {_size(nbytes)} of disk (+{_size(slack)} slack for the file "
+                              f"system), {_size(free)} are free in {folder}", target)
+
+
+def _size(nbytes: int) -> str:
+    """``nbytes`` for a message: ``"384.0 GB"``, ``"16.8 MB"``, ``"1.0 kB"``, ``"999 bytes"`` (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 FULL_VERIFY_BYTES = 256 << 20

@@ -473,12 +473,13 @@ def test_existing_dst_and_disk_space(ds_src, tmp_path, capsys, monkeypatch):
     _plan(PLAN8, 2, 4).save(plan)
     assert grace_main(["checkpoint", "patch", str(ds_src), str(dst), "--plan", str(plan), "--overwrite"]) == 0
     assert mf.read_manifest(dst)["plan"]["num_gpus"] == 8
-    import megatron_grace.checkpoint.atomic_dir as ad
+    import megatron_grace._files as files
 
     real = shutil.disk_usage
-    monkeypatch.setattr(ad.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    _check_refused(capsys, ["checkpoint", "patch", str(ds_src), str(tmp_path / "dst2"), "--plan", str(plan)], "not enough disk space",
-                   tmp_path / "dst2")
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    _check_refused(capsys, ["checkpoint", "patch", str(ds_src), str(tmp_path / "dst2"), "--plan", str(plan)],
+                   "not enough disk space: the patched checkpoint needs up to", tmp_path / "dst2")
+    _check_refused(capsys, ["checkpoint", "unpatch", str(dst), str(tmp_path / "out")], f"1.0 kB are free in {tmp_path}", tmp_path / "out")
 
 
 def test_verify_catches_one_flipped_byte_in_any_file(ds_src, tmp_path, capsys):

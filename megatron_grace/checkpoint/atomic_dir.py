@@ -37,17 +37,6 @@ def check_target(dst: Path, overwrite: bool) -> None:
         raise GraceInputError("exists and is not a directory", dst)
 
 
-def check_space(dst: Path, needed: int) -> None:
-    """Raise before writing anything when the file system of ``dst`` has under ``needed`` bytes free (+1%)."""
-    parent = dst.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    margin = needed // 100 + (16 << 20)
-    if free < needed + margin:
-        raise GraceInputError(f"not enough disk space: {needed / 1e9:.3f} GB needed (+{margin / 1e9:.3f} GB margin), "
-                              f"{free / 1e9:.3f} GB free", parent)
-
-
 @contextmanager
 def atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces ``dst``; on failure it is removed.

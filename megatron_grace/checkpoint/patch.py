@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from megatron_grace._files import save_json_atomic
+from megatron_grace._files import check_disk_space, save_json_atomic
 from megatron_grace._progress import progress
 from megatron_grace.checkpoint import manifest as mf
-from megatron_grace.checkpoint.atomic_dir import atomic_dir, check_space, check_target
+from megatron_grace.checkpoint.atomic_dir import atomic_dir, check_target
 from megatron_grace.checkpoint.convert import expert_geometry
 from megatron_grace.checkpoint.detect import open_source
 from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout
@@ -118,7 +118,7 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
     extra_layout = SafetensorsLayout([(k, TensorSpec((len(b),), torch.uint8)) for k, b in blobs]) if blobs else None
     needed = sum(lay.size for lay in layouts) + dense_layout.size + (extra_layout.size if extra_layout else 0)
     needed += 200 * sum(len(r) for layer in plan_obj.gpu_experts for r in layer) + (1 << 20)  # manifest
-    check_space(dst, needed)
+    check_disk_space(dst, needed, "the patched checkpoint")
     source_files = {rel: _file_record(src / rel, hash_source)
                     for rel in progress(info.files, "hashing source" if hash_source else "listing source", len(info.files), show_progress)}
 

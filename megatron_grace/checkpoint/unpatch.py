@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_grace._files import check_disk_space
 from megatron_grace._progress import progress
 from megatron_grace.checkpoint import manifest as mf
-from megatron_grace.checkpoint.atomic_dir import atomic_dir, check_space, check_target
+from megatron_grace.checkpoint.atomic_dir import atomic_dir, check_target
 from megatron_grace.checkpoint.deepspeed_moe import write_deepspeed
 from megatron_grace.checkpoint.detect import open_source
 from megatron_grace.checkpoint.megatron_dist import write_megatron_dist
@@ -60,7 +61,7 @@ def unpatch_checkpoint(dst: str | os.PathLike[str], out: str | os.PathLike[str],
     if ep < 1:
         raise GraceInputError(f"EP size must be >= 1, got {ep}")
     extra = m["source"]["extra"]
-    check_space(out, sum(r["bytes"] for r in m["files"].values()))
+    check_disk_space(out, sum(r["bytes"] for r in m["files"].values()), "the unpatched checkpoint")
     files = SlotFiles(dst, m)  # one set of open rank files for dense, blobs and experts
     try:
         dense = _dense(files)
