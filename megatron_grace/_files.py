@@ -254,22 +254,22 @@ def save_npz_atomic(target: PathLike, arrays: dict[str, np.ndarray | StreamedArr
             structurally instead: every member's header matches its size and every member's
             CRC-32 matches its bytes, read back in a stream (the arrays themselves were validated
             before the write, or are valid by construction when streamed).
-        dtypes: name -> dtype to store that array as (e.g. int8 ids); values must fit it.
+        dtypes: name -> dtype to store that array as (e.g. int8 ids), a plain array or a
+            :class:`StreamedArray` alike (its blocks are cast to it instead of to its own dtype);
+            integer values must fit it (ValueError otherwise: a narrowing cast would wrap them).
     """
     dtypes = dtypes or {}
     arrays = {name: arr if isinstance(arr, StreamedArray) else np.asarray(arr) for name, arr in arrays.items()}
+    disk = {name: np.dtype(dtypes.get(name, arr.dtype)) for name, arr in arrays.items()}
     for name, arr in arrays.items():
-        if np.dtype(arr.dtype) == object:
+        if np.dtype(arr.dtype) == object or disk[name] == object:
             raise TypeError(f"array {name!r} has dtype object, which cannot be saved without pickle")
-    total = sum(arr.nbytes for arr in arrays.values())
+    total = sum(int(np.prod(arr.shape, dtype=np.int64)) * disk[name].itemsize for name, arr in arrays.items())
     with atomic_path(target, suffix=".npz") as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=_COMPRESS_LEVEL, allowZip64=True) as zf:
             for name, arr in arrays.items():
-                if isinstance(arr, StreamedArray):
-                    _write_member(zf, name, arr.shape, np.dtype(arr.dtype), arr.blocks)
-                else:
-                    dtype = np.dtype(dtypes.get(name, arr.dtype))
-                    _write_member(zf, name, arr.shape, dtype, _row_blocks(arr, dtype))
+                blocks = arr.blocks if isinstance(arr, StreamedArray) else _row_blocks(arr, disk[name])
+                _write_member(zf, name, arr.shape, disk[name], blocks)
         if total < FULL_VERIFY_BYTES and not any(isinstance(arr, StreamedArray) for arr in arrays.values()):
             if verify is not None:
                 verify(tmp)
@@ -295,7 +295,8 @@ def _row_blocks(arr: np.ndarray, dtype: np.dtype) -> Iterator[np.ndarray]:
 def _write_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype, blocks: Iterable[np.ndarray]) -> None:
     """One ``name.npy`` member: the ``.npy`` header, then the C-order bytes of ``blocks`` (slices along axis 0) as ``dtype``.
 
-    Blocks that do not add up to ``shape`` raise ValueError (the member would not match its header)."""
+    Blocks that do not add up to ``shape``, and integer values outside an integer ``dtype``'s range,
+    raise ValueError (the member would not match its header; the cast would wrap them)."""
     from numpy.lib import format as npformat
 
     header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
@@ -304,6 +305,8 @@ def _write_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype:
     with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
         npformat.write_array_header_2_0(fh, header) if _header_too_long(header) else npformat.write_array_header_1_0(fh, header)
         for block in blocks:
+            block = np.asarray(block)
+            _check_fits(name, block, dtype)
             block = np.ascontiguousarray(block, dtype=dtype)
             if len(shape) and block.ndim and block.shape[1:] != tuple(shape[1:]):
                 raise ValueError(f"array {name!r}: a block of shape {block.shape} does not fit shape {tuple(shape)}")
@@ -311,6 +314,15 @@ def _write_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype:
             written += block.nbytes
     if written != expected:
         raise ValueError(f"array {name!r}: blocks hold {written} bytes, the header says {expected}")
+
+
+def _check_fits(name: str, block: np.ndarray, dtype: np.dtype) -> None:
+    """Raise ValueError when integer ``block`` holds a value that integer ``dtype`` cannot (a narrowing cast would wrap it)."""
+    if block.size == 0 or dtype.kind not in "iu" or block.dtype.kind not in "iu" or np.can_cast(block.dtype, dtype):
+        return
+    lo, hi, info = int(block.min()), int(block.max()), np.iinfo(dtype)
+    if lo < info.min or hi > info.max:
+        raise ValueError(f"array {name!r}: values {lo}..{hi} do not fit {dtype} ({info.min}..{info.max})")
 
 
 def _header_too_long(header: dict[str, Any]) -> bool:
