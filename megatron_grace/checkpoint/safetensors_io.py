@@ -17,8 +17,10 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -32,6 +34,7 @@ for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
         _DTYPES[getattr(torch, _name)] = _code
 _FROM_CODE = {v: k for k, v in _DTYPES.items()}
 MAX_HEADER = 100 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,23 @@ class SafetensorsLayout:
         self.size = start + pos
 
 
+def in_file_order(pieces: Iterable[tuple[tuple[int, int], T]]) -> list[T]:
+    """The items of ``((begin, end), item)`` pairs in file order: by byte range ``[begin, end)``,
+    an empty tensor before the one that starts at its offset (equal ranges keep their order).
+
+    The one ordering of a file's tensors for :func:`tree_sha256`, used by the writer (its
+    per-tensor digests) and by the scan (the entries it reads).
+    """
+    return [item for _, item in sorted(pieces, key=_byte_range)]
+
+
+def _byte_range(piece: tuple[tuple[int, int], object]) -> tuple[int, int]:
+    return piece[0]
+
+
 def tree_sha256(head: bytes, tensor_digests: list[bytes]) -> str:
     """A safetensors file's tree digest: sha256 of its header bytes (length prefix, JSON, padding)
-    followed by the 32-byte sha256 of each tensor's bytes, in file order (by byte range; an
-    empty tensor before the one that starts at its offset).
+    followed by the 32-byte sha256 of each tensor's bytes, in file order (:func:`in_file_order`).
 
     For a file whose tensors tile the data section (no gaps, nothing after the last one; the
     readers check that separately) it covers every byte, so any changed byte changes it; it

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_grace.checkpoint.safetensors_io import read_header, tree_sha256
+from megatron_grace.checkpoint.safetensors_io import in_file_order, read_header, tree_sha256
 from megatron_grace.errors import GraceInputError
 
 _BLOCK = 1 << 22
@@ -47,7 +47,7 @@ def scan_safetensors(path: Path, expected: dict[str, str], plain: bool = False) 
             file_hash.update(head)
         out.size += len(head)
         pos = start
-        for key, entry in sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end)):  # empty tensors first
+        for key, entry in in_file_order(((e.begin, e.end), (k, e)) for k, e in entries.items()):
             if entry.begin < pos:
                 out.problems.append(f"{path}: tensor {key} overlaps the one before it")
                 return out

@@ -69,7 +69,7 @@ from typing import Any
 
 import torch
 
-from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, read_header, tensor_bytes, tree_sha256
+from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, in_file_order, read_header, tensor_bytes, tree_sha256
 from megatron_grace.checkpoint.source import FileSpan, sha256_file
 from megatron_grace.errors import GraceInputError
 
@@ -147,10 +147,6 @@ class _Out:
     in_order: bool = True
     written: set[str] = field(default_factory=set)
     tensors: list[tuple[tuple[int, int], Any]] = field(default_factory=list)  # (byte range, the tensor's sha256 object)
-
-
-def _first(pair: tuple[tuple[int, int], Any]) -> tuple[int, int]:
-    return pair[0]  # file order; an empty tensor before the one that starts where it does
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -376,7 +372,7 @@ class StreamWriter:
             entries, _, start = read_header(o.path)
             if os.pread(fd, start, 0) != o.layout.head or entries != o.layout.entries:
                 raise GraceInputError(f"{o.path.name}: the header read back differs from the one written")
-            tree = tree_sha256(o.layout.head, [h.digest() for _, h in sorted(o.tensors, key=_first)])
+            tree = tree_sha256(o.layout.head, [h.digest() for h in in_file_order(o.tensors)])
             records[name] = {"bytes": size, "tree_sha256": tree}
             if self.file_sha256:
                 records[name]["sha256"] = o.hasher.hexdigest() if o.in_order and o.pos == size else sha256_file(o.path)
