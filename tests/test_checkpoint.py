@@ -266,6 +266,29 @@ def test_patch_verify_unpatch_roundtrip(ckpts, tmp_path, name):
     assert _tree_hashes(src) == before, "the source checkpoint changed"
 
 
+def test_patch_parses_each_legacy_rank_file_once(ckpts, tmp_path, monkeypatch):
+    """The reader keeps rank 0's split from describing the checkpoint for iter_experts and iter_dense."""
+    from collections import Counter
+
+    from megatron_grace.checkpoint import megatron_torch
+
+    loads, splits = Counter(), Counter()
+    load, split = megatron_torch.load_torch_file_located, megatron_torch._split
+
+    def counted_load(path):
+        loads[Path(path).parent.name] += 1
+        return load(path)
+
+    def counted_split(model, path):
+        splits[Path(path).parent.name] += 1
+        return split(model, path)
+
+    monkeypatch.setattr(megatron_torch, "load_torch_file_located", counted_load)
+    monkeypatch.setattr(megatron_torch, "_split", counted_split)
+    patch_checkpoint(ckpts[1]["megatron-torch"][0], tmp_path / "p4", _plan(PLAN4, 2, 2), show_progress=False)
+    assert loads == splits == Counter({"mp_rank_00_000": 1, "mp_rank_00_001": 1})
+
+
 def _megatron_reload(rank: int, world: int, ckpt: str) -> dict[str, float]:
     """Load a torch_dist checkpoint with Megatron's own dist_checkpointing.load at EP = world; compare experts."""
     from megatron.core import dist_checkpointing

@@ -104,6 +104,10 @@ def _split(model: dict[str, Any], path: Path) -> tuple[dict[str, dict[int, dict[
     return experts, dense, other
 
 
+_Rank = tuple[dict[str, dict[int, dict[str, torch.Tensor]]], dict[str, torch.Tensor], SpanLocator]
+"""One rank file split: (layer prefix -> local expert -> name -> tensor, dense tensors, its span locator)."""
+
+
 def _layer_number(prefix: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\.(\d+)\.", "." + prefix))
 
@@ -153,21 +157,24 @@ class MegatronTorchReader:
         order = [(li, r * n + j) for r in range(W) for li, n in enumerate(self.num_local) for j in range(n)]
         self.info = SourceInfo(self.format, self.src, W, layers, files, extra, dropped,
                                [(k, TensorSpec.of(t)) for k, t in dense.items()], order)
-        # rank 0's file stays loaded (memory-mapped; with spans its pages are never touched) for iter_experts
-        # and iter_dense, so that it is parsed once; iter_dense, and iter_experts without spans, release it
-        self._first: tuple[dict[str, Any], SpanLocator] | None = (_model(state, self.files[0]), locator)
+        # rank 0's split stays (memory-mapped; with spans its pages are never touched) for iter_experts and
+        # iter_dense, so a patch parses and splits that file once; iter_dense, and iter_experts without spans,
+        # release it (tensor mode: its touched pages would stay resident while the next files are read, so
+        # iter_dense after iter_experts loads it again)
+        self._first: _Rank | None = (experts, dense, locator)
         del state
 
-    def _load(self, r: int) -> tuple[dict[str, Any], SpanLocator]:
+    def _load(self, r: int) -> _Rank:
+        """Rank ``r``'s file split into (layer prefix -> local expert -> tensors, dense tensors, locator)."""
         if r == 0 and self._first is not None:
             return self._first
         state, locator = load_torch_file_located(self.files[r])
-        return _model(state, self.files[r]), locator
+        experts, dense, _ = _split(_model(state, self.files[r]), self.files[r])
+        return experts, dense, locator
 
     def iter_experts(self, spans: bool = False) -> Iterator[tuple[int, int, dict[str, torch.Tensor | FileSpan]]]:
         for r, path in enumerate(self.files):
-            model, locator = self._load(r)
-            experts, _, _ = _split(model, path)
+            experts, _, locator = self._load(r)
             for li, prefix in enumerate(self.prefixes):
                 local = experts.get(prefix, {})
                 n = self.num_local[li]
@@ -178,12 +185,11 @@ class MegatronTorchReader:
                     yield li, r * n + j, {k: locator.data(t) for k, t in local[j].items()} if spans else local[j]
             if r == 0 and not spans:
                 self._first = None  # its touched pages would stay resident while the next files are read
-            model = experts = local = locator = None  # unmap this file before the next one is mapped
+            experts = local = locator = None  # unmap this file before the next one is mapped
 
     def iter_dense(self, spans: bool = False) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
-        model, locator = self._load(0)
-        _, dense, _ = _split(model, self.files[0])
-        self._first = model = None
+        _, dense, locator = self._load(0)
+        self._first = None
         for key, _spec in self.info.dense:
             if key not in dense:
                 raise GraceInputError(f"dense tensor {key} is gone (the file changed while reading)", self.files[0])
