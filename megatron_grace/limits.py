@@ -173,11 +173,14 @@ def check_shape(shape: Sequence[int], dtype: np.dtype | type | str, what: str, s
     return check_bytes(n * np.dtype(dtype).itemsize, what, source)
 
 
-def check_zip_member(name: str, expanded: int, compressed: int, source: object = None) -> None:
-    """Refuse an archive member that expands implausibly (a zip bomb) or beyond the memory ceiling."""
-    check_bytes(expanded, f"array {name!r} (expanded)", source)
+def check_zip_member(name: str, expanded: int, compressed: int, source: object = None, kind: str = "array") -> None:
+    """Refuse an archive member that expands implausibly (a zip bomb) or beyond the memory ceiling.
+
+    ``kind`` names what the member is in the message (``"array"`` of an ``.npz``, ``"torch storage record"``, ...).
+    """
+    check_bytes(expanded, f"{kind} {name!r} (expanded)", source)
     ratio = current().zip_ratio
     if expanded > _ZIP_RATIO_MIN_BYTES and expanded > ratio * max(compressed, 1):
         raise GraceInputError(
-            f"array {name!r} expands {expanded / max(compressed, 1):.0f}x ({_gb(compressed)} -> {_gb(expanded)}), "
+            f"{kind} {name!r} expands {expanded / max(compressed, 1):.0f}x ({_gb(compressed)} -> {_gb(expanded)}), "
             f"above the limit of {ratio:g}x (a zip bomb?; {_hint('zip_ratio')})", None if source is None else str(source))

@@ -14,7 +14,7 @@ import torch
 
 from megatron_grace.checkpoint.convert import expert_geometry, grace_state
 from megatron_grace.checkpoint.safe_load import load_dcp_metadata, load_torch_file, load_torch_file_located
-from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, read_header, read_tensor, tensor_bytes, tree_sha256
+from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, in_file_order, read_header, read_tensor, tensor_bytes, tree_sha256
 from megatron_grace.checkpoint.scan import scan_safetensors
 from megatron_grace.checkpoint.source import FileSpan, TensorSpec
 from megatron_grace.checkpoint.stream_copy import StreamWriter, copy_range_all
@@ -269,8 +269,9 @@ def test_torch_files_go_through_the_input_and_archive_checks(tmp_path):
         load_torch_file(fifo)  # refused unopened (a FIFO would block)
     big = tmp_path / "big.pt"
     torch.save({"w": torch.zeros(1 << 18)}, big)  # one 1 MB record
-    with limits.override(memory_gb=0.0005), pytest.raises(GraceInputError, match="memory limit"):
+    with limits.override(memory_gb=0.0005), pytest.raises(GraceInputError, match="memory limit") as refused:
         load_torch_file(big)
+    assert f"{big}: torch storage record 'big/data/0' (expanded) would need 0.00105 GB" in str(refused.value)  # not "array ..."
     assert load_torch_file(big)["w"].numel() == 1 << 18
 
 
@@ -306,3 +307,49 @@ def test_atomic_dir_temporaries_follow_the_package_rule(tmp_path):
         (tmp / "data").write_bytes(b"half")
         raise RuntimeError("interrupted")
     assert not (tmp_path / "failed").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".failed.")]
+
+
+def test_file_order_puts_empty_tensors_first_and_matches_the_written_files(tmp_path):
+    """The one tensor order of tree digests: by byte range, an empty tensor before the one starting at
+    its offset; the writer's and the scan's tree digests equal sha256(header || digests in layout order)."""
+    rng = random.Random(5)
+    for _ in range(50):
+        sizes = [rng.choice([0, 0, 1, 7, 64]) for _ in range(rng.randint(1, 12))]
+        pieces, pos = [], 0
+        for i, n in enumerate(sizes):
+            pieces.append(((pos, pos + n), i))
+            pos += n
+        shuffled = pieces[:]
+        rng.shuffle(shuffled)
+        got = in_file_order(shuffled)
+        # reference: at each offset the empty tensors (equal ranges in any order), then the one that starts there
+        assert [pieces[i][0] for i in got] == [r for r, _ in pieces]
+    tensors = _tensors()
+    layout = SafetensorsLayout([(k, TensorSpec.of(t)) for k, t in tensors.items()])
+    assert layout.entries["empty"].begin == layout.entries["d"].begin  # an empty tensor shares its offset
+    writer = StreamWriter({"f": (tmp_path / "f.safetensors", layout)})
+    for k in reversed(tensors):  # written out of order
+        writer.put(tensors[k], [("f", k)], {}, k)
+    record = writer.finish()
+    reference = hashlib.sha256(layout.head + b"".join(hashlib.sha256(tensor_bytes(t)).digest() for t in tensors.values()))
+    assert record["f"]["tree_sha256"] == scan_safetensors(tmp_path / "f.safetensors", {}).tree_sha256 == reference.hexdigest()
+
+
+def test_disk_space_check_names_the_bytes_and_the_folder(tmp_path, monkeypatch):
+    """The package's one up-front disk check: ``nbytes`` + 1% + 16 MiB must be free; nothing is created."""
+    import shutil
+
+    from megatron_grace import _files
+
+    real = shutil.disk_usage
+    target = tmp_path / "a" / "b" / "ckpt"
+    need = 1_000_000
+    slack = need // 100 + (16 << 20)
+    monkeypatch.setattr(_files.shutil, "disk_usage", lambda p: real(p)._replace(free=need + slack))
+    _files.check_disk_space(target, need, "the thing")  # exactly enough
+    monkeypatch.setattr(_files.shutil, "disk_usage", lambda p: real(p)._replace(free=need + slack - 1))
+    with pytest.raises(GraceInputError) as refused:
+        _files.check_disk_space(target, need, "the thing")
+    assert str(refused.value) == (f"{target}: not enough disk space: the thing needs up to 1.0 MB of disk (+16.8 MB slack for the "
+                                  f"file system), 17.8 MB are free in {tmp_path}")
+    assert not (tmp_path / "a").exists()

@@ -61,6 +61,12 @@ def _safe_globals() -> list[Any]:
     return allowed
 
 
+def _member_kind(name: str) -> str:
+    """What a member of a ``torch.save`` zip is, for messages: ``ARCHIVE/data/KEY`` holds one tensor storage's bytes."""
+    parts = name.split("/")
+    return "torch storage record" if len(parts) == 3 and parts[1] == "data" else "torch file member"
+
+
 def zip_records(path: Path) -> dict[str, tuple[int, int, bool]]:
     """Every member of a ``torch.save`` zip file: name -> ``(data offset, bytes, stored uncompressed)``.
 
@@ -73,7 +79,7 @@ def zip_records(path: Path) -> dict[str, tuple[int, int, bool]]:
     try:
         with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
             for info in zf.infolist():
-                limits.check_zip_member(info.filename, info.file_size, info.compress_size, path)
+                limits.check_zip_member(info.filename, info.file_size, info.compress_size, path, kind=_member_kind(info.filename))
                 fh.seek(info.header_offset)
                 local = fh.read(30)
                 if len(local) < 30 or local[:4] != _ZIP:
