@@ -454,6 +454,10 @@ def test_plan_mismatches_are_refused(ds_src, tmp_path, capsys):
         _check_refused(capsys, ["checkpoint", "patch", str(ds_src), str(dst), "--plan", str(tmp_path / "plan.json"), *extra], needle, dst)
 
 
+class _NotAllowlisted:
+    """A class no library registers with torch.serialization.add_safe_globals (a weights_only load refuses it)."""
+
+
 def test_missing_truncated_and_unsafe_sources_are_refused(ckpts, ds_src, tmp_path, capsys):
     root, sources = ckpts
     plan = tmp_path / "plan.json"
@@ -477,7 +481,7 @@ def test_missing_truncated_and_unsafe_sources_are_refused(ckpts, ds_src, tmp_pat
     shutil.copytree(sources["megatron-torch"][0], unsafe)
     f = unsafe / "iter_0000003" / "mp_rank_00_000" / "model_optim_rng.pt"
     state = load_torch_file(f)  # the project's safe loader (weights_only=True, Namespace and numpy allowed)
-    state["args"].tokenizer_path = Path("/x")  # a pathlib object: not an allowed global
+    state["args"].tokenizer_path = _NotAllowlisted()  # not Path: megatron.core allowlists it once imported
     torch.save(state, f.with_suffix(".new"))  # not onto f itself: the loaded tensors are memory-mapped from it
     os.replace(f.with_suffix(".new"), f)
     _check_refused(capsys, ["checkpoint", "patch", str(unsafe), str(dst), "--plan", str(plan)], "weights_only=True", dst)
