@@ -33,18 +33,9 @@ per-tensor digests in file order), so a replica costs a ``pwrite`` but no second
 patch's layouts ensure (a file written out of order is hashed by reading it once in
 :meth:`finish`).
 
-Why ``pread`` into a buffer rather than a memory map of the source window, or
-``os.copy_file_range``: the bytes must be seen in user space anyway to be hashed. A mapped
-window saves the copy into the buffer but pays a page fault per 4 KiB page, the page-table set-up
-and the unmap: measured on the 2.3 GB benchmark checkpoint, ``pread`` + ``pwrite`` moved it in
-0.5-0.7 s, ``pwrite`` from pre-populated 8 MiB windows in 1.8-5.8 s (``cp -r``: 0.6 s). A mapping
-would also fault (SIGBUS) if another process truncated the source during the patch, where
-``pread`` returns short. A kernel-side copy to each target would cost as much as the ``pwrite``
-and would write bytes other than the ones hashed.
-
 What :meth:`finish` verifies (the check before the rename): every key of every file was
 written exactly once with exactly its byte count (each ``pwrite`` loop reports the bytes it
-wrote), each file's size equals its layout's, and each file's header, read back from the file
+wrote, or the kernel copy its count), each file's size equals its layout's, and each file's header, read back from the file
 and parsed, gives exactly the layout's keys, dtypes, shapes and offsets. The data bytes are not
 re-read: a read-back right after writing is served by the page cache from the very pages just
 written, so it cannot see more than the ``pwrite`` results already say, while it doubles the
