@@ -572,3 +572,86 @@ def test_long_planning_trace_is_replayed_on_an_even_sample(monkeypatch):
     np.testing.assert_allclose(sum(plan.metadata["predicted"]["serving"]["gpu_load"][0]), 200)  # 100 replayed tokens x top-2
     assert plan.metadata["token_objective"]["of"] == 100
     np.testing.assert_allclose(sum(plan.metadata["predicted"]["gpu_load"][0]), 600)  # statistics: all 300 tokens x top-2
+
+
+# ---------------------------------------------------------------------------- copies in one component, load shrinkage
+def test_spread_node_copies_joins_islands_and_keeps_the_node_contents():
+    """Issue 12: a node whose GPUs hold the same expert pairs (four islands of two GPUs) is rearranged into one
+    component; on random nodes no swap changes a node's copies, a GPU's count, or puts two copies on one GPU,
+    the components never increase, and the swapped GPUs stay within the load limit."""
+    from megatron_grace.plan.replication import copy_components, spread_node_copies
+
+    islands = [(0, 4), (1, 2), (1, 2), (0, 4), (5, 7), (5, 7), (3, 6), (3, 6)]
+    hosts = np.zeros((8, 8), dtype=bool)
+    for g, experts in enumerate(islands):
+        hosts[g, list(experts)] = True
+    load = np.ones((1, 8))
+    assert copy_components(hosts) == 4
+    out = spread_node_copies(hosts, load, 8)
+    assert copy_components(out) == 1
+    assert (out.sum(axis=0) == hosts.sum(axis=0)).all() and (out.sum(axis=1) == 2).all()
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        N, gpn, E, cap = int(rng.integers(1, 3)), int(rng.integers(2, 7)), int(rng.integers(4, 12)), int(rng.integers(2, 4))
+        hosts = np.zeros((N * gpn, E), dtype=bool)
+        for n in range(N):
+            for g in range(n * gpn, (n + 1) * gpn):
+                hosts[g, rng.choice(E, size=min(cap, E), replace=False)] = True
+        copy_load = rng.uniform(0.1, 2.0, size=(N, E))
+        out = spread_node_copies(hosts, copy_load, gpn, slack=0.1)
+        for n in range(N):
+            a, b = hosts[n * gpn:(n + 1) * gpn], out[n * gpn:(n + 1) * gpn]
+            assert (a.sum(axis=0) == b.sum(axis=0)).all() and (a.sum(axis=1) == b.sum(axis=1)).all()
+            assert copy_components(b) <= copy_components(a)
+            before, after = a @ copy_load[n], b @ copy_load[n]
+            limit = max(before.max(), 1.1 * before.mean())
+            assert (after <= limit * (1 + 1e-9)).all() or np.array_equal(a, b)
+
+
+def drifting_requests(rng: np.random.Generator, tokens_per_request: int = 120, requests: int = 4) -> RoutingTrace:
+    """8 experts, top-2, 2 layers; each request has its own two hot experts (another prompt, another popularity)."""
+    ids, req = [], []
+    for r in range(requests):
+        weight = np.ones(8)
+        weight[[2 * r % 8, (2 * r + 1) % 8]] = 6.0
+        for _ in range(tokens_per_request):
+            ids.append([rng.choice(8, size=2, replace=False, p=weight / weight.sum()) for _ in range(2)])
+            req.append(r)
+    return RoutingTrace(np.array(ids, dtype=np.int32), 8, request_ids=np.array(req, dtype=np.int64), model="drift",
+                        request_names=tuple(f"r{i}" for i in range(requests)))
+
+
+def test_load_shrinkage_is_validated_on_held_out_requests():
+    """Issue 12: with a small planning trace whose requests have different hot experts, copies sized to the planning
+    load overfit; the shrinkage validated on held-out requests is above 0, was chosen by the lowest held-out
+    max/mean (within the tolerance), and is recorded; the option keeps its requested value in the metadata."""
+    from megatron_grace.plan.planners import MONOTONE_TOLERANCE, SHRINKAGE_GRID, _planning_load, _validation_folds
+
+    trace = drifting_requests(np.random.default_rng(1))
+    first, how = _validation_folds(trace)
+    assert how.startswith("by request") and set(trace.request_ids[first]) == {0, 2}
+    topology = Topology.preset("h200-4x8").with_extra_slots(8, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = plan_placement(trace, topology, "grace")
+    note = plan.metadata["load_shrinkage"]
+    scores = {float(k): v for k, v in note["held_out_max_over_mean"].items()}
+    assert set(scores) == set(SHRINKAGE_GRID) and note["chosen_by"].startswith("validation")
+    assert scores[note["value"]] <= min(scores.values()) * (1 + MONOTONE_TOLERANCE)
+    assert note["value"] > 0 and scores[0.0] > min(scores.values())  # sizing copies to the planning load overfits here
+    assert plan.metadata["options"]["load_shrinkage"] is None
+    w = np.array([1.0, 3.0, 8.0])
+    np.testing.assert_allclose(_planning_load(w, PlannerOptions(load_shrinkage=0.5)), [2.5, 3.5, 6.0])
+    assert _planning_load(w, PlannerOptions(load_shrinkage=0.0)) is w
+    with pytest.raises(GraceInputError, match="load_shrinkage"):
+        PlannerOptions(load_shrinkage=1.5)
+
+
+def test_load_shrinkage_defaults_to_zero_without_a_small_trace(small_stats):
+    """Statistics alone, or a planning trace with enough pairs per GPU, are planned without shrinkage (recorded)."""
+    for source in (small_stats, clustered_trace(np.random.default_rng(3), 4000, 2, 8, 2, clusters=2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            plan = plan_placement(source, Topology.preset("a100-2x4").with_extra_slots(source.num_experts, 1), "grace")
+        assert plan.metadata["load_shrinkage"]["value"] == 0.0
+        assert plan.metadata["load_shrinkage"]["chosen_by"].startswith("default")
