@@ -211,6 +211,10 @@ def format_summary(plan, per_layer: bool = True) -> str:
         f"node {fmt(s['kept_affinity_node']).strip()}"
         + ("" if s.get("kept_interlayer_gpu") is None else f", kept between-layer {s['kept_interlayer_gpu']:.3f}")
     )
+    shrink = meta.get("load_shrinkage")
+    if shrink and shrink.get("value"):
+        lines.append(f"copies sized to the load pulled {shrink['value']:.0%} toward the layer mean ({shrink['chosen_by']}; "
+                     "a small planning trace's load overfits its prompts)")
     for warning in meta.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
