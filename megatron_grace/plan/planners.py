@@ -882,14 +882,18 @@ def _validated_shrinkage(stats: ExpertStats, topology: Topology, opts: PlannerOp
         return 0.0, {"value": 0.0, "chosen_by": "default (the planning trace cannot be split)"}
     fold_opts = dataclasses.replace(opts, monotone=False, token_objective=False, progress=False)
     topology = topology.with_slots(math.ceil(stats.num_experts / G) + 1)
+    fold_stats = [ExpertStats.from_trace(h) for h in halves]
     scores: dict[float, tuple[float, int]] = {}
     for s in SHRINKAGE_GRID:
         moms, msgs = [], 0
-        for fit, held in ((halves[0], halves[1]), (halves[1], halves[0])):
+        for fit, held in ((0, 1), (1, 0)):
+            ctx = _Context(stats=fold_stats[fit], topology=topology, capacity=effective_capacity(topology, stats.num_experts),
+                           load=fold_stats[fit].load, affinity=fold_stats[fit].affinity() if fold_stats[fit].coactivation is not None
+                           else None)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # the full plan warns once, not every fold
-                plan = plan_placement(fit, topology, "grace", dataclasses.replace(fold_opts, load_shrinkage=s))
-            gpu_load, result = _replay(plan, held, ExpertStats.from_trace(held).load)
+                layers = _plan_grace(ctx, dataclasses.replace(fold_opts, load_shrinkage=s))
+            gpu_load, result = _replay(_draft(ctx, layers), halves[held], fold_stats[held].load)
             mean = gpu_load.mean(axis=1)
             moms.append(float(np.divide(gpu_load.max(axis=1), mean, out=np.ones(len(mean)), where=mean > 0).mean()))
             msgs += int(result.msgs_node.sum())

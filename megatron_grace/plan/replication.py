@@ -590,9 +590,10 @@ def spread_node_copies(hosts: np.ndarray, copy_load: np.ndarray, gpus_per_node: 
     routing on held-out requests, the same copies in one component 1.31). Swaps of two experts
     between GPUs of a node, each joining components (:func:`copy_components`), are applied
     while one exists that keeps every GPU's predicted load (``copy_load``) at or below
-    ``max(its node's heaviest GPU, (1 + slack) * its node's mean GPU)``; a swap never puts two
-    copies of an expert on one GPU. Which node holds which copies, and so the cross-node
-    traffic, is unchanged; nodes whose GPUs already form one component are left as they are.
+    ``max(its node's heaviest GPU, (1 + slack) * its node's mean GPU)`` (the one leaving the
+    lighter pair of GPUs first); a swap never puts two copies of an expert on one GPU. Which
+    node holds which copies, and so the cross-node traffic, is unchanged; nodes whose GPUs
+    already form one component are left as they are.
 
     Args:
         hosts: bool ``[G, E]`` placement (node-major GPU numbering).
@@ -629,25 +630,23 @@ def spread_node_copies(hosts: np.ndarray, copy_load: np.ndarray, gpus_per_node: 
 
 def _joining_swap(node: np.ndarray, gl: np.ndarray, w: np.ndarray, limit: float, comps: int
                   ) -> tuple[int, int, int, int] | None:
-    """Among the swaps (expert ``x`` on GPU ``i`` <-> ``y`` on GPU ``j``, ``x`` with copies on other GPUs, ``i`` and
-    ``j`` in different components) that lower the component count and keep both GPUs within ``limit``, the one whose
-    heavier GPU is lightest; None if there is none."""
+    """Among the swaps (expert ``x`` on GPU ``i`` <-> ``y`` on GPU ``j``, ``i`` and ``j`` in different components, ``x``
+    with copies on other GPUs) that keep both GPUs within ``limit``, the first in order of the heavier GPU's load
+    after the swap that lowers the component count; None if there is none."""
     multi = node.sum(axis=0) >= 2
-    label = _component_labels(node)
-    best: tuple[float, tuple[int, int, int, int]] | None = None
-    gpn = node.shape[0]
-    for i in range(gpn):
-        for x in np.flatnonzero(node[i] & multi):
-            for j in range(gpn):
-                if label[j] == label[i] or node[j, x]:
-                    continue
-                for y in np.flatnonzero(node[j] & ~node[i]):
-                    a, b = gl[i] + w[y] - w[x], gl[j] + w[x] - w[y]
-                    if max(a, b) > limit or (best is not None and max(a, b) >= best[0]):
-                        continue
-                    node[i, x], node[i, y], node[j, y], node[j, x] = False, True, False, True
-                    joined = copy_components(node) < comps
-                    node[i, x], node[i, y], node[j, y], node[j, x] = True, False, True, False
-                    if joined:
-                        best = (max(a, b), (i, int(x), j, int(y)))
-    return None if best is None else best[1]
+    label = np.asarray(_component_labels(node))
+    g, e = np.nonzero(node)  # the node's copies, [n]
+    i, j = np.meshgrid(np.arange(g.size), np.arange(g.size), indexing="ij")
+    i, j = i.ravel(), j.ravel()  # candidate pairs of copies: (g[i], e[i]) <-> (g[j], e[j])
+    gi, xi, gj, yj = g[i], e[i], g[j], e[j]
+    ok = multi[xi] & (label[gi] != label[gj]) & ~node[gj, xi] & ~node[gi, yj]
+    peak = np.maximum(gl[gi] + w[yj] - w[xi], gl[gj] + w[xi] - w[yj])
+    ok &= peak <= limit
+    for k in np.flatnonzero(ok)[np.argsort(peak[ok], kind="stable")]:
+        a, x, b, y = int(gi[k]), int(xi[k]), int(gj[k]), int(yj[k])
+        node[a, x], node[a, y], node[b, y], node[b, x] = False, True, False, True
+        joined = copy_components(node) < comps
+        node[a, x], node[a, y], node[b, y], node[b, x] = True, False, True, False
+        if joined:
+            return a, x, b, y
+    return None
