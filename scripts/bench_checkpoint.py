@@ -13,8 +13,10 @@ patch's output is: the patch fsyncs every file before its rename) and the patch 
 peak RSS of the process), ``--repeat`` times in alternating order
 (the machine is shared: each pair's ratio, their median and range, and the load average are
 reported), the patch with ``--file-sha256`` (plain sha256 of every output file as well),
-``verify``, and a Python process that only imports the package (baseline RSS). The Qwen3-30B-A3B (48 layers) time is extrapolated
-linearly per layer from the measured subset. Prints a table, writes JSON.
+the patch with ``--no-kernel-copy`` (every block written from the read buffer, the path before
+the kernel copy), ``verify``, and a Python process that only imports the package (baseline
+RSS). The Qwen3-30B-A3B (48 layers) time is extrapolated linearly per layer from the measured
+subset. Prints a table, writes JSON.
 
     python scripts/bench_checkpoint.py --layers 2 --ep 4 --out benchmarks/results/checkpoint.json
 """
@@ -108,7 +110,7 @@ def main() -> int:
         load_before = os.getloadavg()
         for i in range(args.repeat):  # cp -r and patch alternate (their order too): the machine is shared, its load drifts
             run: dict[str, float] = {}
-            order = ["cp", "patch", "cp_sync", "patch_file_sha256"]
+            order = ["cp", "patch", "cp_sync", "patch_file_sha256", "patch_no_kernel_copy"]
             for what in order if i % 2 == 0 else order[::-1]:
                 if what in ("cp", "cp_sync"):
                     sync = ' && sync -f "$1"' if what == "cp_sync" else ""
@@ -116,18 +118,21 @@ def main() -> int:
                     shutil.rmtree(work / "copy")
                     continue
                 shutil.rmtree(work / "dst", ignore_errors=True)
-                dt, rc, rss = _child(patch_argv + (["--file-sha256"] if what == "patch_file_sha256" else []))
+                flag = {"patch_file_sha256": ["--file-sha256"], "patch_no_kernel_copy": ["--no-kernel-copy"]}.get(what, [])
+                dt, rc, rss = _child(patch_argv + flag)
                 if rc != 0:
                     raise SystemExit(f"patch failed with exit code {rc}")
                 run[f"{what}_s"], run[f"{what}_rss"] = dt, rss
             run["ratio"] = run["cp_r_s"] / run["patch_s"]
             run["ratio_file_sha256"] = run["cp_r_s"] / run["patch_file_sha256_s"]
             run["ratio_vs_cp_sync"] = run["cp_r_sync_s"] / run["patch_s"]
+            run["ratio_no_kernel_copy"] = run["cp_r_s"] / run["patch_no_kernel_copy_s"]
             run["loadavg_1min"] = os.getloadavg()[0]
             runs.append(run)
             print(f"run {i + 1}/{args.repeat}: cp -r {run['cp_r_s']:.2f} s, patch {run['patch_s']:.2f} s ({run['ratio']:.2f}x), "
                   f"patch --file-sha256 {run['patch_file_sha256_s']:.2f} s ({run['ratio_file_sha256']:.2f}x), "
                   f"cp -r + sync {run['cp_r_sync_s']:.2f} s (patch {run['ratio_vs_cp_sync']:.2f}x of it), "
+                  f"patch --no-kernel-copy {run['patch_no_kernel_copy_s']:.2f} s, "
                   f"load {run['loadavg_1min']:.1f}", flush=True)
         cp_s = statistics.median(r["cp_r_s"] for r in runs)
         patch_s = statistics.median(r["patch_s"] for r in runs)
@@ -152,6 +157,7 @@ def main() -> int:
         ratios_sha = [r["ratio_file_sha256"] for r in runs]
         ratios_sync = [r["ratio_vs_cp_sync"] for r in runs]
         cp_sync_s = statistics.median(r["cp_r_sync_s"] for r in runs)
+        no_kernel_s = statistics.median(r["patch_no_kernel_copy_s"] for r in runs)
         result = {
             "command": " ".join(["python", "scripts/bench_checkpoint.py", *sys.argv[1:]]),
             "layers": args.layers, "ep": args.ep, "plan": {"topology": args.topology, "extra_slots": args.extra_slots, "slots": slots,
@@ -166,6 +172,7 @@ def main() -> int:
             "cp_r_sync_s": cp_sync_s, "throughput_vs_cp_sync": statistics.median(ratios_sync),
             "throughput_vs_cp_sync_range": [min(ratios_sync), max(ratios_sync)],
             "throughput_after_startup_vs_cp": cp_s / max(patch_s - base_s, 1e-9),
+            "patch_no_kernel_copy_s": no_kernel_s, "throughput_vs_cp_no_kernel_copy": cp_s / no_kernel_s,
             "peak_rss": patch_rss, "baseline_rss": base_rss, "peak_rss_over_largest_file": patch_rss / largest,
             "rss_above_baseline_over_largest_file": (patch_rss - base_rss) / largest,
             "qwen3_30b_a3b_estimate_s": qwen_s, "load_rank_slots_layer0": per_rank,
@@ -186,6 +193,8 @@ def main() -> int:
              f"{min(ratios_sync):.2f}-{max(ratios_sync):.2f}x (cp -r + sync median {cp_sync_s:.2f} s)"),
             ("patch without its start-up / cp -r", f"{result['throughput_after_startup_vs_cp']:.2f}x (medians; start-up = "
              f"{base_s:.2f} s, a process that only imports)"),
+            ("patch --no-kernel-copy (pwrite from the buffer)", f"median {no_kernel_s:.2f} s = "
+             f"{result['throughput_vs_cp_no_kernel_copy']:.2f}x of cp -r"),
             ("same with --file-sha256", f"median {result['throughput_vs_cp_file_sha256']:.2f}x, range {min(ratios_sha):.2f}-"
              f"{max(ratios_sha):.2f}x"),
             ("load average (1 min)", f"{load_before[0]:.1f} before, " + ", ".join(f"{r['loadavg_1min']:.1f}" for r in runs)

@@ -195,6 +195,7 @@ def run_config(model: str, planning: RoutingTrace, measure: RoutingTrace, topo_n
             "predicted_max_over_mean": plan.metadata["summary"]["serving_max_over_mean"],
             "predicted_source": plan.metadata["predicted"]["serving"]["source"],
             "predicted_sampling_error": plan.metadata["summary"].get("serving_max_over_mean_sampling_error"),
+            "load_shrinkage": plan.metadata.get("load_shrinkage"),  # grace: the validated value and its scores
         }
         row["prediction_error"] = row["predicted_max_over_mean"] - row["sim_max_over_mean"]
         if planner in ("eplb", "grace-pairwise", "grace"):

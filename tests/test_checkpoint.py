@@ -244,6 +244,9 @@ def test_patch_verify_unpatch_roundtrip(ckpts, tmp_path, name):
     row = next(r for r in m["slots"] if r["layer"] == 1 and r["rank"] == 2 and r["slot"] == 3)
     assert row["expert"] == 2 and all(d["dtype"] == "float32" for d in row["tensors"].values())
     assert grace_main(["checkpoint", "verify", str(tmp_path / "p4"), "--against", str(src)]) == 0
+    # the buffer path (no kernel copy) writes the same bytes
+    assert grace_main(["checkpoint", "patch", str(src), str(tmp_path / "p4b"), "--plan", str(plan_file), "--no-kernel-copy"]) == 0
+    assert _tree_hashes(tmp_path / "p4b" / "experts") == _tree_hashes(tmp_path / "p4" / "experts")
     # an 8-GPU plan from the same EP-2 source, and back
     patch_checkpoint(src, tmp_path / "p8", _plan(PLAN8, 2, 4), show_progress=False)
     assert not verify_checkpoint(tmp_path / "p8", against=src, show_progress=False).problems

@@ -17,7 +17,7 @@ from megatron_grace.checkpoint.safe_load import load_dcp_metadata, load_torch_fi
 from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout, in_file_order, read_header, read_tensor, tensor_bytes, tree_sha256
 from megatron_grace.checkpoint.scan import scan_safetensors
 from megatron_grace.checkpoint.source import FileSpan, TensorSpec
-from megatron_grace.checkpoint.stream_copy import StreamWriter, copy_range_all
+from megatron_grace.checkpoint.stream_copy import StreamWriter, copy_range, file_identity
 from megatron_grace.errors import GraceInputError
 
 
@@ -199,7 +199,7 @@ def test_stream_writer_span_and_tensor_paths_write_the_same_files(tmp_path):
     layout = SafetensorsLayout([(k, TensorSpec.of(t)) for k, t in tensors.items()], {"format": "test"})
     results = []
     with src.open("rb") as a, (tmp_path / "probe").open("wb") as b:  # does this file system copy in the kernel?
-        kernel_ok = copy_range_all(a.fileno(), 0, b.fileno(), 0, 16)
+        kernel_ok = copy_range(a.fileno(), 0, b.fileno(), 0, 16) == 16
     for label, source, plain, max_open, kernel in (("span_kernel", spans, True, 8, True), ("span_buffer", spans, False, 8, False),
                                                    ("tensor", tensors, True, 1, True)):  # one file open at a time: reopened
         files = {n: (tmp_path / f"{label}_{n}.safetensors", layout) for n in ("a", "b")}
@@ -220,6 +220,43 @@ def test_stream_writer_span_and_tensor_paths_write_the_same_files(tmp_path):
     assert results[0] == results[1] == results[2] and results[0][0] == results[0][1]
 
 
+@pytest.mark.parametrize("failure", ["zero", "error_after_part"])
+def test_stream_writer_falls_back_when_the_kernel_copy_stops(tmp_path, monkeypatch, failure):
+    """copy_file_range returning 0 (some network / FUSE file systems) or failing part way: the rest of the block is
+    written from the read buffer, the kernel copy is turned off, and the files are byte-identical to a buffer-only run."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"w{i}": torch.randn(300 + 7 * i, generator=g) for i in range(4)}
+    src = tmp_path / "src.pt"
+    torch.save(tensors, src)
+    loaded, locator = load_torch_file_located(src)
+    spans = {k: locator.span(t) for k, t in loaded.items()}
+    layout = SafetensorsLayout([(k, TensorSpec.of(t)) for k, t in tensors.items()])
+    real = os.copy_file_range
+    calls = []
+
+    def flaky(fd_in, fd_out, count, offset_src=None, offset_dst=None):
+        calls.append(count)
+        if failure == "zero":
+            return 0
+        if len(calls) == 1:  # part of the first block, then an error
+            return real(fd_in, fd_out, min(count, 100), offset_src, offset_dst)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "copy_file_range", flaky)
+    out = {}
+    for label, kernel in (("flaky", True), ("buffer", False)):
+        writer = StreamWriter({"f": (tmp_path / f"{label}.safetensors", layout)}, block=512, kernel_copy=kernel,
+                              source_identity={src: file_identity(src)})
+        digests: dict[str, str] = {}
+        for k in tensors:
+            writer.put(spans[k], [("f", k)], digests, k)
+        writer.finish()
+        assert writer.kernel_copy is False
+        out[label] = (tmp_path / f"{label}.safetensors").read_bytes()
+        assert digests == {k: hashlib.sha256(tensor_bytes(t)).hexdigest() for k, t in tensors.items()}
+    assert calls and out["flaky"] == out["buffer"]
+
+
 def test_stream_writer_refuses_a_source_that_changes_during_the_copy(tmp_path):
     """The kernel copy reads the source again: a source written to meanwhile is refused in finish()."""
     t = torch.arange(64, dtype=torch.float32)
@@ -233,6 +270,14 @@ def test_stream_writer_refuses_a_source_that_changes_during_the_copy(tmp_path):
     os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
     with pytest.raises(GraceInputError, match="changed while it was being patched"):
         writer.finish()
+    writer.close()
+    before = file_identity(src)  # recorded when the index was read; replaced before the writer first opens it
+    replacement = tmp_path / "other.bin"
+    replacement.write_bytes(tensor_bytes(t).tobytes())
+    os.replace(replacement, src)
+    writer = StreamWriter({"f": (tmp_path / "g.safetensors", layout)}, source_identity={src: before})
+    with pytest.raises(GraceInputError, match="changed while it was being patched"):
+        writer.put(FileSpan(src, 0, src.stat().st_size), [("f", "x")], {}, "x")
     writer.close()
 
 

@@ -591,6 +591,7 @@ def test_spread_node_copies_joins_islands_and_keeps_the_node_contents():
     assert copy_components(out) == 1
     assert (out.sum(axis=0) == hosts.sum(axis=0)).all() and (out.sum(axis=1) == 2).all()
     rng = np.random.default_rng(0)
+    islands_seen = joined = 0
     for _ in range(40):
         N, gpn, E, cap = int(rng.integers(1, 3)), int(rng.integers(2, 7)), int(rng.integers(4, 12)), int(rng.integers(2, 4))
         hosts = np.zeros((N * gpn, E), dtype=bool)
@@ -603,9 +604,31 @@ def test_spread_node_copies_joins_islands_and_keeps_the_node_contents():
             a, b = hosts[n * gpn:(n + 1) * gpn], out[n * gpn:(n + 1) * gpn]
             assert (a.sum(axis=0) == b.sum(axis=0)).all() and (a.sum(axis=1) == b.sum(axis=1)).all()
             assert copy_components(b) <= copy_components(a)
+            islands_seen += copy_components(a) > 1
+            joined += copy_components(b) < copy_components(a)
             before, after = a @ copy_load[n], b @ copy_load[n]
             limit = max(before.max(), 1.1 * before.mean())
             assert (after <= limit * (1 + 1e-9)).all() or np.array_equal(a, b)
+            assert _no_joining_swap_left(b, copy_load[n], limit)  # brute force: the pass stopped at a local optimum
+    assert islands_seen >= 10 and joined >= 3, (islands_seen, joined)  # the pass does join islands
+
+
+def _no_joining_swap_left(node: np.ndarray, w: np.ndarray, limit: float) -> bool:
+    """True if no swap of two experts between GPUs of ``node`` (bool [gpn, E]) within ``limit`` lowers the components."""
+    from megatron_grace.plan.replication import copy_components
+
+    comps, gl = copy_components(node), node @ w
+    for i, x in zip(*np.nonzero(node)):
+        for j, y in zip(*np.nonzero(node)):
+            if i == j or node[j, x] or node[i, y]:
+                continue
+            if max(gl[i] - w[x] + w[y], gl[j] - w[y] + w[x]) > limit * (1 + 1e-9):
+                continue
+            trial = node.copy()
+            trial[i, x], trial[i, y], trial[j, y], trial[j, x] = False, True, False, True
+            if copy_components(trial) < comps:
+                return False
+    return True
 
 
 def drifting_requests(rng: np.random.Generator, tokens_per_request: int = 120, requests: int = 4) -> RoutingTrace:
@@ -640,6 +663,9 @@ def test_load_shrinkage_is_validated_on_held_out_requests():
     assert scores[note["value"]] <= min(scores.values()) * (1 + MONOTONE_TOLERANCE)
     assert note["value"] > 0 and scores[0.0] > min(scores.values())  # sizing copies to the planning load overfits here
     assert plan.metadata["options"]["load_shrinkage"] is None
+    from megatron_grace.cli.cmd_plan import format_summary
+
+    assert f"load shrinkage {note['value']:g}" in format_summary(plan, per_layer=False)  # grace plan says what it chose
     w = np.array([1.0, 3.0, 8.0])
     np.testing.assert_allclose(_planning_load(w, PlannerOptions(load_shrinkage=0.5)), [2.5, 3.5, 6.0])
     assert _planning_load(w, PlannerOptions(load_shrinkage=0.0)) is w
@@ -655,3 +681,53 @@ def test_load_shrinkage_defaults_to_zero_without_a_small_trace(small_stats):
             plan = plan_placement(source, Topology.preset("a100-2x4").with_extra_slots(source.num_experts, 1), "grace")
         assert plan.metadata["load_shrinkage"]["value"] == 0.0
         assert plan.metadata["load_shrinkage"]["chosen_by"].startswith("default")
+
+
+def test_shrinkage_validation_predicts_from_the_fitted_half_only(monkeypatch):
+    """The validation's router predicts loads from the half the plan was fitted on, never from the held-out half
+    it is measured on (that would leak the answer)."""
+    import megatron_grace.plan.planners as P
+
+    trace = drifting_requests(np.random.default_rng(2))
+    first, _ = P._validation_folds(trace)
+    halves = [ExpertStats.from_trace(trace.select_tokens(m)).load for m in (first, ~first)]
+    seen = []
+    real = P._replay
+
+    def spy(plan, held, expert_load, policy="grace"):
+        seen.append((ExpertStats.from_trace(held).load, np.asarray(expert_load)))
+        return real(plan, held, expert_load, policy)
+
+    monkeypatch.setattr(P, "_replay", spy)
+    P._validated_shrinkage(ExpertStats.from_trace(trace), Topology.preset("h200-4x8").with_extra_slots(8, 1),
+                           PlannerOptions(), trace)
+    assert len(seen) == 2 * len(P.SHRINKAGE_GRID)
+    for held, given in seen:
+        fitted = halves[1] if np.array_equal(held, halves[0]) else halves[0]
+        assert np.array_equal(given, fitted) and not np.array_equal(given, held)
+
+
+def test_serving_prediction_uses_the_data_load_with_shrinkage(small_stats):
+    """With load_shrinkage the copies are sized to a shrunk load, but the recorded serving prediction is the router
+    on the statistics' own load (a fresh serving_prediction of the final plan)."""
+    from megatron_grace.plan.planners import serving_prediction
+
+    for extra in (1, 2):
+        plan = plan_placement(small_stats, A100.with_extra_slots(small_stats.num_experts, extra), "grace", load_shrinkage=0.75)
+        fresh = serving_prediction(plan, small_stats.load)
+        np.testing.assert_allclose(plan.metadata["predicted"]["serving"]["max_over_mean"], fresh["max_over_mean"], rtol=1e-5)
+        assert plan.metadata["options"]["load_shrinkage"] == 0.75 and "load_shrinkage" not in plan.metadata
+
+
+def test_tiny_planning_traces_are_not_validated():
+    """Fewer planning tokens per half than GPUs: no validation (its scores would be noise), shrinkage 0, said why."""
+    trace = drifting_requests(np.random.default_rng(3), tokens_per_request=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        plan = plan_placement(trace, Topology.preset("h200-4x8").with_extra_slots(8, 1), "grace")
+    note = plan.metadata["load_shrinkage"]
+    assert note["value"] == 0.0 and "too small to validate" in note["chosen_by"]
+    assert PlannerOptions(load_shrinkage="0.5").load_shrinkage == 0.5 and PlannerOptions(load_shrinkage="none").load_shrinkage is None
+    for bad in ("half", True, -0.1, float("nan")):
+        with pytest.raises(GraceInputError, match="load_shrinkage"):
+            PlannerOptions(load_shrinkage=bad)

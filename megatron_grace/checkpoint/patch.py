@@ -32,7 +32,7 @@ from megatron_grace.checkpoint.convert import expert_geometry
 from megatron_grace.checkpoint.detect import open_source
 from megatron_grace.checkpoint.safetensors_io import SafetensorsLayout
 from megatron_grace.checkpoint.source import SourceInfo, TensorSpec, dtype_name, sha256_file
-from megatron_grace.checkpoint.stream_copy import StreamWriter
+from megatron_grace.checkpoint.stream_copy import StreamWriter, file_identity
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan.placement import PlacementPlan
 
@@ -92,12 +92,14 @@ def _file_record(path: Path, hashed: bool = True) -> dict[str, Any]:
 def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan: PlacementPlan | str | os.PathLike[str], *,
                      fmt: str = "auto", overwrite: bool = False, hidden_size: int | None = None, ffn_size: int | None = None,
                      dtype: str | None = None, hash_source: bool = False, file_sha256: bool = False,
-                     show_progress: bool = True) -> PatchSummary:
+                     kernel_copy: bool = True, show_progress: bool = True) -> PatchSummary:
     """Write ``dst``: the experts of checkpoint ``src`` placed as ``plan`` says (see the package docstring).
 
     The manifest records every source file's size, and its sha256 with ``hash_source`` (one more
     read of the source); every output file's size and tree digest, and its plain sha256 with
     ``file_sha256`` (one more hash of every written byte; :mod:`~megatron_grace.checkpoint.manifest`).
+    ``kernel_copy=False`` writes every block from the read buffer (see
+    :class:`~megatron_grace.checkpoint.stream_copy.StreamWriter`).
 
     Raises:
         GraceInputError: bad source, plan mismatch (layers, experts, hidden or ffn size, dtype),
@@ -111,6 +113,7 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
     plan_obj = plan if isinstance(plan, PlacementPlan) else PlacementPlan.read(plan)
     reader = open_source(src, fmt)
     info = reader.info
+    identities = {src / rel: file_identity(src / rel) for rel in info.files}  # checked unchanged by the writer
     check_plan(info, plan_obj, hidden_size, ffn_size, dtype)
     layouts = _rank_layouts(info, plan_obj)
     dense_layout = SafetensorsLayout(info.dense, {"format": mf.FORMAT})
@@ -131,7 +134,7 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
         outputs[mf.DENSE] = (tmp / mf.DENSE, dense_layout)
         if extra_layout is not None:
             outputs[mf.EXTRA] = (tmp / mf.EXTRA, extra_layout)
-        writer = StreamWriter(outputs, file_sha256=file_sha256)
+        writer = StreamWriter(outputs, file_sha256=file_sha256, kernel_copy=kernel_copy, source_identity=identities)
         try:
             total = sum(layer.num_experts for layer in info.layers)
             for li, e, tensors in progress(reader.iter_experts(spans=True), "patching experts", total, show_progress):

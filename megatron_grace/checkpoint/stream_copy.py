@@ -14,16 +14,18 @@ in flight, and the memory, stay bounded). From that one block:
   source bytes, else ``pwrite`` of the buffer (a tensor source, or a file system or kernel that
   cannot copy in the kernel).
 
-Why the kernel copy: on the benchmark checkpoint (2.3 GB, this project's 2-core VM) writing the
-blocks from the user-space buffer with ``pwrite`` took 1.6-5.7 s of system time, the same blocks
-with ``copy_file_range`` 0.7 s (``cp -r``: 0.6 s), alternating runs. Why ``pread`` rather than a
-memory map of the source window: a map pays a page fault per 4 KiB page, the page-table set-up
-and the unmap (measured 1.8-5.8 s for the same copy), and it faults (SIGBUS) if the source is
-truncated meanwhile, where ``pread`` returns short. The kernel copy reads the source a second
+Why the kernel copy: in the patch, on this project's 2-core VM, writing every block from the
+buffer with ``pwrite`` (``grace checkpoint patch --no-kernel-copy``) costs twice the system time
+of the kernel copy and is erratic (``scripts/bench_checkpoint.py`` measures both; BENCHMARKS.md).
+Why ``pread`` rather than a memory map of the source window: a map pays a page fault per 4 KiB
+page, the page-table set-up and the unmap (``scripts/bench_copy_paths.py``: the slowest of the
+three ways), and it faults (SIGBUS) if the source is truncated meanwhile, where ``pread``
+returns short. The kernel copy reads the source a second
 time, so the bytes written are the bytes hashed only if the source does not change during the
-patch: every source file's size, modification time and inode are recorded when first read and
-checked again in :meth:`finish` (a change is refused), and ``grace checkpoint verify`` hashes
-the written files themselves.
+patch: every source file's device, inode, size and modification time are recorded when the
+patch reads its index (:func:`file_identity`) and checked when the file is opened for copying
+and again in :meth:`finish` (a change is refused), and ``grace checkpoint verify`` hashes the
+written files themselves.
 
 Each file's digest is its tree digest
 (:func:`~megatron_grace.checkpoint.safetensors_io.tree_sha256`: the header bytes and the
@@ -47,7 +49,6 @@ from the files on disk.
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
 import os
 import sys
@@ -72,27 +73,24 @@ MAX_OPEN = 256
 """Output files open at once (see ``StreamWriter``'s ``max_open``)."""
 
 
-def copy_range_all(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> bool:
-    """Copy ``nbytes`` from file ``src`` at ``src_offset`` to ``dst`` at ``dst_offset`` in the kernel.
+def copy_range(src: int, src_offset: int, dst: int, dst_offset: int, nbytes: int) -> int:
+    """Copy up to ``nbytes`` from file ``src`` at ``src_offset`` to ``dst`` at ``dst_offset`` in the kernel.
 
-    Returns False, having copied nothing, where ``os.copy_file_range`` is unavailable for these
-    files (no such call, another file system, a special file); raises on a short source.
+    Returns the bytes copied, from the start of the range: ``nbytes``, or fewer where
+    ``os.copy_file_range`` is unavailable for these files (no such call, another file system, a
+    special file), copies nothing (some network and FUSE file systems return 0 instead of an
+    error), or fails part way. The caller writes the rest itself.
     """
     done = 0
     while done < nbytes:
         try:
             n = os.copy_file_range(src, dst, nbytes - done, src_offset + done, dst_offset + done)
-        except (AttributeError, OSError) as exc:
-            if done == 0 and (isinstance(exc, AttributeError) or exc.errno in _NO_KERNEL_COPY):
-                return False
-            raise
+        except (AttributeError, OSError):
+            return done
         if n <= 0:
-            raise OSError(f"copy_file_range copied {n} bytes at source offset {src_offset + done}")
+            return done
         done += n
-    return True
-
-
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+    return done
 
 
 def _writeback_starter() -> Callable[[int, int, int], Any] | None:
@@ -140,8 +138,18 @@ class _Out:
     tensors: list[tuple[tuple[int, int], Any]] = field(default_factory=list)  # (byte range, the tensor's sha256 object)
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+def _stat_identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int]:
+    """``(device, inode, size, modification time in ns)`` of ``path``: what :class:`StreamWriter` checks unchanged.
+
+    A file written to or replaced changes it (a rewrite within the file system's timestamp
+    resolution that keeps the size may not, on some network file systems); ``grace checkpoint
+    verify`` hashes the output itself.
+    """
+    return _stat_identity(os.stat(path))
 
 
 def _update(hashers: list[Any], view: memoryview) -> None:
@@ -160,16 +168,21 @@ class StreamWriter:
         file_sha256: also compute each file's plain sha256 (see the module docstring).
         kernel_copy: copy source spans with ``os.copy_file_range`` where the kernel can (else
             every block is written from the read buffer).
+        source_identity: ``path -> file_identity(path)`` of the source files taken when their
+            index was read; each is checked when the file is opened for copying and again in
+            :meth:`finish` (files read here and not listed are recorded when first opened).
         max_open: output files kept open at once (a plan with more GPUs than the descriptor
             limit: the least recently written file is closed and reopened when needed).
     """
 
     def __init__(self, files: dict[str, tuple[Path, SafetensorsLayout]], hash_threads: int = 2, block: int = BLOCK,
-                 file_sha256: bool = False, max_open: int = MAX_OPEN, kernel_copy: bool = True) -> None:
+                 file_sha256: bool = False, max_open: int = MAX_OPEN, kernel_copy: bool = True,
+                 source_identity: dict[Path, tuple[int, int, int, int]] | None = None) -> None:
         self.block = block
         self.kernel_copy = kernel_copy
         self.kernel_copied = 0  # bytes written by the kernel copy (the rest from buffers or tensors)
-        self._identity: dict[Path, tuple[int, int, int, int]] = {}  # source file -> (device, inode, size, mtime) when first read
+        # source file -> (device, inode, size, mtime) when its index was read (or when first opened here)
+        self._identity: dict[Path, tuple[int, int, int, int]] = {Path(p): v for p, v in (source_identity or {}).items()}
         self.file_sha256 = file_sha256
         self._count = 0
         self.max_open = max(1, max_open)
@@ -218,7 +231,7 @@ class StreamWriter:
             fd = os.open(path, os.O_RDONLY)
             st = os.fstat(fd)
             self._src = (path, fd, st.st_size)
-            identity = _identity(st)
+            identity = _stat_identity(st)
             if self._identity.setdefault(path, identity) != identity:
                 raise GraceInputError("the file changed while it was being patched (was it written to, or replaced?)", path)
         return self._src[1], self._src[2]
@@ -318,15 +331,15 @@ class StreamWriter:
         self._pending.append(self.pools[home].submit(record))  # after the tensor's updates: one thread runs in order
 
     def _write(self, fd: int, offset: int, view: memoryview, src_pos: int | None) -> None:
-        """One block into output ``fd`` at ``offset`` (a kernel copy from the source, else from
+        """One block into output ``fd`` at ``offset`` (a kernel copy from the source, the rest from
         ``view``), then its writeback to the disk started."""
-        copied = False
+        copied = 0
         if src_pos is not None and self.kernel_copy and self._src is not None:
-            copied = copy_range_all(self._src[1], src_pos, fd, offset, len(view))
-            self.kernel_copy = copied  # not possible for these files: the buffer from now on
-            self.kernel_copied += len(view) if copied else 0
-        if not copied:
-            pwrite_all(fd, view, offset)
+            copied = copy_range(self._src[1], src_pos, fd, offset, len(view))
+            self.kernel_copy = copied == len(view)  # short: not possible for these files, the buffer from now on
+            self.kernel_copied += copied
+        if copied < len(view):
+            pwrite_all(fd, view[copied:], offset + copied)
         if _start_writeback is not None:
             _start_writeback(fd, offset, len(view))
 
@@ -346,7 +359,7 @@ class StreamWriter:
             fut.result()
         for path, identity in self._identity.items():
             try:
-                now = _identity(os.stat(path))
+                now = file_identity(path)
             except OSError:
                 now = None
             if now != identity:

@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--file-sha256", action="store_true",
                    help="also record the plain sha256 of every output file (default: a tree digest of its header and "
                    "per-tensor sha256, which covers every byte without hashing each replica again)")
+    p.add_argument("--no-kernel-copy", dest="kernel_copy", action="store_false",
+                   help="write every block from the read buffer instead of copying it in the kernel (os.copy_file_range; "
+                   "used by default where the file system supports it)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run_patch)
 
@@ -72,7 +75,7 @@ def run_patch(args: argparse.Namespace) -> int:
 
     s = patch_checkpoint(args.src, args.dst, args.plan, fmt=args.format, overwrite=args.overwrite, hidden_size=args.hidden_size,
                          ffn_size=args.ffn_size, dtype=args.dtype, hash_source=args.hash_source,
-                         file_sha256=args.file_sha256)
+                         file_sha256=args.file_sha256, kernel_copy=args.kernel_copy)
     print(f"patched {s.format} checkpoint {args.src} -> {args.dst}: {s.slots} slots, {s.files} files, "
           f"{_mb(s.source_bytes)} read, {_mb(s.written_bytes)} written in {s.seconds:.1f} s "
           f"({_mb(s.source_bytes / max(s.seconds, 1e-9))}/s of source)")

@@ -212,9 +212,10 @@ def format_summary(plan, per_layer: bool = True) -> str:
         + ("" if s.get("kept_interlayer_gpu") is None else f", kept between-layer {s['kept_interlayer_gpu']:.3f}")
     )
     shrink = meta.get("load_shrinkage")
-    if shrink and shrink.get("value"):
-        lines.append(f"copies sized to the load pulled {shrink['value']:.0%} toward the layer mean ({shrink['chosen_by']}; "
-                     "a small planning trace's load overfits its prompts)")
+    if shrink and str(shrink.get("chosen_by", "")).startswith("validation"):
+        scores = ", ".join(f"{k}: {v:.3f}" for k, v in shrink.get("held_out_max_over_mean", {}).items())
+        lines.append(f"load shrinkage {shrink['value']:g} (the load the grouping balances and the copies are sized to, pulled "
+                     f"toward the layer mean), chosen by {shrink['chosen_by']}; held-out max/mean per value: {scores}")
     for warning in meta.get("warnings", []):
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

@@ -587,7 +587,7 @@ def spread_node_copies(hosts: np.ndarray, copy_load: np.ndarray, gpus_per_node: 
     small islands (GPUs 0 and 3 both holding experts 1 and 2, GPUs 1 and 4 both holding 5 and 7,
     ...) between which the router's least-loaded choice cannot move any load (measured on the
     Mixtral-8x7B trace, h200-4x8 +1 slot: such plans reach max/mean 1.41 under least-loaded
-    routing on held-out requests, the same copies in one component 1.31). Swaps of two experts
+    routing on the placement benchmark's held-out requests, the same copies in one component 1.31). Swaps of two experts
     between GPUs of a node, each joining components (:func:`copy_components`), are applied
     while one exists that keeps every GPU's predicted load (``copy_load``) at or below
     ``max(its node's heaviest GPU, (1 + slack) * its node's mean GPU)`` (the one leaving the

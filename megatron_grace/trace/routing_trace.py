@@ -6,6 +6,7 @@ It is stored as a pickle-free ``.npz`` (``format = "grace-trace/1"``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,12 @@ class RoutingTrace:
             source=self.source,
             extra=dict(self.extra),
         )
+
+    def select_layers(self, layers: np.ndarray | slice) -> RoutingTrace:
+        """A new trace holding only the given MoE layers (index array or slice), every token kept."""
+        return dataclasses.replace(self, expert_ids=self.expert_ids[:, layers],
+                                   gate_weights=None if self.gate_weights is None else self.gate_weights[:, layers],
+                                   extra=dict(self.extra))
 
     def split(self, fraction: float = 0.5) -> tuple[RoutingTrace, RoutingTrace]:
         """Split into a first part (``fraction`` of the tokens) and the rest, in token order."""
