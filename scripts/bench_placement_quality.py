@@ -52,7 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_grace._files import save_json_atomic  # noqa: E402
+from megatron_grace._provenance import save_result_json  # noqa: E402
 from megatron_grace.plan.placement import PlacementPlan  # noqa: E402
 from megatron_grace.plan.planners import plan_placement  # noqa: E402
 from megatron_grace.plan.topology import Topology  # noqa: E402
@@ -288,7 +288,7 @@ def main() -> int:
         report["models"][model] = entry
     report["wall_s"] = time.perf_counter() - t_start
     report["machine"]["load_average_end"] = list(os.getloadavg())
-    save_json_atomic(args.out, report)
+    save_result_json(args.out, report)
     print(f"\nwrote {args.out} ({report['wall_s']:.0f} s)")
     return 0
 
