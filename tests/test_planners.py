@@ -699,8 +699,7 @@ def test_shrinkage_validation_predicts_from_the_fitted_half_only(monkeypatch):
         return real(plan, held, expert_load, policy)
 
     monkeypatch.setattr(P, "_replay", spy)
-    P._validated_shrinkage(ExpertStats.from_trace(trace), Topology.preset("h200-4x8").with_extra_slots(8, 1),
-                           PlannerOptions(), trace)
+    P._validated_shrinkage(Topology.preset("h200-4x8").with_extra_slots(8, 1), PlannerOptions(), trace)
     assert len(seen) == 2 * len(P.SHRINKAGE_GRID)
     for held, given in seen:
         fitted = halves[1] if np.array_equal(held, halves[0]) else halves[0]

@@ -872,8 +872,7 @@ def _validation_folds(trace: RoutingTrace) -> tuple[np.ndarray, str]:
     return first, "first and second half of the tokens"
 
 
-def _validated_shrinkage(stats: ExpertStats, topology: Topology, opts: PlannerOptions, trace: RoutingTrace | None
-                         ) -> tuple[float, dict[str, Any]]:
+def _validated_shrinkage(topology: Topology, opts: PlannerOptions, trace: RoutingTrace | None) -> tuple[float, dict[str, Any]]:
     """``load_shrinkage`` for ``load_shrinkage=None`` and a record of how it was chosen.
 
     A planning trace with fewer than :data:`BOOTSTRAP_BELOW_PAIRS_PER_GPU` token-expert pairs per
@@ -902,22 +901,23 @@ def _validated_shrinkage(stats: ExpertStats, topology: Topology, opts: PlannerOp
         return 0.0, {"value": 0.0, "chosen_by": f"default (the planning trace is too small to validate on: each half needs "
                                                 f"at least one token per GPU, {G}; it has {[h.num_tokens for h in halves]})"}
     fold_opts = dataclasses.replace(opts, monotone=False, token_objective=False, progress=False)
-    topology = topology.with_slots(math.ceil(stats.num_experts / G) + 1)
-    fold_stats = [ExpertStats.from_trace(h) for h in halves]
+    capacity = math.ceil(trace.num_experts / G) + 1
+    folds = []  # the planner's context of each half (its statistics and affinity, counted once)
+    for h in halves:
+        st = ExpertStats.from_trace(h)
+        folds.append(_Context(stats=st, topology=topology.with_slots(capacity), capacity=capacity, load=st.load,
+                              affinity=st.affinity() if st.coactivation is not None else None))
     scores: dict[float, tuple[float, int]] = {}
     for s in SHRINKAGE_GRID:
         moms, msgs = [], 0
         for fit, held in ((0, 1), (1, 0)):
-            ctx = _Context(stats=fold_stats[fit], topology=topology, capacity=effective_capacity(topology, stats.num_experts),
-                           load=fold_stats[fit].load, affinity=fold_stats[fit].affinity() if fold_stats[fit].coactivation is not None
-                           else None)
+            ctx = dataclasses.replace(folds[fit], notes={}, serving={})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # the full plan warns once, not every fold
                 layers = _plan_grace(ctx, dataclasses.replace(fold_opts, load_shrinkage=s))
             # the router predicts from the fitted half's load, as it would serve with the planning statistics
-            gpu_load, result = _replay(_draft(ctx, layers), halves[held], fold_stats[fit].load)
-            mean = gpu_load.mean(axis=1)
-            moms.append(float(np.divide(gpu_load.max(axis=1), mean, out=np.ones(len(mean)), where=mean > 0).mean()))
+            _, result = _replay(_draft(ctx, layers), halves[held], ctx.load)
+            moms.append(float(result.load_imbalance.mean()))
             msgs += int(result.msgs_node.sum())
         scores[s] = (float(np.mean(moms)), msgs)
     best = min(m for m, _ in scores.values())
@@ -1071,12 +1071,9 @@ def serving_prediction(plan: PlacementPlan, expert_load: np.ndarray, policy: str
                 rng = np.random.default_rng(0)
                 moms = np.empty((BOOTSTRAP_RESAMPLES, L))
                 for b in range(BOOTSTRAP_RESAMPLES):
-                    gl, _ = _replay(plan, trace.select_tokens(np.sort(rng.integers(T, size=T))), expert_load, policy)
-                    m = gl.mean(axis=1)
-                    moms[b] = np.divide(gl.max(axis=1), m, out=np.ones(L), where=m > 0)
-                in_mean = gpu_load.mean(axis=1)
+                    moms[b] = _replay(plan, trace.select_tokens(np.sort(rng.integers(T, size=T))), expert_load, policy)[1].load_imbalance
                 out.update(source=f"planning trace ({T} tokens), mean of {BOOTSTRAP_RESAMPLES} resamples",
-                           max_over_mean_in_sample=np.divide(gpu_load.max(axis=1), in_mean, out=np.ones(L), where=in_mean > 0),
+                           max_over_mean_in_sample=r.load_imbalance,
                            bootstrap_max_over_mean=moms.mean(axis=0), sampling_error=float(moms.mean(axis=1).std()))
         else:
             gpu_load, cross = np.zeros((L, G)), np.zeros(L)
@@ -1303,7 +1300,7 @@ def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planne
     shrinkage_note = None
     requested = opts  # the metadata records the options as given; a validated value goes to metadata["load_shrinkage"]
     if planner == "grace" and opts.load_shrinkage is None:
-        value, shrinkage_note = _validated_shrinkage(stats, topology, opts, trace)
+        value, shrinkage_note = _validated_shrinkage(topology, opts, trace)
         opts = dataclasses.replace(opts, load_shrinkage=value)
     with blas_threads(1):
         affinity = stats.affinity() if stats.coactivation is not None else None
