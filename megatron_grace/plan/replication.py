@@ -456,7 +456,6 @@ def add_demand_replicas(
     mean_gpu = total / G
     live = w > 0
     demand = w[None, :] * s[:, None]  # [N, E] pairs arising on each node
-    bonus = np.zeros((N, E))
     if affinity is not None and locality_weight > 0:
         A = np.asarray(affinity, dtype=np.float64)
         mass = A.sum(axis=1)
