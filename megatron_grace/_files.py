@@ -157,9 +157,7 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         raise GraceInputError(f"cannot write here ({exc.strerror or exc})", target) from None
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
+    chmod_as_created(tmp, 0o666)  # mkstemp makes 0600; give the file the mode a plain open() would
     try:
         yield tmp
         with open(tmp, "rb+") as fh:  # the bytes reach the disk before the rename makes them visible
@@ -197,16 +195,23 @@ def check_disk_space(target: PathLike, nbytes: int, what: str) -> None:
         return  # unknowable here; the write itself reports a full disk
     slack = nbytes // 100 + DISK_SLACK_BYTES
     if nbytes + slack > free:
-        raise GraceInputError(f"not enough disk space: {what} needs up to {_size(nbytes)} of disk (+{_size(slack)} slack for the file "
-                              f"system), {_size(free)} are free in {folder}", target)
+        raise GraceInputError(f"not enough disk space: {what} needs up to {format_bytes(nbytes)} of disk (+{format_bytes(slack)} slack "
+                              f"for the file system), {format_bytes(free)} are free in {folder}", target)
 
 
-def _size(nbytes: int) -> str:
+def chmod_as_created(path: Path, mode: int) -> None:
+    """Give ``path`` the permissions ``open()`` / ``mkdir()`` would have (``mode`` less the umask), not a temp file's 0600/0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
+def format_bytes(nbytes: float) -> str:
     """``nbytes`` for a message: ``"384.0 GB"``, ``"16.8 MB"``, ``"1.0 kB"``, ``"999 bytes"`` (decimal units)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} bytes"
+    return f"{nbytes:.0f} bytes"
 
 
 FULL_VERIFY_BYTES = 256 << 20

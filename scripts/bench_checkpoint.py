@@ -159,11 +159,10 @@ def main() -> int:
         cp_sync_s = statistics.median(r["cp_r_sync_s"] for r in runs)
         no_kernel_s = statistics.median(r["patch_no_kernel_copy_s"] for r in runs)
         result = {
-            "command": " ".join(["python", "scripts/bench_checkpoint.py", *sys.argv[1:]]),
             "layers": args.layers, "ep": args.ep, "plan": {"topology": args.topology, "extra_slots": args.extra_slots, "slots": slots,
                                                            "gpus": plan.num_gpus},
             "source_bytes": src_bytes, "largest_source_file": largest, "patched_bytes": dst_bytes, "generate_s": gen_s,
-            "runs": runs, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "runs": runs, "loadavg_before": load_before,  # the load after: the provenance
             "cp_r_s": cp_s, "patch_s": patch_s, "verify_s": verify_s, "verify_rc": rc_v, "startup_s": base_s,
             "patch_mb_per_s": src_bytes / patch_s / 1e6, "cp_mb_per_s": src_bytes / cp_s / 1e6,
             "throughput_vs_cp": statistics.median(ratios), "throughput_vs_cp_range": [min(ratios), max(ratios)],

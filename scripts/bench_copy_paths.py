@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megatron_grace._provenance import save_result_json  # noqa: E402
+from megatron_grace.checkpoint.stream_copy import copy_range, pwrite_all  # noqa: E402
 
 BLOCK = 8 << 20
 METHODS = ("mmap+pwrite", "pread+pwrite", "pread+copy_file_range")
@@ -70,12 +71,8 @@ def copy_file(method: str, src: Path, dst: Path) -> tuple[float, float, str]:
             else:
                 view = memoryview(bufs[slot])[:n]
                 os.preadv(fd, [view], pos)
-            if method == "pread+copy_file_range":
-                done = 0
-                while done < n:
-                    done += os.copy_file_range(fd, out, n - done, pos + done, pos + done)
-            else:
-                os.pwrite(out, view, pos)
+            done = copy_range(fd, pos, out, pos, n) if method == "pread+copy_file_range" else 0  # the patch's own calls
+            pwrite_all(out, view[done:], pos + done)
             busy[slot] = pools[k % 2].submit(hashes[k % 2].update, view)
             pos, k = pos + n, k + 1
         for f in busy:
@@ -121,7 +118,7 @@ def main() -> int:
                 dst.unlink()
                 runs[method].append((wall, system))
                 print(f"round {r + 1}/{args.repeat} {method:24s} {wall:6.2f} s wall, {system:6.2f} s system", flush=True)
-    result = {"bytes": size, "block": BLOCK, "repeat": args.repeat, "load_average": list(os.getloadavg()), "methods": {}}
+    result = {"bytes": size, "block": BLOCK, "repeat": args.repeat, "methods": {}}
     print(f"\n{'method':24s} {'wall s (median, range)':>26s} {'system s (median)':>18s} {'GB/s':>6s}")
     for method in METHODS:
         walls = [w for w, _ in runs[method]]

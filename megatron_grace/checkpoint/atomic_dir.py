@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from megatron_grace._files import remove_stale_temporaries, temporary_prefix
+from megatron_grace._files import chmod_as_created, remove_stale_temporaries, temporary_prefix
 from megatron_grace.errors import GraceInputError
 
 SUFFIX = "dir"
@@ -51,9 +51,7 @@ def atomic_dir(dst: Path, overwrite: bool) -> Iterator[Path]:
     check_target(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(dst), suffix=f".tmp{SUFFIX}", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give DST the mode a plain mkdir would
+    chmod_as_created(tmp, 0o777)  # mkdtemp makes 0700; give DST the mode a plain mkdir would
     try:
         yield tmp
         _fsync_tree(tmp)

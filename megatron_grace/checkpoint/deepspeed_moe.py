@@ -70,12 +70,7 @@ class DeepSpeedReader:
                 ep_ranks.add(int(m.group(1)))
         if not expert_files:
             raise GraceInputError("no layer_*_expert_*_mp_rank_00_model_states.pt files (not a MoE checkpoint)", self.tag_dir)
-        main, main_locator = load_torch_file_located(self.tag_dir / MAIN)
-        if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
-            raise GraceInputError("no 'module' state dict", self.tag_dir / MAIN)
-        for key, t in main["module"].items():
-            if not isinstance(t, torch.Tensor):
-                raise GraceInputError(f"module entry {key!r} is a {type(t).__name__}, not a tensor", self.tag_dir / MAIN)
+        main, main_locator = self._load_main()
         declared = main.get("num_experts")
         self.layer_ids = sorted(expert_files)
         if self.layer_ids != list(range(len(self.layer_ids))):
@@ -132,15 +127,23 @@ class DeepSpeedReader:
             check_expert(self.info, li, e, tensors, str(self.expert_files[li][e]))
             yield li, e, {k: locator.data(t) for k, t in tensors.items()} if spans else tensors
 
+    def _load_main(self) -> tuple[dict[str, Any], SpanLocator]:
+        """The main file (``mp_rank_00_model_states.pt``) and its span locator; its ``module`` a dict of tensors."""
+        main, locator = load_torch_file_located(self.tag_dir / MAIN)
+        if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
+            raise GraceInputError("no 'module' state dict", self.tag_dir / MAIN)
+        for key, t in main["module"].items():
+            if not isinstance(t, torch.Tensor):
+                raise GraceInputError(f"module entry {key!r} is a {type(t).__name__}, not a tensor", self.tag_dir / MAIN)
+        return main, locator
+
     def iter_dense(self, spans: bool = False) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
         if self._main is not None:
             module, locator = self._main
             self._main = None
         else:
-            main, locator = load_torch_file_located(self.tag_dir / MAIN)
-            module = main.get("module") if isinstance(main, dict) else None
-            if not isinstance(module, dict):
-                raise GraceInputError("no 'module' state dict", self.tag_dir / MAIN)
+            main, locator = self._load_main()
+            module = main["module"]
         for key, _spec in self.info.dense:
             t = module.get(key)
             if not isinstance(t, torch.Tensor):

@@ -121,9 +121,9 @@ class MegatronDistReader:
             raise GraceInputError(f"{fqn}: compressed/transformed DCP records ({info.transform_descriptors}) are not supported", self.src)
         path = self.src / info.relative_path
         if info.relative_path not in self._fh:
-            if not path.is_file():
+            if not path.exists():
                 raise GraceInputError("missing chunk file", path)
-            check_input_file(path)
+            check_input_file(path)  # a folder, FIFO or device gets its own message
             self._fh[info.relative_path] = open(path, "rb")  # noqa: SIM115 - closed in close()
         fh = self._fh[info.relative_path]
         limits.check_bytes(int(info.length), f"record {fqn}", path)

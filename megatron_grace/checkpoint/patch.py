@@ -137,7 +137,9 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
         writer = StreamWriter(outputs, file_sha256=file_sha256, kernel_copy=kernel_copy, source_identity=identities)
         try:
             total = sum(layer.num_experts for layer in info.layers)
+            provided = set()
             for li, e, tensors in progress(reader.iter_experts(spans=True), "patching experts", total, show_progress):
+                provided.add((li, e))
                 where = [(g, s) for g, s in zip(plan_obj.expert_gpus[li, e].tolist(), plan_obj.expert_slots[li, e].tolist(),
                                                 strict=True) if g >= 0]
                 for name in info.layers[li].tensors:
@@ -147,12 +149,12 @@ def patch_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], p
                 writer.put(data, [(mf.DENSE, key)], dense_sha, key)
             for key, blob in blobs:
                 writer.put(torch.frombuffer(bytearray(blob), dtype=torch.uint8), [(mf.EXTRA, key)], blob_sha, key)
+            missing = [(li, e) for li, layer in enumerate(info.layers) for e in range(layer.num_experts) if (li, e) not in provided]
+            if missing:  # before finish(), which would name the first unwritten slot key instead
+                raise GraceInputError(f"the source never provided expert {missing[0][1]} of MoE layer {missing[0][0]}", src)
             files: dict[str, Any] = writer.finish()  # every key written once, sizes and headers read back
         finally:
             writer.close()
-        missing = [(li, e) for li, layer in enumerate(expert_sha) for e, d in enumerate(layer) if len(d) != len(info.layers[li].tensors)]
-        if missing:
-            raise GraceInputError(f"the source never provided expert {missing[0][1]} of MoE layer {missing[0][0]}", src)
         plan_obj.save(tmp / mf.PLAN)
 
         slots = []

@@ -63,11 +63,6 @@ def unpatch_checkpoint(dst: str | os.PathLike[str], out: str | os.PathLike[str],
     extra = m["source"]["extra"]
     check_disk_space(out, sum(r["bytes"] for r in m["files"].values()), "the unpatched checkpoint")
     files = SlotFiles(dst, m)  # one set of open rank files for dense, blobs and experts
-    try:
-        dense = _dense(files)
-    except BaseException:
-        files.close()
-        raise
     total = sum(layer.num_experts for layer in layers)
     bar = iter(progress(range(total), "unpatching", total, show_progress))
 
@@ -76,6 +71,7 @@ def unpatch_checkpoint(dst: str | os.PathLike[str], out: str | os.PathLike[str],
         return files.expert(li, e)
 
     try:
+        dense = _dense(files)
         with atomic_dir(out, overwrite) as tmp:
             if fmt == "megatron-torch":
                 written = write_megatron_torch(tmp, extra, layers, ep, dense, expert)

@@ -102,9 +102,10 @@ def verify_checkpoint(dst: str | os.PathLike[str], against: str | os.PathLike[st
             report.problems.append(f"{path}: {scan.size} bytes, the manifest says {rec['bytes']} (truncated?)")
         elif not any(k in rec for k in ("sha256", "tree_sha256")):
             report.problems.append(f"{path}: the manifest records no hash for it")
-        elif ("tree_sha256" in rec and scan.tree_sha256 != rec["tree_sha256"]) or ("sha256" in rec and scan.sha256 != rec["sha256"]):
-            digest = "tree_sha256" if "tree_sha256" in rec else "sha256"
-            report.problems.append(f"{path}: {digest} differs from the manifest (corrupt file)")
+        else:
+            differ = [d for d in ("tree_sha256", "sha256") if d in rec and getattr(scan, d) != rec[d]]
+            if differ:
+                report.problems.append(f"{path}: {' and '.join(differ)} differ{'s' if len(differ) == 1 else ''} from the manifest (corrupt file)")
     if (dst / mf.PLAN).is_file() and not any(mf.PLAN in p for p in report.problems):
         try:
             _check_plan(dst, m, report)

@@ -23,14 +23,20 @@ def token_fingerprints(trace: RoutingTrace) -> np.ndarray:
     """uint64 ``[T]``: a hash of each token's expert ids ``[L, k]`` (missing records included); in blocks of tokens."""
     ids = trace.expert_ids
     step = max(1, _BLOCK // max(1, ids[0].size if len(ids) else 1))
-    return np.concatenate([_fingerprints(ids[start:start + step]) for start in range(0, len(ids), step)] or [np.zeros(0, np.uint64)])
+    coeffs = _coefficients(int(np.prod(ids.shape[1:])))
+    return np.concatenate([_fingerprints(ids[start:start + step], coeffs) for start in range(0, len(ids), step)]
+                          or [np.zeros(0, np.uint64)])
 
 
-def _fingerprints(ids: np.ndarray) -> np.ndarray:
-    """uint64 ``[n]`` fingerprints of the tokens ``ids`` ``[n, L, k]``."""
-    flat = ids.reshape(ids.shape[0], -1).astype(np.int64) + 2  # -1 (missing) -> 1, never 0
-    rng = np.random.default_rng(0x67726163)
-    coeffs = rng.integers(1, 2**63, size=flat.shape[1], dtype=np.uint64) | np.uint64(1)
+def _coefficients(n: int) -> np.ndarray:
+    """uint64 ``[n]`` fixed odd multipliers of a token's ``n`` = L * k expert ids."""
+    return np.random.default_rng(0x67726163).integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
+
+
+def _fingerprints(ids: np.ndarray, coeffs: np.ndarray | None = None) -> np.ndarray:
+    """uint64 ``[n]`` fingerprints of the tokens ``ids`` ``[n, L, k]`` (``coeffs``: :func:`_coefficients`, made here if None)."""
+    flat = ids.reshape(ids.shape[0], int(np.prod(ids.shape[1:]))).astype(np.int64) + 2  # -1 (missing) -> 1, never 0
+    coeffs = _coefficients(flat.shape[1]) if coeffs is None else coeffs
     h = (flat.astype(np.uint64) * coeffs).sum(axis=1, dtype=np.uint64)
     h ^= h >> np.uint64(31)
     h *= np.uint64(0x9E3779B97F4A7C15)

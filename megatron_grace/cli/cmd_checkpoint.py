@@ -63,38 +63,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_unpatch)
 
 
-def _mb(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 def run_patch(args: argparse.Namespace) -> int:
+    from megatron_grace._files import format_bytes
     from megatron_grace.checkpoint import patch_checkpoint
 
     s = patch_checkpoint(args.src, args.dst, args.plan, fmt=args.format, overwrite=args.overwrite, hidden_size=args.hidden_size,
                          ffn_size=args.ffn_size, dtype=args.dtype, hash_source=args.hash_source,
                          file_sha256=args.file_sha256, kernel_copy=args.kernel_copy)
     print(f"patched {s.format} checkpoint {args.src} -> {args.dst}: {s.slots} slots, {s.files} files, "
-          f"{_mb(s.source_bytes)} read, {_mb(s.written_bytes)} written in {s.seconds:.1f} s "
-          f"({_mb(s.source_bytes / max(s.seconds, 1e-9))}/s of source)")
+          f"{format_bytes(s.source_bytes)} read, {format_bytes(s.written_bytes)} written in {s.seconds:.1f} s "
+          f"({format_bytes(s.source_bytes / max(s.seconds, 1e-9))}/s of source)")
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from megatron_grace._files import format_bytes
     from megatron_grace.checkpoint import verify_checkpoint
 
     r = verify_checkpoint(args.dst, against=args.against)
     r.raise_if_failed()
     extra = f", {r.experts_against_source} experts equal to {args.against}" if args.against is not None else ""
-    print(f"ok: {r.files} files ({_mb(r.bytes)}) and the manifest, {r.slots} slots agree with the manifest and plan{extra}")
+    print(f"ok: {r.files} files ({format_bytes(r.bytes)}) and the manifest, {r.slots} slots agree with the manifest and plan{extra}")
     return 0
 
 
 def run_unpatch(args: argparse.Namespace) -> int:
+    from megatron_grace._files import format_bytes
     from megatron_grace.checkpoint import unpatch_checkpoint
 
     s = unpatch_checkpoint(args.dst, args.out, args.ep_size, overwrite=args.overwrite)
-    print(f"wrote {s.format} checkpoint {args.out} for EP {s.ep_size}: {s.files} files, {_mb(s.bytes)}; every weight reads back bit-exactly")
+    print(f"wrote {s.format} checkpoint {args.out} for EP {s.ep_size}: {s.files} files, {format_bytes(s.bytes)}; every weight reads back bit-exactly")
     return 0

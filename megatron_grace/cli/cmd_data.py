@@ -132,8 +132,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
     if args.tokens <= 0:
         raise GraceInputError(f"--tokens must be positive, got {args.tokens}")
     counts = synthesize_to_file(data, args.tokens, args.out, seed=args.seed, progress=True)  # streamed: never the whole trace
-    print(f"wrote {args.out}: RoutingTrace(model={data.model!r}, tokens={args.tokens}, layers={data.num_layers}, "
-          f"experts={data.num_experts}, k={data.top_k}, gate_weights=False)")
+    print(f"wrote {args.out}: a trace of {args.tokens} tokens x {data.num_layers} layers, top-{data.top_k} of "
+          f"{data.num_experts} experts (model {data.model})")
     fidelity = synthesis_fidelity(data, counts).to_dict()
     print(format_fidelity(fidelity))
     if args.report is not None:

@@ -262,8 +262,6 @@ def write_trace(path: PathLike, expert_ids: np.ndarray | StreamedArray, num_expe
     meta = {"format": TRACE_FORMAT, "model": model, "num_experts": int(num_experts), "top_k": int(k),
             "request_names": list(request_names), "source": source, "extra": extra or {}}
     small = ids_disk_dtype(int(num_experts))
-    if isinstance(expert_ids, StreamedArray):
-        expert_ids = StreamedArray(tuple(expert_ids.shape), small, expert_ids.blocks)
     arrays: dict[str, np.ndarray | StreamedArray] = {
         "format": np.array(TRACE_FORMAT),
         "metadata": np.array(json.dumps(meta)),

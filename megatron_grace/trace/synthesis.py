@@ -733,9 +733,10 @@ def synthesize_to_file(stats: ExpertStats, num_tokens: int, path: PathLike, seed
     """
     run = TraceSynthesis(stats, num_tokens, seed, config=config, workers=workers, chunk_tokens=chunk_tokens, progress=progress,
                          dtype=ids_disk_dtype(stats.num_experts))
-    check_disk_space(path, int(np.prod(run.shape)) * run.dtype.itemsize,
+    ids = StreamedArray(run.shape, run.dtype, run)
+    check_disk_space(path, ids.nbytes,
                      f"a synthesized trace of {num_tokens} tokens x {stats.num_layers} layers x top-{stats.top_k} (uncompressed)")
-    write_trace(path, StreamedArray(run.shape, run.dtype, run), stats.num_experts, **run.trace_fields())
+    write_trace(path, ids, stats.num_experts, **run.trace_fields())
     return run.counts()
 
 
