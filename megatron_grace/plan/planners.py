@@ -79,6 +79,7 @@ from typing import Any
 import numpy as np
 
 from megatron_grace._progress import progress as _progress
+from megatron_grace._sampling import evenly_spaced
 from megatron_grace.errors import GraceInputError
 from megatron_grace.plan._blas import blas_threads, torch_threads
 from megatron_grace.plan.eplb import eplb_layer, replicate_by_load
@@ -709,10 +710,10 @@ def _plan_affinity(ctx: _Context, opts: AffinityOptions) -> list[list[list[int]]
     return out
 
 
-def _grace_affinity(ctx: _Context, affinity: np.ndarray | None, opts: PlannerOptions, l: int) -> tuple[np.ndarray | None, np.ndarray, float]:
+def _grace_affinity(ctx: _Context, opts: PlannerOptions, l: int) -> tuple[np.ndarray | None, np.ndarray, float]:
     """Layer ``l``'s raw affinity ``A`` (``[E, E]`` or None), the grouping's normalized affinity ``a``
     (in excess of independence with ``affinity_baseline="independence"``) and the pair mass."""
-    A = None if affinity is None else affinity[l]
+    A = None if ctx.affinity is None else ctx.affinity[l]
     a, mass = _normalized(A, ctx.num_experts)
     if A is not None and opts.affinity_baseline == "independence" and mass > 0:
         w = ctx.load[l]
@@ -726,7 +727,7 @@ def _grace_affinity(ctx: _Context, affinity: np.ndarray | None, opts: PlannerOpt
 def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
     """GRACE-MoE: load-aware hierarchical affinity grouping, then replication into free slots."""
     E, G, L = ctx.num_experts, ctx.num_gpus, ctx.num_layers
-    affinity = _affinity_or_fallback(ctx, "grace", opts.on_missing_coactivation)
+    _affinity_or_fallback(ctx, "grace", opts.on_missing_coactivation)  # warns (or raises) without co-activation data
     lo, hi, d = size_bounds(E, G, ctx.capacity, opts.ratio)
     ctx.notes["group_size_bounds"] = [lo, hi]
     ctx.notes["group_size_d"] = d
@@ -754,11 +755,11 @@ def _plan_grace(ctx: _Context, opts: PlannerOptions) -> list[list[list[int]]]:
     sample = token_gpu = None
     if ctx.trace is not None and opts.token_objective:
         T = ctx.trace.num_tokens
-        sample = np.unique(np.linspace(0, T - 1, min(T, opts.token_sample)).round().astype(np.int64)) if T else np.zeros(0, np.int64)
+        sample = evenly_spaced(T, opts.token_sample)
         token_gpu = sample % G  # tokens start on GPU t mod G (the serving prediction's placement)
         ctx.notes["token_objective"] = {"tokens": int(sample.size), "of": T}
     for l in ctx.layers("plan grace", opts.progress):
-        A, a, mass = _grace_affinity(ctx, affinity, opts, l)
+        A, a, mass = _grace_affinity(ctx, opts, l)
         w = ctx.load[l]
         anchor = None
         if use_inter and l > 0 and prev_hosts is not None:
@@ -894,7 +895,7 @@ def _validated_shrinkage(topology: Topology, opts: PlannerOptions, trace: Routin
     if trace is None or trace.num_tokens * trace.top_k >= BOOTSTRAP_BELOW_PAIRS_PER_GPU * G:
         return 0.0, {"value": 0.0, "chosen_by": "default (no small planning trace to validate on)"}
     first, how = _validation_folds(trace)
-    kept = np.unique(np.linspace(0, trace.num_layers - 1, min(trace.num_layers, VALIDATION_LAYERS)).round().astype(np.int64))
+    kept = evenly_spaced(trace.num_layers, VALIDATION_LAYERS)
     trace = trace.select_layers(kept)
     halves = [trace.select_tokens(first), trace.select_tokens(~first)]
     if min(h.num_tokens for h in halves) < G:
@@ -1053,7 +1054,8 @@ def serving_prediction(plan: PlacementPlan, expert_load: np.ndarray, policy: str
         ``{"policy", "token_placement", "source", "gpu_load": float64 [L, G], "max_over_mean":
         float64 [L], "cross_node_pair_share": float64 [L]}`` (plus ``"msgs_node"``, int ``[L]``
         deduplicated token-to-node messages, from a trace; and ``"max_over_mean_in_sample"``
-        float64 ``[L]``, ``"sampling_error"`` float from a resampled small trace).
+        float64 ``[L]``, ``"sampling_error"`` float and ``"resample_max_over_mean"`` float64 ``[B, L]`` from a
+        resampled small trace).
     """
     from megatron_grace.simulation.policies import serving_gpu_load
 
@@ -1074,7 +1076,8 @@ def serving_prediction(plan: PlacementPlan, expert_load: np.ndarray, policy: str
                     moms[b] = _replay(plan, trace.select_tokens(np.sort(rng.integers(T, size=T))), expert_load, policy)[1].load_imbalance
                 out.update(source=f"planning trace ({T} tokens), mean of {BOOTSTRAP_RESAMPLES} resamples",
                            max_over_mean_in_sample=r.load_imbalance,
-                           bootstrap_max_over_mean=moms.mean(axis=0), sampling_error=float(moms.mean(axis=1).std()))
+                           bootstrap_max_over_mean=moms.mean(axis=0), sampling_error=float(moms.mean(axis=1).std()),
+                           resample_max_over_mean=moms)
         else:
             gpu_load, cross = np.zeros((L, G)), np.zeros(L)
             known = known if policy == "grace" and known is not None else {}
@@ -1121,17 +1124,24 @@ def _serving_worse(a: dict[str, Any], b: dict[str, Any], tol: float = MONOTONE_T
 
 
 def _compose(choice: np.ndarray, options: list[tuple[list, dict[str, Any]]]) -> tuple[list, dict[str, Any]]:
-    """Per layer ``l``, layer and serving prediction of ``options[choice[l]]`` (predictions are per layer)."""
+    """Per layer ``l``, layer and serving prediction of ``options[choice[l]]``.
+
+    Predictions are per layer: the simulator routes each layer on its own and every plan sees the
+    same resamples, so a composed plan's resampled max/mean are its layers' and its sampling error
+    follows from them (no new replay).
+    """
     layers = [options[int(c)][0][l] for l, c in enumerate(choice)]
     serving = dict(options[0][1])
-    serving.pop("sampling_error", None)  # a property of the whole plan: the caller recomputes it
     for key in ("gpu_load", "max_over_mean", "cross_node_pair_share", "msgs_node", "max_over_mean_in_sample"):
         if key in serving:
             serving[key] = np.stack([np.asarray(options[int(c)][1][key])[l] for l, c in enumerate(choice)])
+    if "resample_max_over_mean" in serving:  # [B, L]
+        moms = np.stack([options[int(c)][1]["resample_max_over_mean"][:, l] for l, c in enumerate(choice)], axis=1)
+        serving.update(resample_max_over_mean=moms, sampling_error=float(moms.mean(axis=1).std()))
     return layers, serving
 
 
-def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions, trace: RoutingTrace | None) -> tuple[list, dict[str, Any]]:
+def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions) -> tuple[list, dict[str, Any]]:
     """The ``grace`` plan, never worse than the plan for one slot fewer per GPU (``monotone=True``).
 
     Plans with every slot count from ``ceil(E / G)`` up to the capacity; at each step a layer keeps
@@ -1143,6 +1153,7 @@ def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions, trace: RoutingTrac
     ``metadata["empty_slots"]`` says why).
     """
     E, G = ctx.num_experts, ctx.num_gpus
+    trace = ctx.trace
     base = min(ctx.capacity, max(1, math.ceil(E / G)))
     prev: tuple[list, dict[str, Any]] | None = None
     kept: set[int] = set()
@@ -1153,7 +1164,7 @@ def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions, trace: RoutingTrac
         layers = _plan_grace(sub, opts)
         serving = serving_prediction(_draft(sub, layers), ctx.load, trace=trace, known=sub.serving)
         if trace is not None and opts.token_objective:
-            layers, serving = _keep_pairwise_where_better(sub, opts, trace, layers, serving)
+            layers, serving = _keep_pairwise_where_better(sub, opts, layers, serving)
         if prev is not None:
             worse = _serving_worse(serving, prev[1])
             if worse.any():
@@ -1172,12 +1183,10 @@ def _plan_grace_monotone(ctx: _Context, opts: PlannerOptions, trace: RoutingTrac
         ctx.notes.update(sub.notes)
     ctx.notes["monotone"] = {"layers_extended_from_fewer_slots": sorted(extended), "layers_kept_from_fewer_slots": sorted(kept)}
     assert prev is not None
-    if "max_over_mean_in_sample" in prev[1] and "sampling_error" not in prev[1]:  # a composed plan from a small trace
-        prev = (prev[0], serving_prediction(_draft(sub, prev[0]), ctx.load, trace=trace))
     return prev
 
 
-def _keep_pairwise_where_better(ctx: _Context, opts: PlannerOptions, trace: RoutingTrace, layers: list,
+def _keep_pairwise_where_better(ctx: _Context, opts: PlannerOptions, layers: list,
                                 serving: dict[str, Any]) -> tuple[list, dict[str, Any]]:
     """Per layer, the plan grouped without the per-token search where that one is predicted better on the planning
     trace (fewer messages or a lower max/mean by :data:`MONOTONE_TOLERANCE`; the search only sees the primaries,
@@ -1185,16 +1194,13 @@ def _keep_pairwise_where_better(ctx: _Context, opts: PlannerOptions, trace: Rout
     ``ctx.notes["token_objective"]["layers_planned_pairwise"]``."""
     sub = dataclasses.replace(ctx, notes={}, serving={})
     pairwise = _plan_grace(sub, dataclasses.replace(opts, token_objective=False))
-    pairwise_serving = serving_prediction(_draft(sub, pairwise), ctx.load, trace=trace, known=sub.serving)
+    pairwise_serving = serving_prediction(_draft(sub, pairwise), ctx.load, trace=ctx.trace, known=sub.serving)
     worse = _serving_worse(serving, pairwise_serving)
     ctx.notes.setdefault("token_objective", {})["layers_planned_pairwise"] = np.flatnonzero(worse).tolist()
     if not worse.any():
         return layers, serving
     ctx.notes["group_sizes"][worse] = sub.notes["group_sizes"][worse]
-    composed, composed_serving = _compose(worse.astype(np.int64), [(layers, serving), (pairwise, pairwise_serving)])
-    if "max_over_mean_in_sample" in composed_serving:
-        composed_serving = serving_prediction(_draft(ctx, composed), ctx.load, trace=trace)  # the sampling error of the mix
-    return composed, composed_serving
+    return _compose(worse.astype(np.int64), [(layers, serving), (pairwise, pairwise_serving)])
 
 
 def _draft(ctx: _Context, layers: list) -> PlacementPlan:
@@ -1205,7 +1211,7 @@ def _extend_layer(layer: Any, l: int, ctx: _Context, opts: PlannerOptions) -> li
     """Layer ``l``'s GPU lists with the free slots of ``ctx.capacity`` filled by :func:`_demand_replicas`
     (repacked without the between-layer term); its serving prediction goes to ``ctx.serving[l]``."""
     lo = size_bounds(ctx.num_experts, ctx.num_gpus, ctx.capacity, opts.ratio)[0]
-    A, a, _ = _grace_affinity(ctx, ctx.affinity, opts, l)
+    A, a, _ = _grace_affinity(ctx, opts, l)
     hosts, ctx.serving[l] = _demand_replicas(_hosts(layer, ctx.num_experts), _planning_load(ctx.load[l], opts), a, A, ctx, lo,
                                              opts, None, None, l)
     return _lists(hosts)
@@ -1281,7 +1287,7 @@ def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planne
     trace_note = None
     if isinstance(trace, RoutingTrace) and trace.num_tokens > PLANNING_TRACE_TOKENS:
         # the statistics count every token; the replays and the per-token search use an evenly spaced sample
-        keep = np.unique(np.linspace(0, trace.num_tokens - 1, PLANNING_TRACE_TOKENS).round().astype(np.int64))
+        keep = evenly_spaced(trace.num_tokens, PLANNING_TRACE_TOKENS)
         trace_note = {"tokens_replayed": int(keep.size), "of": trace.num_tokens}
         trace = trace.select_tokens(keep)
     elif trace is not None and not isinstance(trace, RoutingTrace):
@@ -1308,7 +1314,7 @@ def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planne
         if shrinkage_note is not None:
             ctx.notes["load_shrinkage"] = shrinkage_note
         if planner == "grace" and opts.replicas == "fill" and opts.monotone:
-            layers, serving = _plan_grace_monotone(ctx, opts, trace)
+            layers, serving = _plan_grace_monotone(ctx, opts)
         else:
             layers = spec.run(ctx, opts)
             serving = None
@@ -1316,7 +1322,8 @@ def plan_placement(stats: ExpertStats | RoutingTrace, topology: Topology, planne
     draft = PlacementPlan(topology=topology, num_experts=E, gpu_experts=layers, planner=planner)
     _note_empty_slots(ctx, draft, planner, opts)
     if serving is None:
-        serving = serving_prediction(draft, stats.load, trace=trace)
+        serving = serving_prediction(draft, stats.load, trace=trace, known=ctx.serving)
+    serving.pop("resample_max_over_mean", None)  # [B, L]: what the composition needed, not kept in the plan
     predicted: dict[str, Any] = {
         "gpu_load": metrics.gpu_load,
         "max_over_mean": metrics.max_over_mean,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_grace._sampling import evenly_spaced
 from megatron_grace._files import PathLike, atomic_path
 from megatron_grace.statistics.expert_stats import ExpertStats
 
@@ -21,7 +22,7 @@ def _pyplot():
 
 def representative_layers(num_layers: int, count: int = 6) -> list[int]:
     """Up to ``count`` evenly spread layer indices, first and last included."""
-    return sorted({int(round(x)) for x in np.linspace(0, num_layers - 1, min(count, num_layers))})
+    return evenly_spaced(num_layers, count).tolist()
 
 
 def _save(fig, path: Path) -> Path:

@@ -83,8 +83,15 @@ class RouterCallLog:
         self._phase: str | None = None
         self._request_ids: np.ndarray | None = None
         self._calls: list[_Call] = []
+        self._handles: list[Any] = []  # hooks a framework recorder registered (removed by remove())
 
     # ------------------------------------------------------------------ control
+    def remove(self) -> None:
+        """Detach the hooks (the records are kept)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
     def start(self) -> None:
         self.active = True
 

@@ -63,12 +63,6 @@ class RoutingRecorder(RouterCallLog):
         super().__init__(experts.pop(), max(int(g.k) for g in gates), len(moes), record_weights, active)
         self._handles = [g.register_forward_hook(self._hook(layer)) for layer, g in enumerate(gates)]
 
-    def remove(self) -> None:
-        """Detach the hooks (the records are kept)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
     def _hook(self, layer: int):
         def hook(module: Any, inputs: tuple[Any, ...], out: tuple[Any, ...]) -> None:
             if self.active:

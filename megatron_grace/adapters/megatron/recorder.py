@@ -58,12 +58,6 @@ class RoutingRecorder(RouterCallLog):
         self.layer_map = layer_map
         self._handles = [r.register_forward_hook(self._hook) for r in routers]
 
-    def remove(self) -> None:
-        """Detach the hooks (the records are kept)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
     def _hook(self, module: Any, inputs: tuple[Any, ...], output: Any) -> None:
         if not self.active:
             return
