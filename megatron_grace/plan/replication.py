@@ -51,8 +51,6 @@ copies. The serving prediction recorded in a plan runs the router itself
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
 
 from megatron_grace.errors import GraceInputError
 
@@ -559,14 +557,26 @@ def copy_components(node_hosts: np.ndarray) -> int:
     Returns:
         The number of components (GPUs holding nothing count as their own component).
     """
-    return _components(node_hosts)[0]
+    return len(set(_component_labels(node_hosts)))
 
 
-def _components(node_hosts: np.ndarray) -> tuple[int, np.ndarray]:
-    """``(count, int [gpus_per_node] component label of every GPU)`` of :func:`copy_components`."""
-    h = node_hosts.astype(np.int64)
-    linked = sp.csr_matrix(h @ h.T > 0)  # GPUs sharing any expert (the diagonal: a GPU with an expert)
-    return connected_components(linked, directed=False)
+def _component_labels(node_hosts: np.ndarray) -> list[int]:
+    """Component label (a root GPU) of every GPU of a node, see :func:`copy_components`."""
+    n = node_hosts.shape[0]
+    parent = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for e in np.flatnonzero(node_hosts.sum(axis=0) >= 2):
+        gpus = np.flatnonzero(node_hosts[:, e])
+        first = root(int(gpus[0]))
+        for g in gpus[1:]:
+            parent[root(int(g))] = first
+    return [root(i) for i in range(n)]
 
 
 def spread_node_copies(hosts: np.ndarray, copy_load: np.ndarray, gpus_per_node: int, *, slack: float = 0.1) -> np.ndarray:
@@ -623,7 +633,7 @@ def _joining_swap(node: np.ndarray, gl: np.ndarray, w: np.ndarray, limit: float,
     with copies on other GPUs) that keep both GPUs within ``limit``, the first in order of the heavier GPU's load
     after the swap that lowers the component count; None if there is none."""
     multi = node.sum(axis=0) >= 2
-    label = _components(node)[1]
+    label = np.asarray(_component_labels(node))
     g, e = np.nonzero(node)  # the node's copies, [n]
     i, j = np.meshgrid(np.arange(g.size), np.arange(g.size), indexing="ij")
     i, j = i.ravel(), j.ravel()  # candidate pairs of copies: (g[i], e[i]) <-> (g[j], e[j])
